@@ -1,0 +1,172 @@
+"""Input data: the built-in MNIST-1D source and Parquet directories keyed by a stable `id`.
+
+The id contract: every input row has an `id` (int64 or string), unique within a split directory
+and across the splits of one run. Soft labels are joined to inputs by this id, never by row
+order (Ray Data does not guarantee order).
+"""
+from __future__ import annotations
+
+import hashlib
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+SPLITS = ("train", "val", "test", "transfer")
+
+
+class DataError(ValueError):
+    """Bad input data: the message says which file/column/id and how to fix it."""
+
+
+@dataclass
+class Inputs:
+    ids: np.ndarray            # [N] int64 or object (str)
+    x: np.ndarray              # [N, ...] float32
+    y: np.ndarray | None       # [N] int64, −1 where unlabelled; None if the split has no label column
+
+
+def mnist1d_arrays(num_samples: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Generate MNIST-1D (no download): x [N, 40] float32, y [N] int64."""
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    args = get_dataset_args()
+    args.num_samples, args.seed, args.train_split = num_samples, seed, 1.0
+    state = np.random.get_state()  # make_dataset reseeds numpy's global RNG; leave the caller's alone
+    try:
+        d = make_dataset(args)
+    finally:
+        np.random.set_state(state)
+    return d["x"].astype(np.float32), d["y"].astype(np.int64)
+
+
+def mnist1d_splits(labelled: int, val: int, test: int, transfer: int, seed: int, transfer_seed: int) -> dict[str, Inputs]:
+    """Labelled MNIST-1D split into train/val/test, plus an unlabelled transfer set from another seed.
+
+    Ids are unique across splits: train/val/test take 0..labelled-1 in order, transfer starts
+    at 10_000_000.
+    """
+    if val + test >= labelled:
+        raise DataError(f"val ({val}) + test ({test}) must be smaller than labelled ({labelled})")
+    x, y = mnist1d_arrays(labelled, seed)
+    ids = np.arange(labelled, dtype=np.int64)
+    n_train = labelled - val - test
+    cut = {"train": slice(0, n_train), "val": slice(n_train, n_train + val), "test": slice(n_train + val, labelled)}
+    out = {k: Inputs(ids[s], x[s], y[s]) for k, s in cut.items()}
+    if transfer > 0:
+        tx, _ = mnist1d_arrays(transfer, transfer_seed)  # its labels are thrown away: unlabelled data
+        out["transfer"] = Inputs(np.arange(transfer, dtype=np.int64) + 10_000_000, tx, None)
+    return out
+
+
+def to_table(inputs: Inputs) -> pa.Table:
+    """Inputs → Arrow: `id`, `x` (fixed_size_list<float32>), `label` (int64) if labelled."""
+    x = np.ascontiguousarray(inputs.x, dtype=np.float32).reshape(len(inputs.x), -1)
+    cols = {"id": pa.array(inputs.ids),
+            "x": pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), x.shape[1])}
+    if inputs.y is not None:
+        cols["label"] = pa.array(inputs.y, pa.int64())
+    return pa.table(cols)
+
+
+def write_split(inputs: Inputs, out_dir: str | Path, rows_per_file: int = 8192) -> Path:
+    """Write one split as Parquet files of `rows_per_file` rows, published by an atomic rename."""
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir(parents=True)
+    table = to_table(inputs)
+    for i, start in enumerate(range(0, max(len(table), 1), rows_per_file)):
+        pq.write_table(table.slice(start, rows_per_file), tmp / f"part-{i:05d}.parquet")
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
+    return out_dir
+
+
+def parquet_files(path: str | Path) -> list[Path]:
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"input directory {path} does not exist")
+    files = sorted(path.glob("*.parquet")) if path.is_dir() else [path]
+    if not files:
+        raise DataError(f"input directory {path} holds no *.parquet files")
+    return files
+
+
+def _no_id(where: str, names: list[str]) -> DataError:
+    return DataError(f"{where}: no `id` column (found {names}); every input row needs a stable unique "
+                     "`id` (int64 or string) so soft labels can be joined to it")
+
+
+def read_table(path: str | Path, columns: list[str] | None = None) -> pa.Table:
+    files = parquet_files(path)
+    names = pq.read_schema(files[0]).names
+    missing = [c for c in columns or [] if c not in names]
+    if "id" in missing:
+        raise _no_id(str(path), names)
+    if missing:
+        raise DataError(f"{path}: column(s) {missing} not found (have {names})")
+    try:
+        return pa.concat_tables([pq.read_table(f, columns=columns) for f in files])
+    except (pa.ArrowInvalid, KeyError) as e:
+        raise DataError(f"cannot read {path} (columns {columns}): {e}") from e
+
+
+def validate_ids(table: pa.Table, where: str) -> None:
+    """The id contract: an `id` column, no nulls, no duplicates. Raises DataError naming examples."""
+    if "id" not in table.column_names:
+        raise _no_id(where, table.column_names)
+    ids = table.column("id")
+    if ids.null_count:
+        raise DataError(f"{where}: {ids.null_count} rows have a null `id`")
+    counts = pc.value_counts(ids)
+    dup = pc.filter(counts.field("values"), pc.greater(counts.field("counts"), 1))
+    if len(dup):
+        raise DataError(f"{where}: {len(dup)} duplicate ids, e.g. {dup[:5].to_pylist()}; ids must be unique")
+
+
+def features(table: pa.Table, feature_columns: list[str], where: str = "input") -> np.ndarray:
+    """Feature matrix [N, F] float32 from one fixed/variable list column or several numeric columns."""
+    missing = [c for c in feature_columns if c not in table.column_names]
+    if missing:
+        raise DataError(f"{where}: feature column(s) {missing} not found (have {table.column_names}); "
+                        "set data.feature_columns in the config")
+    cols = []
+    for name in feature_columns:
+        col = table.column(name).combine_chunks()
+        if pa.types.is_fixed_size_list(col.type) or pa.types.is_list(col.type) or pa.types.is_large_list(col.type):
+            flat = col.flatten().to_numpy(zero_copy_only=False)
+            if len(col) and len(flat) % len(col):
+                raise DataError(f"{where}: list column {name!r} has rows of different lengths")
+            cols.append(flat.astype(np.float32).reshape(len(col), -1))  # a writable copy, torch-safe
+        elif pa.types.is_integer(col.type) or pa.types.is_floating(col.type):
+            cols.append(col.to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, 1))
+        else:
+            raise DataError(f"{where}: feature column {name!r} has type {col.type}; need numbers or lists of numbers")
+    return np.concatenate(cols, axis=1) if len(cols) > 1 else cols[0]
+
+
+def read_inputs(path: str | Path, feature_columns: list[str], label_column: str = "label") -> Inputs:
+    """Read and validate one split directory."""
+    table = read_table(path)
+    validate_ids(table, str(path))
+    y = None
+    if label_column in table.column_names:
+        y = table.column(label_column).fill_null(-1).to_numpy().astype(np.int64)
+    return Inputs(table.column("id").to_numpy(zero_copy_only=False), features(table, feature_columns, str(path)), y)
+
+
+def fingerprint(path: str | Path) -> str:
+    """Content hash of a split directory's Parquet files (names and bytes)."""
+    h = hashlib.sha256()
+    for f in parquet_files(path):
+        h.update(f.name.encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()

@@ -1,0 +1,88 @@
+"""Shared fixtures: one real local Ray session for the whole test run, a real MLflow server on
+127.0.0.1, and a tiny MNIST-1D config (hundreds of samples, 2 teachers, 2 trials, 1-2 epochs)."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+HERE = Path(__file__).parent
+COUNTER = Path(os.environ.setdefault("KD_TEST_COUNTER", f"/tmp/kd-test-counter-{os.getpid()}.txt"))
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    # Ray workers inherit the environment of the raylet started here: the counting teacher's
+    # module path and counter file must be set before init.
+    os.environ["PYTHONPATH"] = f"{HERE}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
+    COUNTER.unlink(missing_ok=True)
+    import ray
+
+    from workflows.stages import init_ray
+
+    init_ray()
+    yield ray
+    ray.shutdown()
+    COUNTER.unlink(missing_ok=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` on 127.0.0.1 with its own sqlite store and artifact root."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = _free_port()
+    log = open(root / "server.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts"),
+         "--workers", "1"],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 90
+    while True:
+        try:
+            if urllib.request.urlopen(f"{url}/health", timeout=2).status == 200:
+                break
+        except OSError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            raise RuntimeError(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
+        time.sleep(0.5)
+    yield url
+    os.killpg(proc.pid, 15)
+    proc.wait(timeout=30)
+
+
+def tiny_config(tmp_path: Path, **sections) -> Path:
+    """Write a tiny but complete config (counting teachers) and return its path."""
+    teacher = {"factory": "counting_teacher:make", "kwargs": {"width": 16}, "fit": {"epochs": 3, "lr": 0.01}}
+    cfg = {
+        "name": "tiny",
+        "data": {"mnist1d": {"labelled": 600, "val": 100, "test": 100, "transfer": 600}},
+        "teachers": [{"name": "t1", **teacher}, {"name": "t2", **teacher, "fit": {"epochs": 3, "lr": 0.01, "seed": 1}}],
+        "student": {"kwargs": {"width": 4}},
+        "train": {"fit": {"epochs": 2}, "label_only_fit": {"epochs": 2}},
+        "precompute": {"batch_size": 256, "num_actors": 1},
+        "tune": {"num_samples": 2, "max_concurrent_trials": 2, "epochs": 2, "grace_period": 1,
+                 "student_width": {"choice": [4, 6]}},
+        "tracking": {"experiment": "tiny", "registered_model": "tiny-student"},
+    }
+    for k, v in sections.items():
+        cfg[k] = v
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path

@@ -1,0 +1,49 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from workflows.config import ConfigError, load_config
+
+DEFAULT = Path(__file__).parents[2] / "workflows" / "configs" / "mnist1d.yaml"
+
+
+def test_default_config_validates():
+    cfg = load_config(DEFAULT)
+    assert [t.name for t in cfg.teachers] == ["cnn-a", "cnn-b", "cnn-c"]
+    assert cfg.data.mnist1d.transfer == 60000 and cfg.tune.student_width.choice == [16, 20, 24]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.fit.epochz=3", r"train.fit.epochz: Extra inputs are not permitted"),
+    ("distill.temperature=0", r"distill.temperature: Input should be greater than 0"),
+    ("distill.temperature=-1", r"distill.temperature: Input should be greater than 0"),
+    ("distill.teacher_weights={cnn-a: -0.5}", r"teacher weights must be >= 0, got \{'cnn-a': -0.5\}"),
+    ("distill.teacher_weights={cnn-z: 1}", r"unknown teachers \['cnn-z'\]"),
+    ("distill.alpha=1.5", r"distill.alpha: Input should be less than or equal to 1"),
+    ("tune.temperature={choice: [0, 1]}", r"tune.temperature values must be > 0"),
+    ("tune.teacher_weights={uniform: [-1, 1]}", r"tune.teacher_weights values must be >= 0"),
+    ("tune.alpha={uniform: [0.5, 0.2]}", r"uniform needs low < high"),
+    ("train.num_workers=zero", r"train.num_workers: Input should be a valid integer"),
+])
+def test_bad_values_name_the_field(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(DEFAULT, [override])
+
+
+def test_unknown_top_level_key_and_missing_file(tmp_path):
+    raw = yaml.safe_load(DEFAULT.read_text()) | {"teachrs": []}
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match=r"bad.yaml: invalid config\n  teachrs: Extra inputs are not permitted"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_relative_paths_resolve_against_the_config_file(tmp_path):
+    raw = yaml.safe_load(DEFAULT.read_text())
+    raw["teachers"][0]["weights"] = "w/a.safetensors"
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(raw))
+    assert load_config(p).teachers[0].weights == tmp_path / "w" / "a.safetensors"

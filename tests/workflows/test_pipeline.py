@@ -1,0 +1,99 @@
+"""End to end on real Ray, real MLflow (a server on 127.0.0.1) and real Parquet, on a tiny config."""
+from __future__ import annotations
+
+import json
+
+import mlflow
+import mlflow.pytorch
+import numpy as np
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+import counting_teacher
+from conftest import COUNTER, tiny_config
+from kd_ops import data, evaluate, models, store
+from workflows import commands, pipeline, stages
+from workflows.config import load_config
+
+
+@pytest.fixture(scope="module")
+def tiny_run(ray_session, mlflow_server, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("tiny-run")
+    cfg = load_config(tiny_config(tmp))
+    out = tmp / "out"
+    summary = pipeline.run(cfg, out, tracking_uri=mlflow_server)
+    return cfg, out, summary, mlflow_server
+
+
+def test_summary_has_every_field_and_matches_disk(tiny_run):
+    cfg, out, summary, _ = tiny_run
+    assert json.loads((out / "summary.json").read_text()) == json.loads(json.dumps(summary, default=str))
+    assert [t["name"] for t in summary["teachers"]] == ["t1", "t2"]
+    teacher_params = models.num_params(models.cnn(width=16))
+    assert all(t["params"] == teacher_params for t in summary["teachers"])
+    assert summary["student"]["config"]["student_kwargs"]["width"] in (4, 6)
+    assert summary["student"]["params"] == models.num_params(models.cnn(**summary["student"]["config"]["student_kwargs"]))
+    assert summary["label_only_student"]["params"] == summary["student"]["params"]
+    for acc in [summary["ensemble_test_accuracy"], summary["student"]["test_accuracy"],
+                summary["label_only_student"]["test_accuracy"], *(t["test_accuracy"] for t in summary["teachers"])]:
+        assert 0.0 <= acc <= 1.0
+    assert sum(summary["student"]["config"]["teacher_weights"]) == pytest.approx(1.0)
+    assert summary["store_bytes"] == store.size_bytes(out / "store") > 0
+    assert len(summary["tune_trials"]) == 2
+    assert summary["mlflow"]["registered_model"]["name"] == "tiny-student"
+
+
+def test_store_holds_the_teachers_raw_logits_keyed_by_id(tiny_run):
+    cfg, out, _, _ = tiny_run
+    test = data.read_inputs(out / "data" / "test", ["x"])
+    for t in cfg.teachers:
+        m = store.read_manifest(out / "store", t.name)
+        assert m["rows"] == 400 + 100 + 100 + 600 and m["num_classes"] == 10 and m["dtype"] == "float16"
+        weights = out / "teachers" / f"{t.name}.safetensors"
+        assert m["teacher_fingerprint"] == models.teacher_fingerprint(t.factory, t.kwargs, weights)
+        assert set(m["input_fingerprints"]) == {"train", "val", "test", "transfer"}
+        teacher = models.load_weights(models.cnn(width=16), weights)
+        expected = evaluate.predict_logits(teacher, test.x)  # in our id order; the store was written by Ray in its own
+        stored = store.soft_labels(out / "store", [t.name], test.ids[::-1])[0][::-1]
+        np.testing.assert_allclose(stored.astype(np.float32), expected, rtol=2e-3, atol=2e-3)
+
+
+def test_mlflow_records_parent_nested_runs_and_a_loadable_student(tiny_run):
+    cfg, out, summary, uri = tiny_run
+    client = MlflowClient(uri)
+    parent = client.get_run(summary["mlflow"]["parent_run_id"])
+    assert parent.info.status == "FINISHED" and parent.data.params["tune.num_samples"] == "2"
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    names = sorted(r.info.run_name for r in children)
+    assert [n for n in names if not n.startswith("_trial")] == [
+        "label-only-student", "precompute", "student", "teacher-t1", "teacher-t2"]
+    trials = [r for r in children if r.data.tags.get("kd.stage") == "trial"]
+    assert len(trials) == 2 and all("val_accuracy" in r.data.metrics for r in trials)
+    student_run = next(r for r in children if r.info.run_name == "student")
+    history = client.get_metric_history(student_run.info.run_id, "val_accuracy")
+    assert [m.step for m in history] == [1, 2]
+    artifacts = [a.path for a in client.list_artifacts(next(r for r in children if r.info.run_name == "precompute").info.run_id, "manifests")]
+    assert artifacts == ["manifests/t1.json", "manifests/t2.json"]
+
+    reg = summary["mlflow"]["registered_model"]
+    mlflow.set_tracking_uri(uri)
+    model = mlflow.pytorch.load_model(reg["model_uri"])
+    test = data.read_inputs(out / "data" / "test", ["x"])
+    with torch.inference_mode():
+        acc = evaluate.accuracy(model(torch.from_numpy(test.x)).numpy(), test.y)
+    assert acc == pytest.approx(summary["student"]["test_accuracy"], abs=1e-9)
+    assert client.get_model_version_by_alias("tiny-student", "champion").version == reg["version"]
+
+
+def test_tuning_and_reused_precompute_never_run_a_teacher(tiny_run, tmp_path):
+    cfg, out, _, uri = tiny_run
+    before = counting_teacher.count(COUNTER)
+    assert before > 0  # the counter sees teachers: they were trained and run by precompute
+    layout = stages.Layout(out)
+    results = stages.stage_precompute(cfg, [t.model_copy(update={"weights": stages.teacher_weights_path(t, layout)})
+                                            for t in cfg.teachers], stages.stage_data(cfg, layout), layout, None)
+    assert [r.reused for r in results] == [True, True]
+    assert commands.tune(cfg, out, tracking_uri=uri) == 0
+    assert counting_teacher.count(COUNTER) == before

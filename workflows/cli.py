@@ -1,0 +1,75 @@
+"""`kd` command line: run | precompute | train | tune | report."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import traceback
+from pathlib import Path
+
+from workflows.config import ConfigError, load_config
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="run config YAML (e.g. workflows/configs/mnist1d.yaml)")
+    p.add_argument("--out", default="runs/default", help="output directory (data, teachers, store, summary)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set tune.num_samples=4 (repeatable)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite mlflow.db in the current directory)")
+    p.add_argument("--ray-address", help="join an existing Ray cluster (default: start a local one)")
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="kd", description="Knowledge distillation on Ray: precompute teacher "
+                                 "soft labels once, train and tune students on them, record it all in MLflow.")
+    ap.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    sub = ap.add_subparsers(dest="command", required=True)
+    for name, text in (("run", "the whole pipeline: teachers, precompute, tune, final student, summary"),
+                       ("precompute", "run the teachers over the inputs into the soft-label store"),
+                       ("train", "train one student with the config's distillation settings (no tuning)"),
+                       ("tune", "search temperature, alpha, width and teacher weights over the store")):
+        _common(sub.add_parser(name, help=text))
+    rep = sub.add_parser("report", help="print the summary table of a finished run")
+    rep.add_argument("out", help="the run's --out directory")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        return _dispatch(args)
+    except KeyboardInterrupt:
+        print("kd: interrupted", file=sys.stderr)
+        return 130
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        if args.debug:
+            traceback.print_exc()
+        print(f"kd: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _dispatch(args) -> int:
+    if args.command == "report":
+        from workflows.report import print_summary
+
+        path = Path(args.out) / "summary.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: the run did not finish (or --out is wrong)")
+        print_summary(json.loads(path.read_text()))
+        return 0
+    cfg = load_config(args.config, args.overrides)
+    out = Path(args.out)
+    if args.command == "run":
+        from workflows.pipeline import run
+
+        run(cfg, out, tracking_uri=args.tracking_uri, ray_address=args.ray_address)
+        return 0
+    from workflows import commands
+
+    return getattr(commands, args.command)(cfg, out, tracking_uri=args.tracking_uri, ray_address=args.ray_address)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,230 @@
+"""Run configuration: pydantic models, validated once, passed down as typed objects.
+
+Defaults live here and only here. Every model forbids unknown keys, so a typo is an error that
+names the field instead of a silently ignored setting.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """The config file is unreadable or invalid; the message names file and field."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Mnist1dSource(Strict):
+    labelled: int = Field(7000, ge=100, description="labelled samples, split into train/val/test")
+    val: int = Field(500, ge=10)
+    test: int = Field(1500, ge=10)
+    transfer: int = Field(60000, ge=0, description="unlabelled transfer-set size (another seed)")
+    seed: int = 0
+    transfer_seed: int = 1
+    rows_per_file: int = Field(8192, ge=1)
+
+
+class ParquetSource(Strict):
+    train: Path
+    val: Path
+    test: Path
+    transfer: Path | None = None
+    feature_columns: list[str] = ["x"]
+    label_column: str = "label"
+
+
+class DataConfig(Strict):
+    source: Literal["mnist1d", "parquet"] = "mnist1d"
+    mnist1d: Mnist1dSource = Mnist1dSource()
+    parquet: ParquetSource | None = None
+    num_classes: int = Field(10, ge=2)
+
+    @model_validator(mode="after")
+    def _source_given(self) -> "DataConfig":
+        if self.source == "parquet" and self.parquet is None:
+            raise ValueError("data.source is 'parquet' but data.parquet (train/val/test directories) is missing")
+        return self
+
+
+class Fit(Strict):
+    """How one model is trained (teacher, student or label-only baseline)."""
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(256, ge=1)
+    lr: float = Field(5e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    seed: int = 0
+
+
+class TeacherConfig(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    factory: str = Field(description="import path 'package.module:function' returning a torch.nn.Module")
+    kwargs: dict[str, Any] = {}
+    weights: Path | None = Field(None, description="safetensors file; if absent, the pipeline trains the teacher")
+    fit: Fit = Fit(epochs=100, batch_size=128)
+
+
+class StudentConfig(Strict):
+    factory: str = "kd_ops.models:cnn"
+    kwargs: dict[str, Any] = {"width": 16}
+    width_kwarg: str = Field("width", description="the kwarg that tune.student_width sets")
+
+
+class DistillConfig(Strict):
+    temperature: float = Field(1.0, gt=0, description="softmax temperature T applied to stored raw logits")
+    alpha: float = Field(0.9, ge=0, le=1, description="weight of the soft (KD) term; 1 − α goes to labels")
+    teacher_weights: dict[str, float] | None = Field(None, description="per-teacher weights, normalised to sum 1; default uniform")
+
+    @field_validator("teacher_weights")
+    @classmethod
+    def _non_negative(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        if v is not None:
+            bad = {k: w for k, w in v.items() if w < 0}
+            if bad:
+                raise ValueError(f"teacher weights must be >= 0, got {bad}")
+            if sum(v.values()) <= 0:
+                raise ValueError("teacher weights must not all be 0")
+        return v
+
+
+class TrainConfig(Strict):
+    fit: Fit = Fit(epochs=12)
+    label_only_fit: Fit = Fit(epochs=100, batch_size=128)
+    num_workers: int = Field(1, ge=1, description="Ray Train workers (DDP, gloo on CPU)")
+    use_gpu: bool = False
+
+
+class PrecomputeConfig(Strict):
+    batch_size: int = Field(4096, ge=1)
+    num_actors: int = Field(1, ge=1, description="actor-pool size per teacher")
+    use_gpu: bool = False
+
+
+class Dim(Strict):
+    """One search dimension: exactly one of choice / uniform / loguniform."""
+    choice: list[float] | None = None
+    uniform: tuple[float, float] | None = None
+    loguniform: tuple[float, float] | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> "Dim":
+        given = [k for k in ("choice", "uniform", "loguniform") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of choice / uniform / loguniform, got {given or 'none'}")
+        for k in ("uniform", "loguniform"):
+            lo_hi = getattr(self, k)
+            if lo_hi is not None and not lo_hi[0] < lo_hi[1]:
+                raise ValueError(f"{k} needs low < high, got {list(lo_hi)}")
+        return self
+
+    def values_bound(self) -> tuple[float, float]:
+        vals = self.choice or self.uniform or self.loguniform
+        return min(vals), max(vals)
+
+
+class TuneConfig(Strict):
+    enabled: bool = True
+    num_samples: int = Field(8, ge=1)
+    max_concurrent_trials: int = Field(2, ge=1)
+    epochs: int = Field(6, ge=1, description="max epochs per trial (ASHA max_t)")
+    grace_period: int = Field(2, ge=1, description="epochs before ASHA may stop a trial")
+    reduction_factor: int = Field(2, ge=2)
+    temperature: Dim | None = Dim(choice=[1.0, 2.0, 4.0])
+    alpha: Dim | None = Dim(uniform=(0.5, 1.0))
+    student_width: Dim | None = Dim(choice=[12, 16])
+    teacher_weights: Dim | None = Dim(uniform=(0.1, 1.0))
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _ranges(self) -> "TuneConfig":
+        checks = {"temperature": (0.0, None, "> 0"), "alpha": (0.0, 1.0, "in [0, 1]"),
+                  "teacher_weights": (0.0, None, ">= 0"), "student_width": (1.0, None, ">= 1")}
+        for name, (lo, hi, text) in checks.items():
+            dim = getattr(self, name)
+            if dim is None:
+                continue
+            low, high = dim.values_bound()
+            if (name == "temperature" and low <= 0) or low < lo or (hi is not None and high > hi):
+                raise ValueError(f"tune.{name} values must be {text}, got {dim.model_dump(exclude_none=True)}")
+        if self.grace_period > self.epochs:
+            raise ValueError(f"tune.grace_period ({self.grace_period}) must be <= tune.epochs ({self.epochs})")
+        return self
+
+
+class TrackingConfig(Strict):
+    tracking_uri: str | None = Field(None, description="default: sqlite:///<cwd>/mlflow.db")
+    experiment: str = "kd-ops"
+    registered_model: str = "kd-student"
+
+
+class RunConfig(Strict):
+    name: str = "kd-run"
+    data: DataConfig = DataConfig()
+    teachers: list[TeacherConfig] = Field(min_length=1)
+    student: StudentConfig = StudentConfig()
+    distill: DistillConfig = DistillConfig()
+    train: TrainConfig = TrainConfig()
+    precompute: PrecomputeConfig = PrecomputeConfig()
+    tune: TuneConfig = TuneConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+    @model_validator(mode="after")
+    def _teachers_consistent(self) -> "RunConfig":
+        names = [t.name for t in self.teachers]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"teacher names must be unique, repeated: {dup}")
+        if self.distill.teacher_weights is not None:
+            unknown = sorted(set(self.distill.teacher_weights) - set(names))
+            if unknown:
+                raise ValueError(f"distill.teacher_weights names unknown teachers {unknown} (teachers: {names})")
+        return self
+
+
+def _set(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    for k in keys[:-1]:
+        tree = tree.setdefault(k, {})
+    tree[keys[-1]] = value
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Read YAML, apply `a.b=value` overrides (values parsed as YAML), validate.
+
+    Relative paths in the file are taken relative to the file's directory.
+    """
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections (data, teachers, ...)")
+    for item in overrides or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"override {item!r} must look like section.field=value")
+        _set(raw, key, yaml.safe_load(value))
+    try:
+        cfg = RunConfig.model_validate(raw)
+    except ValidationError as e:
+        lines = [f"{'.'.join(str(p) for p in err['loc']) or '(top level)'}: {err['msg']}" for err in e.errors()]
+        raise ConfigError(f"{path}: invalid config\n  " + "\n  ".join(lines)) from None
+    return _resolve_paths(cfg, path.parent.resolve())
+
+
+def _resolve_paths(cfg: RunConfig, base: Path) -> RunConfig:
+    fix = lambda p: p if p is None or p.is_absolute() else (base / p).resolve()  # noqa: E731
+    for t in cfg.teachers:
+        t.weights = fix(t.weights)
+    if cfg.data.parquet is not None:
+        pq_cfg = cfg.data.parquet
+        pq_cfg.train, pq_cfg.val, pq_cfg.test, pq_cfg.transfer = map(fix, (pq_cfg.train, pq_cfg.val, pq_cfg.test, pq_cfg.transfer))
+    return cfg

@@ -1,0 +1,32 @@
+"""The end-of-run summary table (rich)."""
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+
+def print_summary(s: dict[str, Any], console: Console | None = None) -> None:
+    console = console or Console()
+    t = Table(title=f"kd-ops run: {s['name']}")
+    for col in ("model", "params", "test acc", "vs ensemble", "agreement w/ ensemble"):
+        t.add_column(col, justify="left" if col == "model" else "right")
+    ens = s["ensemble_test_accuracy"]
+    for row in s["teachers"]:
+        t.add_row(f"teacher {row['name']}", f"{row['params']:,}", f"{row['test_accuracy']:.4f}",
+                  f"{row['test_accuracy'] / ens:.3f}", "")
+    t.add_row("teacher ensemble (uniform)", "", f"{ens:.4f}", "1.000", "")
+    for label, key in (("KD student", "student"), ("label-only student", "label_only_student")):
+        r = s[key]
+        t.add_row(label, f"{r['params']:,}", f"{r['test_accuracy']:.4f}", f"{r['test_accuracy'] / ens:.3f}",
+                  f"{r.get('test_agreement', float('nan')):.4f}")
+    console.print(t)
+    c = s["student"]["config"]
+    weights = ", ".join(f"{w:.2f}" for w in c["teacher_weights"])
+    console.print(f"chosen: T={c['temperature']:.2f} alpha={c['alpha']:.2f} student={c['student_kwargs']} "
+                  f"teacher weights=[{weights}]")
+    m = s["mlflow"]
+    reg = m["registered_model"]
+    console.print(f"store {s['store_bytes'] / 1e6:.1f} MB · wall {s['wall_seconds']:.0f} s · MLflow {m['tracking_uri']} "
+                  f"parent run {m['parent_run_id']} · registered {reg['name']} v{reg['version']}")

@@ -1,0 +1,93 @@
+"""MLflow: one parent run per `kd run`, nested child runs per stage and per trial, the student
+registered. Only the driver and Ray Train's rank 0 talk to MLflow."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import mlflow
+from mlflow.tracking import MlflowClient
+
+
+def resolve_uri(uri: str | None) -> str:
+    """Absolute tracking URI. Ray Tune/Train change the working directory per trial, so a relative
+    `sqlite:///mlflow.db` would point at a different database in every trial."""
+    if uri is None:
+        return f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return f"sqlite:///{Path(uri[len('sqlite:///'):]).resolve()}"
+    if "://" not in uri:  # a bare directory means a file store
+        return Path(uri).resolve().as_uri()
+    return uri
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out |= flatten(v, key + ".")
+        else:
+            out[key] = json.dumps(v) if isinstance(v, (list, dict)) else v
+    return out
+
+
+def environment_tags() -> dict[str, str]:
+    """What is needed to reproduce a run: package versions and the code's git commit."""
+    import pyarrow
+    import ray
+    import torch
+
+    tags = {"kd.python": platform.python_version(), "kd.torch": torch.__version__, "kd.ray": ray.__version__,
+            "kd.mlflow": mlflow.__version__, "kd.pyarrow": pyarrow.__version__}
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                                cwd=Path(__file__).parent).stdout.strip()
+        if commit:
+            tags["mlflow.source.git.commit"] = commit
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return tags
+
+
+class Tracker:
+    """Thin wrapper holding the tracking URI, the experiment and the parent run."""
+
+    def __init__(self, uri: str | None, experiment: str):
+        self.uri = resolve_uri(uri)
+        mlflow.set_tracking_uri(self.uri)
+        self.experiment = experiment
+        self.experiment_id = mlflow.set_experiment(experiment).experiment_id
+        self.client = MlflowClient(self.uri)
+        self.parent_run_id: str | None = None
+
+    @contextmanager
+    def parent(self, name: str, params: dict[str, Any], tags: dict[str, str]) -> Iterator[str]:
+        with mlflow.start_run(run_name=name, tags={**environment_tags(), **tags}) as run:
+            self.parent_run_id = run.info.run_id
+            mlflow.log_params(flatten(params))
+            yield run.info.run_id
+
+    @contextmanager
+    def child(self, name: str, params: dict[str, Any] | None = None) -> Iterator[str]:
+        with mlflow.start_run(run_name=name, nested=True) as run:
+            if params:
+                mlflow.log_params(flatten(params))
+            yield run.info.run_id
+
+    def register(self, model, name: str, input_example) -> dict[str, str]:
+        """Log the student as an MLflow PyTorch model in the active run and register a new version."""
+        import mlflow.pytorch
+
+        # pickle serialization so load_model returns the user's nn.Module class (the default pt2
+        # export loads back a GraphModule); the same weights are also logged as safetensors.
+        info = mlflow.pytorch.log_model(model, name="student", serialization_format="pickle",
+                                        input_example=input_example, registered_model_name=name)
+        version = str(info.registered_model_version)
+        self.client.set_registered_model_alias(name, "champion", version)
+        return {"name": name, "version": version, "model_uri": f"models:/{name}/{version}"}

@@ -1,0 +1,96 @@
+"""Ray Tune over temperature, α, student width and teacher weights. Each trial is a per-trial
+driver function that trains through Ray Train; every trial reads the same soft-label datasets,
+so no teacher runs while tuning."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray import tune
+from ray.air.integrations.mlflow import MLflowLoggerCallback
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search.basic_variant import BasicVariantGenerator
+
+from workflows import train
+from workflows.config import Dim, TuneConfig
+
+
+def _dim(d: Dim):
+    if d.choice is not None:
+        return tune.choice(d.choice)
+    if d.uniform is not None:
+        return tune.uniform(*d.uniform)
+    return tune.loguniform(*d.loguniform)
+
+
+def search_space(tc: TuneConfig, teachers: list[str]) -> dict[str, Any]:
+    """Flat Tune param space; teacher weights get one raw weight per teacher, normalised per trial."""
+    space = {k: _dim(getattr(tc, k)) for k in ("temperature", "alpha", "student_width") if getattr(tc, k) is not None}
+    if tc.teacher_weights is not None and len(teachers) > 1:
+        space |= {f"teacher_weight.{t}": _dim(tc.teacher_weights) for t in teachers}
+    return space
+
+
+def apply_trial(base: dict[str, Any], trial: dict[str, Any], teachers: list[str], width_kwarg: str) -> dict[str, Any]:
+    """The loop config for one point of the search space (unsearched values keep `base`)."""
+    cfg = dict(base)
+    for k in ("temperature", "alpha"):
+        if k in trial:
+            cfg[k] = float(trial[k])
+    if "student_width" in trial:
+        cfg["kwargs"] = {**base["kwargs"], width_kwarg: int(trial["student_width"])}
+    if any(f"teacher_weight.{t}" in trial for t in teachers):
+        raw = [float(trial.get(f"teacher_weight.{t}", 1.0)) for t in teachers]
+        cfg["teacher_weights"] = [w / sum(raw) for w in raw]
+    return cfg
+
+
+def _trial(trial: dict[str, Any], *, base, teachers, width_kwarg, datasets, storage, num_workers, use_gpu):
+    trial_id = tune.get_context().get_trial_id()
+    cfg = apply_trial(base, trial, teachers, width_kwarg) | {"label": f"trial {trial_id}"}
+    train.fit(cfg, datasets, name=f"train-trial_id={trial_id}", storage=Path(storage),
+              num_workers=num_workers, use_gpu=use_gpu, callbacks=[TuneReportCallback()])
+
+
+def run_tune(tc: TuneConfig, base: dict[str, Any], teachers: list[str], width_kwarg: str,
+             datasets: dict[str, ray.data.Dataset], *, storage: Path, num_workers: int, use_gpu: bool,
+             tracking_uri: str | None, experiment: str | None, parent_run_id: str | None):
+    """Run the search; returns (best loop config, best metrics, list of per-trial rows)."""
+    trainable = tune.with_parameters(_trial, base=base | {"epochs": tc.epochs}, teachers=teachers,
+                                     width_kwarg=width_kwarg, datasets=datasets, storage=str(storage),
+                                     num_workers=num_workers, use_gpu=use_gpu)
+    # The driver function only waits on its TorchTrainer: it takes no CPU (the Train workers do),
+    # but a bundle may not be empty, so it reserves the memory it really uses.
+    trainable = tune.with_resources(trainable, {"cpu": 0, "memory": 256 * 1024**2})
+    callbacks = []
+    if tracking_uri:
+        callbacks.append(MLflowLoggerCallback(tracking_uri=tracking_uri, experiment_name=experiment,
+                                              tags={"mlflow.parentRunId": parent_run_id, "kd.stage": "trial"},
+                                              save_artifact=False))
+    tuner = tune.Tuner(
+        trainable,
+        param_space=search_space(tc, teachers),
+        tune_config=tune.TuneConfig(
+            metric="val_accuracy", mode="max", num_samples=tc.num_samples,
+            scheduler=ASHAScheduler(time_attr="training_iteration", max_t=tc.epochs,
+                                    grace_period=tc.grace_period, reduction_factor=tc.reduction_factor),
+            # the concurrency cap goes here: TuneConfig.max_concurrent_trials is ignored with a
+            # SearchGenerator such as this one
+            search_alg=BasicVariantGenerator(random_state=tc.seed, max_concurrent=tc.max_concurrent_trials)),
+        run_config=tune.RunConfig(name="tune", storage_path=str(storage), callbacks=callbacks, verbose=1),
+    )
+    grid = tuner.fit()
+    errors = [r.error for r in grid if r.error is not None]
+    if len(errors) == len(grid):
+        raise RuntimeError(f"all {len(grid)} tune trials failed; first error: {errors[0]}")
+    best = grid.get_best_result(metric="val_accuracy", mode="max", scope="all")
+    rows = []
+    for r in grid:
+        if r.metrics:
+            rows.append({"trial_id": r.metrics.get("trial_id"), **{k: v for k, v in r.config.items()},
+                         "epochs": r.metrics.get("training_iteration"),
+                         "val_accuracy": r.metrics.get("val_accuracy"), "val_agreement": r.metrics.get("val_agreement")})
+    best_val = max(r.metrics_dataframe["val_accuracy"]) if best.metrics_dataframe is not None else best.metrics["val_accuracy"]
+    return apply_trial(base, best.config, teachers, width_kwarg), {"val_accuracy": float(best_val), **best.config}, rows
