@@ -65,8 +65,9 @@ def mnist1d_splits(labelled: int, val: int, test: int, transfer: int, seed: int,
 
 
 def to_table(inputs: Inputs) -> pa.Table:
-    """Inputs → Arrow: `id`, `x` (fixed_size_list<float32>), `label` (int64) if labelled."""
-    x = np.ascontiguousarray(inputs.x, dtype=np.float32).reshape(len(inputs.x), -1)
+    """Inputs → Arrow: `id`, `x` (fixed_size_list of x's dtype: float32 signals, int32 token ids),
+    `label` (int64) if labelled."""
+    x = np.ascontiguousarray(inputs.x).reshape(len(inputs.x), -1)
     cols = {"id": pa.array(inputs.ids),
             "x": pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), x.shape[1])}
     if inputs.y is not None:
@@ -130,8 +131,9 @@ def validate_ids(table: pa.Table, where: str) -> None:
         raise DataError(f"{where}: {len(dup)} duplicate ids, e.g. {dup[:5].to_pylist()}; ids must be unique")
 
 
-def features(table: pa.Table, feature_columns: list[str], where: str = "input") -> np.ndarray:
-    """Feature matrix [N, F] float32 from one fixed/variable list column or several numeric columns."""
+def features(table: pa.Table, feature_columns: list[str], where: str = "input", dtype=np.float32) -> np.ndarray:
+    """Feature matrix [N, F] of `dtype` (float32; int64 for token ids) from one fixed/variable
+    list column or several numeric columns."""
     missing = [c for c in feature_columns if c not in table.column_names]
     if missing:
         raise DataError(f"{where}: feature column(s) {missing} not found (have {table.column_names}); "
@@ -143,22 +145,22 @@ def features(table: pa.Table, feature_columns: list[str], where: str = "input") 
             flat = col.flatten().to_numpy(zero_copy_only=False)
             if len(col) and len(flat) % len(col):
                 raise DataError(f"{where}: list column {name!r} has rows of different lengths")
-            cols.append(flat.astype(np.float32).reshape(len(col), -1))  # a writable copy, torch-safe
+            cols.append(flat.astype(dtype).reshape(len(col), -1))  # a writable copy, torch-safe
         elif pa.types.is_integer(col.type) or pa.types.is_floating(col.type):
-            cols.append(col.to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, 1))
+            cols.append(col.to_numpy(zero_copy_only=False).astype(dtype).reshape(-1, 1))
         else:
             raise DataError(f"{where}: feature column {name!r} has type {col.type}; need numbers or lists of numbers")
     return np.concatenate(cols, axis=1) if len(cols) > 1 else cols[0]
 
 
-def read_inputs(path: str | Path, feature_columns: list[str], label_column: str = "label") -> Inputs:
+def read_inputs(path: str | Path, feature_columns: list[str], label_column: str = "label", dtype=np.float32) -> Inputs:
     """Read and validate one split directory."""
     table = read_table(path)
     validate_ids(table, str(path))
     y = None
     if label_column in table.column_names:
         y = table.column(label_column).fill_null(-1).to_numpy().astype(np.int64)
-    return Inputs(table.column("id").to_numpy(zero_copy_only=False), features(table, feature_columns, str(path)), y)
+    return Inputs(table.column("id").to_numpy(zero_copy_only=False), features(table, feature_columns, str(path), dtype), y)
 
 
 def fingerprint(path: str | Path) -> str:

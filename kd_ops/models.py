@@ -80,7 +80,8 @@ def save_weights(model: nn.Module, path: str | Path, metadata: dict[str, str] | 
     """Write the state dict as safetensors (atomic: a tmp file renamed into place)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in unwrap(model).state_dict().items()}
+    # clone: tied weights (an LM's embedding and head) share storage, which safetensors refuses
+    state = {k: v.detach().cpu().clone().contiguous() for k, v in unwrap(model).state_dict().items()}
     tmp = path.with_suffix(path.suffix + ".tmp")
     save_file(state, str(tmp), metadata=metadata)
     tmp.replace(path)
@@ -127,7 +128,8 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def teacher_fingerprint(factory: str, kwargs: dict[str, Any], weights: str | Path) -> str:
-    """Identity of a teacher: its code path, kwargs and the exact weight bytes."""
-    spec = json.dumps({"factory": factory, "kwargs": kwargs, "weights": file_sha256(weights)}, sort_keys=True)
+def teacher_fingerprint(factory: str, kwargs: dict[str, Any], weights: str | Path | list[Path]) -> str:
+    """Identity of a teacher: its code path, kwargs and the exact bytes of its weight file(s)."""
+    files = weights if isinstance(weights, list) else [weights]
+    spec = json.dumps({"factory": factory, "kwargs": kwargs, "weights": [file_sha256(f) for f in files]}, sort_keys=True)
     return hashlib.sha256(spec.encode()).hexdigest()

@@ -3,13 +3,22 @@
 Layout (format version 1)::
 
     STORE/<teacher>/manifest.json       written last: its presence means the teacher is complete
-    STORE/<teacher>/<shard>.parquet      columns: id (as the inputs), logits (fixed_size_binary)
+    STORE/<teacher>/<shard>.parquet      columns: id (as the inputs) + the kind's columns below
 
-`logits` holds C float16 values per row as raw little-endian bytes (fixed_size_binary(2·C)):
-the raw, untempered logits z, never softmaxed. Raw bytes write ~10x faster than
-list<float16> and decode zero-copy into numpy. The manifest records the format, number of
-classes, dtype, row count, the teacher's fingerprint (factory, kwargs, weights sha256) and the
-fingerprint of every input split it covers, so a rerun with the same teacher and inputs reuses it.
+Every non-id column is `fixed_size_binary`: one row's array as raw little-endian bytes, with its
+dtype and per-row shape in the manifest's `columns`. Raw bytes write ~10x faster than
+list<float16> and decode zero-copy into numpy. Kinds:
+
+- ``full``: ``logits`` float16 [C] (classifier) or [L, V] (LM, one row per sequence): the raw,
+  untempered logits z.
+- ``topk`` (LM): ``values`` float16 [L, k], the k largest raw logits of each token, descending;
+  ``indices`` uint16 (vocab ≤ 65536) or int32 [L, k], their token ids; ``lse`` float32 [L], the
+  teacher's full log-sum-exp at T=1, so the probability mass outside the top-k is known exactly
+  at T=1: 1 − Σ_i exp(values_i − lse).
+
+The manifest also records the format, kind, row count, shard files, the teacher's fingerprint
+(factory, kwargs, weights sha256) and the fingerprint of every input split it covers, so a rerun
+with the same teacher and inputs reuses it.
 """
 from __future__ import annotations
 
@@ -35,27 +44,53 @@ class StoreError(ValueError):
     """The store is missing, incomplete or does not match what the caller asks for."""
 
 
-def encode_logits(logits: np.ndarray) -> pa.FixedSizeBinaryArray:
-    """[N, C] float → fixed_size_binary(2C) of float16 little-endian bytes (one buffer, no per-row Python)."""
-    z = np.ascontiguousarray(logits, dtype="<f2")
-    n, c = z.shape
-    return pa.FixedSizeBinaryArray.from_buffers(pa.binary(2 * c), n, [None, pa.py_buffer(z)])
+def encode(a: np.ndarray) -> pa.FixedSizeBinaryArray:
+    """[N, ...] array → fixed_size_binary holding each row's bytes (little-endian; one buffer, no per-row Python)."""
+    a = np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<"))
+    row_bytes = a[0].nbytes if len(a) else a.dtype.itemsize * int(np.prod(a.shape[1:]))
+    return pa.FixedSizeBinaryArray.from_buffers(pa.binary(row_bytes), len(a), [None, pa.py_buffer(a)])
 
 
-def decode_logits(column: pa.Array | pa.ChunkedArray, num_classes: int) -> np.ndarray:
-    """fixed_size_binary column → [N, C] float16 array."""
+def decode(column: pa.Array | pa.ChunkedArray, dtype: str, shape: list[int]) -> np.ndarray:
+    """fixed_size_binary column → [N, *shape] array of `dtype` (zero-copy for a single chunk)."""
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
-    if column.type != pa.binary(2 * num_classes):
-        raise StoreError(f"logits column has type {column.type}, expected fixed_size_binary({2 * num_classes})")
+    dt = np.dtype(dtype).newbyteorder("<")
+    row = dt.itemsize * int(np.prod(shape))
+    if column.type != pa.binary(row):
+        raise StoreError(f"column has type {column.type}, expected fixed_size_binary({row}) for {dtype} {shape}")
     n = len(column)
-    data = column.buffers()[1]
-    start = column.offset * 2 * num_classes
-    return np.frombuffer(data, dtype="<f2", count=n * num_classes, offset=start).reshape(n, num_classes)
+    return np.frombuffer(column.buffers()[1], dtype=dt, count=n * row // dt.itemsize,
+                         offset=column.offset * row).reshape(n, *shape)
 
 
-def shard_table(ids: pa.Array | np.ndarray, logits: np.ndarray) -> pa.Table:
-    return pa.table({"id": ids, "logits": encode_logits(logits)})
+def teacher_arrays(logits, top_k: int | None) -> dict[str, np.ndarray]:
+    """What the store keeps of a teacher's raw logits (a torch tensor, on any device).
+
+    [B, C] or [B, L, V] with top_k None → {"logits": float16}; [B, L, V] with top_k → {"values"
+    float16 [B, L, k], "indices" uint16/int32 [B, L, k], "lse" float32 [B, L]}. The reductions run
+    where the logits are (GPU included); only the kept arrays are copied to the host.
+    """
+    import torch
+
+    if top_k is None:
+        return {"logits": logits.to(torch.float16).cpu().numpy()}
+    from kd_ops.token_losses import topk_support
+
+    values, indices, lse = topk_support(logits, top_k)
+    index_dtype = torch.int32 if logits.shape[-1] > 65536 else torch.int16  # reinterpreted as uint16 below
+    idx = indices.to(torch.int32).to(index_dtype).cpu().numpy()
+    return {"values": values.to(torch.float16).cpu().numpy(),
+            "indices": idx.view(np.uint16) if index_dtype == torch.int16 else idx,
+            "lse": lse.float().cpu().numpy()}
+
+
+def column_spec(arrays: dict[str, np.ndarray]) -> dict[str, dict[str, Any]]:
+    return {k: {"dtype": str(v.dtype), "shape": list(v.shape[1:])} for k, v in arrays.items()}
+
+
+def shard_table(ids: pa.Array | np.ndarray, arrays: dict[str, np.ndarray]) -> pa.Table:
+    return pa.table({"id": ids, **{k: encode(v) for k, v in arrays.items()}})
 
 
 def teacher_dir(store: str | Path, teacher: str) -> Path:
@@ -69,11 +104,14 @@ def read_manifest(store: str | Path, teacher: str) -> dict[str, Any] | None:
     return json.loads(path.read_text())
 
 
-def is_current(store: str | Path, teacher: str, teacher_fp: str, input_fps: dict[str, str]) -> bool:
-    """True if the teacher's shards are complete and were made from exactly these weights and inputs."""
+def is_current(store: str | Path, teacher: str, teacher_fp: str, input_fps: dict[str, str],
+               settings: dict[str, Any] | None = None) -> bool:
+    """True if the teacher's shards are complete and were made from exactly these weights, inputs
+    and settings (e.g. kind and k)."""
     m = read_manifest(store, teacher)
     return bool(m and m.get("format_version") == FORMAT_VERSION and m.get("teacher_fingerprint") == teacher_fp
-                and m.get("input_fingerprints") == input_fps)
+                and m.get("input_fingerprints") == input_fps
+                and all(m.get(k) == v for k, v in (settings or {}).items()))
 
 
 def staging_dir(store: str | Path, teacher: str) -> Path:
@@ -83,8 +121,9 @@ def staging_dir(store: str | Path, teacher: str) -> Path:
     return path
 
 
-def publish(staging: Path, store: str | Path, teacher: str, *, num_classes: int, expected_rows: int,
-            teacher_fp: str, input_fps: dict[str, str], extra: dict[str, Any] | None = None) -> dict[str, Any]:
+def publish(staging: Path, store: str | Path, teacher: str, *, kind: str, columns: dict[str, dict[str, Any]],
+            expected_rows: int, teacher_fp: str, input_fps: dict[str, str],
+            extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Check the staged shards, write the manifest and move them into place atomically.
 
     Raises StoreError (and removes the staging directory) if rows are missing or duplicated.
@@ -100,11 +139,10 @@ def publish(staging: Path, store: str | Path, teacher: str, *, num_classes: int,
         ids = pq.read_table(staging, columns=["id"]).column("id")
         if len(pc.unique(ids)) != rows:
             raise StoreError(f"teacher {teacher!r}: duplicate ids in the written shards; store not published")
-        manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": "full", "teacher": teacher,
-                    "teacher_fingerprint": teacher_fp, "input_fingerprints": input_fps,
-                    "num_classes": num_classes, "dtype": "float16", "logits": "raw",
-                    "rows": rows, "files": files, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                    **(extra or {})}
+        manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": kind, "teacher": teacher,
+                    "teacher_fingerprint": teacher_fp, "input_fingerprints": input_fps, "columns": columns,
+                    "logits": "raw", "rows": rows, "files": files,
+                    "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **(extra or {})}
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
         final = teacher_dir(store, teacher)
         if final.exists():  # replaced only now, when the new version is complete
@@ -118,8 +156,8 @@ def publish(staging: Path, store: str | Path, teacher: str, *, num_classes: int,
         raise
 
 
-def read_teacher(store: str | Path, teacher: str) -> tuple[np.ndarray, np.ndarray]:
-    """All rows of one teacher: (ids [N], logits [N, C] float16)."""
+def read_teacher(store: str | Path, teacher: str) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, Any]]:
+    """All rows of one teacher: (ids [N], {column: [N, ...]}, manifest)."""
     m = read_manifest(store, teacher)
     if m is None:
         raise StoreError(f"no complete soft labels for teacher {teacher!r} in {store} (no {MANIFEST}); "
@@ -127,28 +165,35 @@ def read_teacher(store: str | Path, teacher: str) -> tuple[np.ndarray, np.ndarra
     if m.get("format_version") != FORMAT_VERSION:
         raise StoreError(f"{teacher_dir(store, teacher)}: format version {m.get('format_version')}, "
                          f"this kd-ops reads {FORMAT_VERSION}; recompute the store")
-    files = [teacher_dir(store, teacher) / f["name"] for f in m["files"]]
-    table = pa.concat_tables([pq.read_table(f) for f in files])
-    return table.column("id").to_numpy(zero_copy_only=False), decode_logits(table.column("logits"), m["num_classes"])
+    table = pa.concat_tables([pq.read_table(teacher_dir(store, teacher) / f["name"]) for f in m["files"]])
+    arrays = {k: decode(table.column(k), s["dtype"], s["shape"]) for k, s in m["columns"].items()}
+    return table.column("id").to_numpy(zero_copy_only=False), arrays, m
 
 
-def align(ids: np.ndarray, store_ids: np.ndarray, logits: np.ndarray, teacher: str) -> np.ndarray:
-    """Rows of `logits` reordered to follow `ids`. Raises StoreError listing ids the store lacks."""
+def align(ids: np.ndarray, store_ids: np.ndarray, teacher: str) -> np.ndarray:
+    """Row positions in the store for `ids`. Raises StoreError listing ids the store lacks."""
     order = np.argsort(store_ids, kind="stable")
     sorted_ids = store_ids[order]
-    pos = np.searchsorted(sorted_ids, ids)
-    pos_clipped = np.minimum(pos, len(sorted_ids) - 1)
-    found = (pos < len(sorted_ids)) & (sorted_ids[pos_clipped] == ids) if len(sorted_ids) else np.zeros(len(ids), bool)
+    pos = np.minimum(np.searchsorted(sorted_ids, ids), max(len(sorted_ids) - 1, 0))
+    found = sorted_ids[pos] == ids if len(sorted_ids) else np.zeros(len(ids), bool)
     if not found.all():
         missing = ids[~found]
         raise StoreError(f"teacher {teacher!r}: {len(missing)} input ids have no soft labels, e.g. "
                          f"{missing[:5].tolist()}; recompute the store for these inputs")
-    return logits[order[pos_clipped]]
+    return order[pos]
 
 
-def soft_labels(store: str | Path, teachers: list[str], ids: np.ndarray) -> np.ndarray:
-    """Stored logits of several teachers for `ids`, stacked: [M, N, C] float16."""
-    return np.stack([align(ids, *read_teacher(store, t), teacher=t) for t in teachers])
+def soft_labels(store: str | Path, teachers: list[str], ids: np.ndarray) -> dict[str, np.ndarray]:
+    """Stored columns of several teachers for `ids`, stacked per column: {name: [M, N, ...]}."""
+    per_teacher = []
+    for t in teachers:
+        store_ids, arrays, _ = read_teacher(store, t)
+        rows = align(ids, store_ids, t)
+        per_teacher.append({k: v[rows] for k, v in arrays.items()})
+    names = per_teacher[0].keys()
+    if any(p.keys() != names for p in per_teacher):
+        raise StoreError(f"teachers {teachers} were stored in different kinds; recompute them with the same settings")
+    return {k: np.stack([p[k] for p in per_teacher]) for k in names}
 
 
 def size_bytes(store: str | Path) -> int:

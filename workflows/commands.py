@@ -37,10 +37,11 @@ def precompute(cfg: RunConfig, out: Path, *, tracking_uri=None, ray_address=None
         dirs = stages.stage_data(cfg, lay)
         results = stages.stage_precompute(cfg, _teachers_with_weights(cfg, lay), dirs, lay, tracker)
     t = Table(title=f"soft-label store {lay.store}")
-    for c in ("teacher", "rows", "classes", "status", "seconds"):
+    for c in ("teacher", "rows", "kind", "columns", "status", "seconds"):
         t.add_column(c)
     for r in results:
-        t.add_row(r.name, str(r.manifest["rows"]), str(r.manifest["num_classes"]),
+        cols = ", ".join(f"{k} {v['dtype']}{v['shape']}" for k, v in r.manifest["columns"].items())
+        t.add_row(r.name, str(r.manifest["rows"]), r.manifest["kind"], cols,
                   "reused" if r.reused else "computed", f"{r.seconds:.1f}")
     Console().print(t)
     print(f"store size: {store.size_bytes(lay.store):,} bytes")

@@ -39,16 +39,31 @@ class ParquetSource(Strict):
     label_column: str = "label"
 
 
+class TextSource(Strict):
+    """Plain-text corpus for LM distillation, split by document into train/val/test."""
+    paths: list[str] = Field(["python-stdlib"], description="files, directories or globs; 'python-stdlib' = "
+                             "this Python's standard library *.py files (a real corpus available offline)")
+    max_bytes: int = Field(3_000_000, ge=1000, description="stop reading after this much text")
+    val_fraction: float = Field(0.05, gt=0, lt=0.5)
+    test_fraction: float = Field(0.05, gt=0, lt=0.5)
+    vocab_size: int = Field(2048, ge=260, description="BPE size when kd-ops trains the tokenizer (no teacher directory given)")
+    seed: int = 0
+
+
 class DataConfig(Strict):
-    source: Literal["mnist1d", "parquet"] = "mnist1d"
+    source: Literal["mnist1d", "parquet", "text"] = "mnist1d"
     mnist1d: Mnist1dSource = Mnist1dSource()
     parquet: ParquetSource | None = None
+    text: TextSource | None = None
     num_classes: int = Field(10, ge=2)
+    seq_len: int = Field(64, ge=2, description="LM: tokens per packed sequence")
 
     @model_validator(mode="after")
     def _source_given(self) -> "DataConfig":
         if self.source == "parquet" and self.parquet is None:
             raise ValueError("data.source is 'parquet' but data.parquet (train/val/test directories) is missing")
+        if self.source == "text" and self.text is None:
+            self.text = TextSource()
         return self
 
 
@@ -63,10 +78,19 @@ class Fit(Strict):
 
 class TeacherConfig(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
-    factory: str = Field(description="import path 'package.module:function' returning a torch.nn.Module")
+    factory: str | None = Field(None, description="import path 'package.module:function' returning a torch.nn.Module")
     kwargs: dict[str, Any] = {}
     weights: Path | None = Field(None, description="safetensors file; if absent, the pipeline trains the teacher")
+    hf_dir: Path | None = Field(None, description="LM: a local Hugging Face causal-LM directory (config, weights, tokenizer)")
+    init: dict[str, int] | None = Field(None, description="LM: GPT-2 sizes (n_layer, n_embd, n_head) to train a teacher from scratch")
     fit: Fit = Fit(epochs=100, batch_size=128)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "TeacherConfig":
+        given = [k for k in ("factory", "hf_dir", "init") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"teacher {self.name!r}: give exactly one of factory (+ weights), hf_dir or init, got {given or 'none'}")
+        return self
 
 
 class StudentConfig(Strict):
@@ -77,6 +101,9 @@ class StudentConfig(Strict):
 
 class DistillConfig(Strict):
     temperature: float = Field(1.0, gt=0, description="softmax temperature T applied to stored raw logits")
+    divergence: Literal["forward_kl", "reverse_kl", "jsd"] = Field("forward_kl", description="LM token-level divergence")
+    beta: float = Field(0.5, gt=0, lt=1, description="JSD mixing weight")
+    tail: bool = Field(True, description="LM top-k: add a bucket for the teacher mass outside the top-k")
     alpha: float = Field(0.9, ge=0, le=1, description="weight of the soft (KD) term; 1 − α goes to labels")
     teacher_weights: dict[str, float] | None = Field(None, description="per-teacher weights, normalised to sum 1; default uniform")
 
@@ -101,6 +128,7 @@ class TrainConfig(Strict):
 
 class PrecomputeConfig(Strict):
     batch_size: int = Field(4096, ge=1)
+    top_k: int | None = Field(None, ge=1, description="LM: keep the k largest logits per token (None = full logits)")
     num_actors: int = Field(1, ge=1, description="actor-pool size per teacher")
     use_gpu: bool = False
 
@@ -164,6 +192,7 @@ class TrackingConfig(Strict):
 
 class RunConfig(Strict):
     name: str = "kd-run"
+    task: Literal["classification", "lm"] = "classification"
     data: DataConfig = DataConfig()
     teachers: list[TeacherConfig] = Field(min_length=1)
     student: StudentConfig = StudentConfig()
@@ -175,6 +204,11 @@ class RunConfig(Strict):
 
     @model_validator(mode="after")
     def _teachers_consistent(self) -> "RunConfig":
+        for t in self.teachers:
+            if self.task == "classification" and t.factory is None:
+                raise ValueError(f"teacher {t.name!r}: classification teachers need a factory (hf_dir/init are for task: lm)")
+            if self.task == "lm" and t.factory is not None:
+                raise ValueError(f"teacher {t.name!r}: LM teachers are given by hf_dir or init, not factory")
         names = [t.name for t in self.teachers]
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
@@ -223,7 +257,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
 def _resolve_paths(cfg: RunConfig, base: Path) -> RunConfig:
     fix = lambda p: p if p is None or p.is_absolute() else (base / p).resolve()  # noqa: E731
     for t in cfg.teachers:
-        t.weights = fix(t.weights)
+        t.weights, t.hf_dir = fix(t.weights), fix(t.hf_dir)
     if cfg.data.parquet is not None:
         pq_cfg = cfg.data.parquet
         pq_cfg.train, pq_cfg.val, pq_cfg.test, pq_cfg.transfer = map(fix, (pq_cfg.train, pq_cfg.val, pq_cfg.test, pq_cfg.transfer))

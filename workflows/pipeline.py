@@ -22,6 +22,10 @@ log = logging.getLogger("kd")
 
 
 def run(cfg: RunConfig, out: Path, *, tracking_uri: str | None = None, ray_address: str | None = None) -> dict[str, Any]:
+    if cfg.task == "lm":
+        from workflows.lm_pipeline import run_lm
+
+        return run_lm(cfg, out, tracking_uri=tracking_uri, ray_address=ray_address)
     start = time.perf_counter()
     lay = stages.Layout(Path(out).resolve())
     lay.out.mkdir(parents=True, exist_ok=True)
@@ -99,11 +103,16 @@ def run(cfg: RunConfig, out: Path, *, tracking_uri: str | None = None, ray_addre
         }
         mlflow.log_metrics({"student_test_accuracy": srow["test_accuracy"], "wall_seconds": summary["wall_seconds"]})
         mlflow.log_dict(summary, "summary.json")
+    write_summary(summary, lay)
+    return summary
+
+
+def write_summary(summary: dict[str, Any], lay: stages.Layout) -> None:
+    """summary.json appears only when the run finished (tmp file + rename), then the table."""
     tmp = lay.out / "summary.json.tmp"
     tmp.write_text(json.dumps(summary, indent=2, default=str))
     tmp.replace(lay.out / "summary.json")
     print_summary(summary)
-    return summary
 
 
 def step(name: str) -> None:

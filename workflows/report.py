@@ -9,6 +9,8 @@ from rich.table import Table
 
 def print_summary(s: dict[str, Any], console: Console | None = None) -> None:
     console = console or Console()
+    if s.get("task") == "lm":
+        return _print_lm(s, console)
     t = Table(title=f"kd-ops run: {s['name']}")
     for col in ("model", "params", "test acc", "vs ensemble", "agreement w/ ensemble"):
         t.add_column(col, justify="left" if col == "model" else "right")
@@ -30,3 +32,22 @@ def print_summary(s: dict[str, Any], console: Console | None = None) -> None:
     reg = m["registered_model"]
     console.print(f"store {s['store_bytes'] / 1e6:.1f} MB · wall {s['wall_seconds']:.0f} s · MLflow {m['tracking_uri']} "
                   f"parent run {m['parent_run_id']} · registered {reg['name']} v{reg['version']}")
+
+
+def _print_lm(s: dict[str, Any], console: Console) -> None:
+    t = Table(title=f"kd-ops LM run: {s['name']}")
+    for col in ("model", "params", "val perplexity", "top-1 agreement w/ teacher"):
+        t.add_column(col, justify="left" if col == "model" else "right")
+    for row in s["teachers"]:
+        t.add_row(f"teacher {row['name']}", f"{row['params']:,}", f"{row['val_perplexity']:.3f}", "")
+    for label, key in (("KD student", "student"), ("label-only student", "label_only_student")):
+        r = s[key]
+        t.add_row(label, f"{r['params']:,}", f"{r['val_perplexity']:.3f}", f"{r['top1_agreement']:.4f}")
+    console.print(t)
+    c = s["student"]["config"]
+    console.print(f"chosen: T={c['temperature']:.2f} alpha={c['alpha']:.2f} divergence={c['divergence']} "
+                  f"tail={c['tail']} student={c['student_kwargs']}")
+    m = s["mlflow"]
+    reg = m["registered_model"]
+    console.print(f"store {s['store_bytes_per_token']:.1f} bytes/token · wall {s['wall_seconds']:.0f} s · MLflow "
+                  f"{m['tracking_uri']} parent run {m['parent_run_id']} · registered {reg['name']} v{reg['version']}")

@@ -82,7 +82,7 @@ def stage_data(cfg: RunConfig, lay: Layout) -> dict[str, Path]:
 
 
 def feature_columns(cfg: RunConfig) -> list[str]:
-    return cfg.data.parquet.feature_columns if cfg.data.source == "parquet" else ["x"]
+    return cfg.data.parquet.feature_columns if cfg.data.source == "parquet" and cfg.task == "classification" else ["x"]
 
 
 def label_column(cfg: RunConfig) -> str:
@@ -139,9 +139,11 @@ def stage_precompute(cfg: RunConfig, teachers: list[TeacherConfig], dirs: dict[s
                      tracker: Tracker | None) -> list[pre.TeacherResult]:
     pc = cfg.precompute
     with _child(tracker, "precompute", pc.model_dump()):
+        lm = cfg.task == "lm"
         results = pre.precompute(teachers, dirs, lay.store, feature_columns=feature_columns(cfg),
-                                 num_classes=cfg.data.num_classes, batch_size=pc.batch_size,
-                                 num_actors=pc.num_actors, use_gpu=pc.use_gpu)
+                                 batch_size=pc.batch_size, num_actors=pc.num_actors, use_gpu=pc.use_gpu,
+                                 top_k=pc.top_k if lm else None, input_dtype="int64" if lm else "float32",
+                                 extra=None if lm else {"num_classes": cfg.data.num_classes})
         if tracker:
             for r in results:
                 mlflow.log_dict(r.manifest, f"manifests/{r.name}.json")
@@ -163,7 +165,7 @@ class Prepared:
 def prepare(cfg: RunConfig, dirs: dict[str, Path], lay: Layout) -> Prepared:
     names = [t.name for t in cfg.teachers]
     splits = {s: load_split(cfg, d) for s, d in dirs.items()}
-    logits = {s: store.soft_labels(lay.store, names, inp.ids) for s, inp in splits.items()}
+    logits = {s: store.soft_labels(lay.store, names, inp.ids)["logits"] for s, inp in splits.items()}
     tr = splits["train"]
     x, y, t = tr.x, tr.y, logits["train"]
     if "transfer" in splits:  # transfer rows carry no label (−1): soft term only
@@ -171,7 +173,8 @@ def prepare(cfg: RunConfig, dirs: dict[str, Path], lay: Layout) -> Prepared:
         y_tf = tf.y if tf.y is not None else np.full(len(tf.x), -1, np.int64)
         x, y, t = np.concatenate([x, tf.x]), np.concatenate([y, y_tf]), np.concatenate([t, logits["transfer"]], 1)
     va = splits["val"]
-    kd = {"train": train.make_dataset(x, y, t), "val": train.make_dataset(va.x, va.y, logits["val"], shuffle_seed=None)}
+    kd = {"train": train.make_dataset(x, y, {"logits": t}),
+          "val": train.make_dataset(va.x, va.y, {"logits": logits["val"]}, shuffle_seed=None)}
     return Prepared(splits, logits, kd, len(x))
 
 

@@ -24,22 +24,25 @@ import torch
 import torch.distributed as dist
 from ray.data.extensions import ArrowTensorArray
 
-from kd_ops import losses, models
+from kd_ops import losses, models, token_losses
 
 WEIGHTS = "model.safetensors"
 
 
-def make_dataset(x: np.ndarray, y: np.ndarray, teacher_logits: np.ndarray | None = None, *,
+def make_dataset(x: np.ndarray, y: np.ndarray | None = None, teacher: dict[str, np.ndarray] | None = None, *,
                  shuffle_seed: int | None = 0, rows_per_block: int = 8192) -> ray.data.Dataset:
-    """Ray Dataset of x [N, F] float32, y [N] int64 and optionally t [N, M, C] float16 (from [M, N, C]).
+    """Ray Dataset of x [N, ...], y [N] int64 (classification) and the stored teacher columns,
+    given as {name: [M, N, ...]} and laid out per row as [N, M, ...].
 
     Rows are shuffled once here (labelled and transfer rows arrive concatenated); each epoch
     adds a local shuffle on top.
     """
     order = np.random.default_rng(shuffle_seed).permutation(len(x)) if shuffle_seed is not None else np.arange(len(x))
-    cols = {"x": x[order], "y": y[order]}
-    if teacher_logits is not None:
-        cols["t"] = np.ascontiguousarray(teacher_logits.transpose(1, 0, 2)[order])
+    cols = {"x": x[order]}
+    if y is not None:
+        cols["y"] = y[order]
+    for name, arr in (teacher or {}).items():
+        cols[name] = np.ascontiguousarray(np.moveaxis(arr, 0, 1)[order])
     table = pa.table({k: ArrowTensorArray.from_numpy(v) if v.ndim > 1 else pa.array(v) for k, v in cols.items()})
     return ray.data.from_arrow([table.slice(i, rows_per_block) for i in range(0, max(len(table), 1), rows_per_block)])
 
@@ -51,21 +54,67 @@ def _all_reduce(values: list[float]) -> list[float]:
     return t.tolist()
 
 
-def _evaluate(model, shard, device, weights: torch.Tensor | None, batch_size: int) -> dict[str, float]:
-    """val_accuracy, and with teachers val_agreement (top-1 vs the weighted ensemble) and val_kl."""
+TEACHER_COLUMNS = ("logits", "values", "indices", "lse")
+
+
+def _teacher(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+    t = {k: batch[k] for k in TEACHER_COLUMNS if k in batch}
+    return t or None
+
+
+def _losses(model, batch, cfg, weights) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Returns (loss to backprop, logits, rows). Classification: α·KD + (1 − α)·CE batch means.
+    LM: sums over tokens divided by the global token counts (all workers), scaled by the world
+    size because DDP averages gradients over workers."""
+    logits = model(batch["x"])
+    teacher = _teacher(batch)
+    if cfg.get("task") == "lm":
+        kd, ce = token_losses.lm_distillation_sums(
+            logits, batch["x"], teacher, weights, kind=cfg.get("divergence", "forward_kl"),
+            temperature=cfg.get("temperature", 1.0), tail=cfg.get("tail", True), beta=cfg.get("beta", 0.5))
+        b, length = batch["x"].shape
+        n_kd, n_ce, world = _all_reduce([b * length, b * (length - 1), 1])
+        alpha = cfg.get("alpha", 0.0) if teacher is not None else 0.0
+        return world * (alpha * kd / n_kd + (1 - alpha) * ce / n_ce), logits, b
+    if teacher is not None:
+        loss, _ = losses.distillation_loss(logits, teacher["logits"].transpose(0, 1), batch["y"],
+                                           temperature=cfg["temperature"], alpha=cfg["alpha"], weights=weights)
+    else:
+        loss = losses.hard_label_loss(logits, batch["y"])
+    return loss, logits, len(logits)
+
+
+def _evaluate(model, shard, device, weights: torch.Tensor | None, cfg) -> dict[str, float]:
+    """Classification: val_accuracy and, with teachers, val_agreement (top-1 vs the weighted
+    ensemble) and val_kl. LM: val_perplexity and, with teachers, val_agreement (student top-1 vs
+    the top-1 of the highest-weighted teacher) and val_kl (forward KL with tail bucket, T=1)."""
     model.eval()
+    lm = cfg.get("task") == "lm"
     n = correct = agree = kl = 0.0
     with torch.inference_mode():
-        for batch in shard.iter_torch_batches(batch_size=batch_size, device=device):
+        for batch in shard.iter_torch_batches(batch_size=cfg["batch_size"], device=device):
             logits = model(batch["x"])
+            teacher = _teacher(batch)
+            if lm:
+                x = batch["x"]
+                correct += float(token_losses.next_token_ce_sum(logits, x, torch.ones_like(x, dtype=torch.float32)))
+                n += x.shape[0] * (x.shape[1] - 1)
+                if teacher is not None:
+                    best = int(torch.argmax(weights))
+                    top1 = teacher["indices"][:, best, :, 0] if "indices" in teacher else teacher["logits"][:, best].argmax(-1)
+                    agree += float((logits.argmax(-1) == top1.long()).sum()) * (x.shape[1] - 1) / x.shape[1]
+                    kd, _ = token_losses.lm_distillation_sums(logits, x, teacher, weights, kind="forward_kl")
+                    kl += float(kd) * (x.shape[1] - 1) / x.shape[1]
+                continue
             correct += float((logits.argmax(-1) == batch["y"]).sum())
             n += len(logits)
-            if weights is not None:
-                p = losses.ensemble_probs(batch["t"].transpose(0, 1), weights, 1.0)
+            if teacher is not None:
+                p = losses.ensemble_probs(teacher["logits"].transpose(0, 1), weights, 1.0)
                 agree += float((logits.argmax(-1) == p.argmax(-1)).sum())
                 kl += float(losses.soft_cross_entropy(logits, p, 1.0).sum())
     n, correct, agree, kl = _all_reduce([n, correct, agree, kl])
-    out = {"val_accuracy": correct / max(n, 1)}
+    out = ({"val_loss": correct / max(n, 1), "val_perplexity": math.exp(min(correct / max(n, 1), 50))} if lm
+           else {"val_accuracy": correct / max(n, 1)})
     if weights is not None:
         out |= {"val_agreement": agree / max(n, 1), "val_kl": kl / max(n, 1)}
     return out
@@ -88,34 +137,30 @@ def train_loop(cfg: dict[str, Any]) -> None:
     weights = torch.tensor(cfg["teacher_weights"], dtype=torch.float32, device=device) if kd else None
     train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
     client = _mlflow_client(cfg) if rank == 0 else None
-    best = -1.0
+    best, lm = -math.inf, cfg.get("task") == "lm"
     for epoch in range(1, cfg["epochs"] + 1):
         start, model_loss, seen = time.perf_counter(), 0.0, 0
         model.train()
         for batch in train_shard.iter_torch_batches(batch_size=cfg["batch_size"], device=device,
                                                     local_shuffle_buffer_size=4 * cfg["batch_size"],
                                                     local_shuffle_seed=cfg["seed"] + epoch):
-            logits = model(batch["x"])
-            if kd:
-                loss, _ = losses.distillation_loss(logits, batch["t"].transpose(0, 1), batch["y"],
-                                                   temperature=cfg["temperature"], alpha=cfg["alpha"], weights=weights)
-            else:
-                loss = losses.hard_label_loss(logits, batch["y"])
+            loss, logits, rows = _losses(model, batch, cfg, weights)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             if sched.last_epoch + 1 < sched.total_steps:
                 sched.step()
-            model_loss += float(loss.detach()) * len(logits)
-            seen += len(logits)
+            model_loss += float(loss.detach()) * rows
+            seen += rows
         total, count = _all_reduce([model_loss, seen])
         metrics = {"epoch": epoch, "train_loss": total / max(count, 1),
-                   **_evaluate(model, val_shard, device, weights, 4 * cfg["batch_size"]),
+                   **_evaluate(model, val_shard, device, weights, cfg),
                    "epoch_seconds": time.perf_counter() - start}
         # A checkpoint costs ~1.5 s of Ray Train bookkeeping on this scale of model: only when
         # val_accuracy improves (the first epoch always does), so the kept checkpoint is the best.
-        improved = metrics["val_accuracy"] > best
-        best = max(best, metrics["val_accuracy"])
+        score = -metrics["val_perplexity"] if lm else metrics["val_accuracy"]
+        improved = score > best
+        best = max(best, score)
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
             if rank == 0 and improved:
@@ -133,8 +178,13 @@ def train_loop(cfg: dict[str, Any]) -> None:
 
 def _epoch_line(label: str, epoch: int, epochs: int, m: dict[str, float]) -> str:
     extra = f" agree {m['val_agreement']:.4f} kl {m['val_kl']:.4f}" if "val_agreement" in m else ""
-    return (f"[{label}] epoch {epoch}/{epochs} loss {m['train_loss']:.4f} "
-            f"val_acc {m['val_accuracy']:.4f}{extra} ({m['epoch_seconds']:.1f}s)")
+    val = f"val_ppl {m['val_perplexity']:.3f}" if "val_perplexity" in m else f"val_acc {m['val_accuracy']:.4f}"
+    return f"[{label}] epoch {epoch}/{epochs} loss {m['train_loss']:.4f} {val}{extra} ({m['epoch_seconds']:.1f}s)"
+
+
+def objective(loop_cfg: dict[str, Any]) -> tuple[str, str]:
+    """The metric that picks checkpoints and tune trials, and its direction."""
+    return ("val_perplexity", "min") if loop_cfg.get("task") == "lm" else ("val_accuracy", "max")
 
 
 def _mlflow_client(cfg):
@@ -160,7 +210,8 @@ class Trained:
 
 def fit(loop_cfg: dict[str, Any], datasets: dict[str, ray.data.Dataset], *, name: str, storage: Path,
         num_workers: int, use_gpu: bool, callbacks: list | None = None) -> Trained:
-    """Run `train_loop` under a TorchTrainer; keep the checkpoint with the best val_accuracy."""
+    """Run `train_loop` under a TorchTrainer; keep the checkpoint with the best validation score."""
+    metric, mode = objective(loop_cfg)
     trainer = ray.train.torch.TorchTrainer(
         train_loop,
         train_loop_config=loop_cfg,
@@ -168,8 +219,8 @@ def fit(loop_cfg: dict[str, Any], datasets: dict[str, ray.data.Dataset], *, name
                                                resources_per_worker={"CPU": 1, **({"GPU": 1} if use_gpu else {})}),
         run_config=ray.train.RunConfig(
             name=name, storage_path=str(storage), callbacks=callbacks or [],
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute="val_accuracy",
-                                                         checkpoint_score_order="max")),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=metric,
+                                                         checkpoint_score_order=mode)),
         datasets=datasets,
     )
     result = trainer.fit()

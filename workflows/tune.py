@@ -73,7 +73,7 @@ def run_tune(tc: TuneConfig, base: dict[str, Any], teachers: list[str], width_kw
         trainable,
         param_space=search_space(tc, teachers),
         tune_config=tune.TuneConfig(
-            metric="val_accuracy", mode="max", num_samples=tc.num_samples,
+            metric=train.objective(base)[0], mode=train.objective(base)[1], num_samples=tc.num_samples,
             scheduler=ASHAScheduler(time_attr="training_iteration", max_t=tc.epochs,
                                     grace_period=tc.grace_period, reduction_factor=tc.reduction_factor),
             # the concurrency cap goes here: TuneConfig.max_concurrent_trials is ignored with a
@@ -82,15 +82,17 @@ def run_tune(tc: TuneConfig, base: dict[str, Any], teachers: list[str], width_kw
         run_config=tune.RunConfig(name="tune", storage_path=str(storage), callbacks=callbacks, verbose=1),
     )
     grid = tuner.fit()
+    metric, mode = train.objective(base)
     errors = [r.error for r in grid if r.error is not None]
     if len(errors) == len(grid):
         raise RuntimeError(f"all {len(grid)} tune trials failed; first error: {errors[0]}")
-    best = grid.get_best_result(metric="val_accuracy", mode="max", scope="all")
+    best = grid.get_best_result(metric=metric, mode=mode, scope="all")
     rows = []
     for r in grid:
         if r.metrics:
             rows.append({"trial_id": r.metrics.get("trial_id"), **{k: v for k, v in r.config.items()},
                          "epochs": r.metrics.get("training_iteration"),
-                         "val_accuracy": r.metrics.get("val_accuracy"), "val_agreement": r.metrics.get("val_agreement")})
-    best_val = max(r.metrics_dataframe["val_accuracy"]) if best.metrics_dataframe is not None else best.metrics["val_accuracy"]
-    return apply_trial(base, best.config, teachers, width_kwarg), {"val_accuracy": float(best_val), **best.config}, rows
+                         metric: r.metrics.get(metric), "val_agreement": r.metrics.get("val_agreement")})
+    pick = max if mode == "max" else min
+    best_val = pick(best.metrics_dataframe[metric]) if best.metrics_dataframe is not None else best.metrics[metric]
+    return apply_trial(base, best.config, teachers, width_kwarg), {metric: float(best_val), **best.config}, rows

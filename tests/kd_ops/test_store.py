@@ -6,32 +6,45 @@ import pytest
 
 from kd_ops import store
 
+SPEC2 = {"logits": {"dtype": "float16", "shape": [2]}}
+SPEC3 = {"logits": {"dtype": "float16", "shape": [3]}}
+
 
 def _stage(tmp_path, teacher, ids, logits, files=2):
     staging = store.staging_dir(tmp_path, teacher)
     for i, part in enumerate(np.array_split(np.arange(len(ids)), files)):
-        pq.write_table(store.shard_table(ids[part], logits[part]), staging / f"s{i}.parquet")
+        pq.write_table(store.shard_table(ids[part], {"logits": np.asarray(logits[part], np.float16)}), staging / f"s{i}.parquet")
     return staging
 
 
 def test_encode_decode_round_trip_is_exact_fp16():
-    z = (np.random.default_rng(0).standard_normal((5, 7)) * 10).astype(np.float32)
-    arr = store.encode_logits(z)
+    z = (np.random.default_rng(0).standard_normal((5, 7)) * 10).astype(np.float16)
+    arr = store.encode(z)
     assert arr.type.byte_width == 14
-    back = store.decode_logits(arr, 7)
-    assert back.dtype == np.float16 and np.array_equal(back, z.astype(np.float16))
-    assert np.array_equal(store.decode_logits(arr.slice(2, 2), 7), z[2:4].astype(np.float16))
+    back = store.decode(arr, "float16", [7])
+    assert back.dtype == np.float16 and np.array_equal(back, z)
+    assert np.array_equal(store.decode(arr.slice(2, 2), "float16", [7]), z[2:4])
+
+
+def test_multi_dimensional_columns_round_trip():
+    idx = np.random.default_rng(1).integers(0, 65535, (4, 3, 8)).astype(np.uint16)
+    lse = np.random.default_rng(2).standard_normal((4, 3)).astype(np.float32)
+    t = store.shard_table(np.arange(4), {"indices": idx, "lse": lse})
+    spec = store.column_spec({"indices": idx, "lse": lse})
+    assert spec == {"indices": {"dtype": "uint16", "shape": [3, 8]}, "lse": {"dtype": "float32", "shape": [3]}}
+    assert np.array_equal(store.decode(t.column("indices"), "uint16", [3, 8]), idx)
+    assert np.array_equal(store.decode(t.column("lse"), "float32", [3]), lse)
 
 
 def test_publish_read_and_align_by_id(tmp_path):
     ids = np.array([30, 10, 20, 40], dtype=np.int64)
     logits = np.arange(12, dtype=np.float32).reshape(4, 3)
     staging = _stage(tmp_path, "t1", ids, logits)
-    m = store.publish(staging, tmp_path, "t1", num_classes=3, expected_rows=4, teacher_fp="fp", input_fps={"train": "x"})
+    m = store.publish(staging, tmp_path, "t1", kind="full", columns=SPEC3, expected_rows=4, teacher_fp="fp", input_fps={"train": "x"})
     assert not staging.exists()
     on_disk = json.loads((tmp_path / "t1" / "manifest.json").read_text())
-    assert on_disk == m and m["rows"] == 4 and m["num_classes"] == 3 and len(m["files"]) == 2
-    got = store.soft_labels(tmp_path, ["t1"], np.array([20, 40, 10]))
+    assert on_disk == m and m["rows"] == 4 and m["columns"] == SPEC3 and len(m["files"]) == 2
+    got = store.soft_labels(tmp_path, ["t1"], np.array([20, 40, 10]))["logits"]
     assert got.shape == (1, 3, 3)
     assert np.array_equal(got[0], logits[[2, 3, 1]].astype(np.float16))
     assert store.is_current(tmp_path, "t1", "fp", {"train": "x"})
@@ -41,7 +54,7 @@ def test_publish_read_and_align_by_id(tmp_path):
 
 def test_missing_ids_are_named(tmp_path):
     ids = np.array([1, 2, 3])
-    store.publish(_stage(tmp_path, "t", ids, np.zeros((3, 2))), tmp_path, "t", num_classes=2, expected_rows=3,
+    store.publish(_stage(tmp_path, "t", ids, np.zeros((3, 2))), tmp_path, "t", kind="full", columns=SPEC2, expected_rows=3,
                   teacher_fp="f", input_fps={})
     with pytest.raises(store.StoreError, match=r"2 input ids have no soft labels, e.g. \[7, 9\]"):
         store.soft_labels(tmp_path, ["t"], np.array([1, 7, 9]))
@@ -51,16 +64,16 @@ def test_duplicate_ids_are_not_published(tmp_path):
     ids = np.array([1, 2, 2, 3])
     staging = _stage(tmp_path, "t", ids, np.zeros((4, 2)))
     with pytest.raises(store.StoreError, match="duplicate ids"):
-        store.publish(staging, tmp_path, "t", num_classes=2, expected_rows=4, teacher_fp="f", input_fps={})
+        store.publish(staging, tmp_path, "t", kind="full", columns=SPEC2, expected_rows=4, teacher_fp="f", input_fps={})
     assert not staging.exists() and not (tmp_path / "t").exists()
 
 
 def test_row_count_mismatch_is_not_published_and_old_version_survives(tmp_path):
     ids = np.array([1, 2, 3])
-    store.publish(_stage(tmp_path, "t", ids, np.ones((3, 2))), tmp_path, "t", num_classes=2, expected_rows=3,
+    store.publish(_stage(tmp_path, "t", ids, np.ones((3, 2))), tmp_path, "t", kind="full", columns=SPEC2, expected_rows=3,
                   teacher_fp="old", input_fps={})
     with pytest.raises(store.StoreError, match="wrote 3 rows, expected 5"):
-        store.publish(_stage(tmp_path, "t", ids, np.zeros((3, 2))), tmp_path, "t", num_classes=2,
+        store.publish(_stage(tmp_path, "t", ids, np.zeros((3, 2))), tmp_path, "t", kind="full", columns=SPEC2,
                       expected_rows=5, teacher_fp="new", input_fps={})
     assert store.read_manifest(tmp_path, "t")["teacher_fingerprint"] == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["t"]

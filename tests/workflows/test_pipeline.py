@@ -49,13 +49,13 @@ def test_store_holds_the_teachers_raw_logits_keyed_by_id(tiny_run):
     test = data.read_inputs(out / "data" / "test", ["x"])
     for t in cfg.teachers:
         m = store.read_manifest(out / "store", t.name)
-        assert m["rows"] == 400 + 100 + 100 + 600 and m["num_classes"] == 10 and m["dtype"] == "float16"
+        assert m["rows"] == 400 + 100 + 100 + 600 and m["columns"] == {"logits": {"dtype": "float16", "shape": [10]}}
         weights = out / "teachers" / f"{t.name}.safetensors"
         assert m["teacher_fingerprint"] == models.teacher_fingerprint(t.factory, t.kwargs, weights)
         assert set(m["input_fingerprints"]) == {"train", "val", "test", "transfer"}
         teacher = models.load_weights(models.cnn(width=16), weights)
         expected = evaluate.predict_logits(teacher, test.x)  # in our id order; the store was written by Ray in its own
-        stored = store.soft_labels(out / "store", [t.name], test.ids[::-1])[0][::-1]
+        stored = store.soft_labels(out / "store", [t.name], test.ids[::-1])["logits"][0][::-1]
         np.testing.assert_allclose(stored.astype(np.float32), expected, rtol=2e-3, atol=2e-3)
 
 
