@@ -50,7 +50,9 @@ def load_config(path: str | Path):
 def load_causal_lm(path: str | Path, dtype: torch.dtype | None = None) -> CausalLM:
     """from_pretrained on a local directory, never the hub. Raises LMError if it is not a causal LM."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # one bar per actor and per evaluation is noise, not progress
     path = _check_dir(path)
     cfg = load_config(path)
     try:
@@ -211,14 +213,16 @@ def read_corpus(paths: list[str], max_bytes: int) -> list[tuple[str, str]]:
 
 
 def split_docs(docs: list[tuple[str, str]], val_fraction: float, test_fraction: float, seed: int) -> dict[str, list[str]]:
-    """Deterministic split by document (a hash of name and seed), so no file leaks across splits."""
-    out: dict[str, list[str]] = {"train": [], "val": [], "test": []}
-    for name, text in docs:
-        u = int(hashlib.sha256(f"{seed}:{name}".encode()).hexdigest()[:8], 16) / 16**8
-        out["val" if u < val_fraction else "test" if u < val_fraction + test_fraction else "train"].append(text)
-    if not out["val"] or not out["test"]:
-        raise LMError(f"corpus of {len(docs)} documents is too small to split (val/test empty); add text or raise fractions")
-    return out
+    """Deterministic split by document, so no file leaks across splits: documents ordered by a
+    hash of (seed, name); the first ⌈val·n⌉ go to val, the next ⌈test·n⌉ to test, the rest to train."""
+    if len(docs) < 3:
+        raise LMError(f"corpus of {len(docs)} documents is too small to split into train/val/test; add text")
+    ranked = sorted(docs, key=lambda d: hashlib.sha256(f"{seed}:{d[0]}".encode()).hexdigest())
+    n_val, n_test = (max(1, int(np.ceil(f * len(docs)))) for f in (val_fraction, test_fraction))
+    if n_val + n_test >= len(docs):
+        raise LMError(f"corpus of {len(docs)} documents leaves no training text after val/test; add text or lower fractions")
+    texts = [t for _, t in ranked]
+    return {"val": texts[:n_val], "test": texts[n_val:n_val + n_test], "train": texts[n_val + n_test:]}
 
 
 def train_bpe_tokenizer(texts: list[str], vocab_size: int):

@@ -40,6 +40,13 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 
 
+def parquet_options(columns: dict[str, Any]) -> dict[str, Any]:
+    """Writer options for shards: zstd over byte-stream-split columns. Splitting each value's bytes
+    into separate streams groups the fp16 exponents and the indices' high bytes, which zstd then
+    compresses: top-32 at a 2k vocabulary goes from 132 (snappy) to ~91 bytes/token."""
+    return {"compression": "zstd", "use_dictionary": False, "use_byte_stream_split": sorted(columns)}
+
+
 class StoreError(ValueError):
     """The store is missing, incomplete or does not match what the caller asks for."""
 

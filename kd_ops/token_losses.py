@@ -85,6 +85,9 @@ def token_kd_loss(student_logits: torch.Tensor, values: torch.Tensor, indices: t
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
+    # a support covering the whole vocabulary has no tail; estimating one from fp16-rounded values
+    # would turn rounding noise (~1e-3 of the mass) into a bucket the student cannot match
+    tail = tail and values.shape[-1] < student_logits.shape[-1]
     lp = teacher_log_probs(values, lse, temperature, tail)
     lq = student_log_probs(student_logits, indices, temperature, tail)
     return temperature**2 * (divergence(lp, lq, kind, beta) * mask.float()).sum()

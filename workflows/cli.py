@@ -32,6 +32,16 @@ def parser() -> argparse.ArgumentParser:
         _common(sub.add_parser(name, help=text))
     rep = sub.add_parser("report", help="print the summary table of a finished run")
     rep.add_argument("out", help="the run's --out directory")
+    bench = sub.add_parser("bench", help="benchmarks that time or size both sides of a comparison in one run")
+    bsub = bench.add_subparsers(dest="bench", required=True)
+    bs = bsub.add_parser("store", help="bytes/token and student perplexity: full logits vs top-k 8/32/128")
+    bs.add_argument("--config", default="workflows/configs/tiny-lm.yaml")
+    bs.add_argument("--run", default="runs/tiny-lm", help="a finished `kd run` of that config (teacher + data)")
+    bs.add_argument("--out", default="runs/bench-store")
+    bs.add_argument("--train-rows", type=int, default=2000, help="training sequences used per store")
+    bs.add_argument("--epochs", type=int, default=1)
+    bs.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    bs.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return ap
 
 
@@ -51,6 +61,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dispatch(args) -> int:
+    if args.command == "bench":
+        from workflows import bench
+
+        return bench.main(args)
     if args.command == "report":
         from workflows.report import print_summary
 

@@ -123,6 +123,7 @@ class TrainConfig(Strict):
     fit: Fit = Fit(epochs=12)
     label_only_fit: Fit = Fit(epochs=100, batch_size=128)
     num_workers: int = Field(1, ge=1, description="Ray Train workers (DDP, gloo on CPU)")
+    cpus_per_worker: int = Field(1, ge=1, description="CPUs (and torch threads) per Train worker")
     use_gpu: bool = False
 
 
@@ -221,10 +222,14 @@ class RunConfig(Strict):
 
 
 def _set(tree: dict, dotted: str, value: Any) -> None:
-    keys = dotted.split(".")
-    for k in keys[:-1]:
-        tree = tree.setdefault(k, {})
-    tree[keys[-1]] = value
+    """Set a.b.0.c = value; integer parts index lists (teachers.0.fit.epochs)."""
+    keys: list[Any] = [int(k) if k.isdigit() else k for k in dotted.split(".")]
+    try:
+        for k in keys[:-1]:
+            tree = tree[k] if isinstance(tree, list) else tree.setdefault(k, {})
+        tree[keys[-1]] = value
+    except (IndexError, TypeError, AttributeError):
+        raise ConfigError(f"override {dotted}: no such place in the config (lists take an index, e.g. teachers.0.fit)") from None
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:

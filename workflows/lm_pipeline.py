@@ -80,7 +80,7 @@ def stage_teachers(cfg: RunConfig, dirs, lay: stages.Layout, tracker: Tracker | 
         if t.init is not None and not (path / "config.json").is_file():
             tr, va = _load(cfg, dirs["train"]), _load(cfg, dirs["val"])
             kwargs = {"vocab_size": len(tokenizer), "n_positions": cfg.data.seq_len, **t.init}
-            loop = stages.fit_spec("kd_ops.lm:new_causal_lm", kwargs, t.fit, train_rows=len(tr.x),
+            loop = stages.fit_spec("kd_ops.lm:new_causal_lm", kwargs, t.fit, cfg.train.cpus_per_worker, train_rows=len(tr.x),
                                    label=f"teacher {t.name}", task="lm")
             with stages._child(tracker, f"teacher-{t.name}", loop) as run_id:
                 loop["mlflow"] = tracker and {"tracking_uri": tracker.uri, "run_id": run_id}
@@ -130,7 +130,7 @@ def run_lm(cfg: RunConfig, out: Path, *, tracking_uri: str | None = None, ray_ad
         kd_ds = {"train": train.make_dataset(splits["train"].x, None, soft["train"]),
                  "val": train.make_dataset(splits["val"].x, None, soft["val"], shuffle_seed=None)}
         d = cfg.distill
-        base = stages.fit_spec(cfg.student.factory, student_kwargs(cfg, teachers), cfg.train.fit,
+        base = stages.fit_spec(cfg.student.factory, student_kwargs(cfg, teachers), cfg.train.fit, cfg.train.cpus_per_worker,
                                train_rows=len(splits["train"].x), task="lm", temperature=d.temperature, alpha=d.alpha,
                                teacher_weights=stages.teacher_weight_list(cfg), divergence=d.divergence,
                                beta=d.beta, tail=d.tail, label="student")
@@ -165,7 +165,7 @@ def run_lm(cfg: RunConfig, out: Path, *, tracking_uri: str | None = None, ray_ad
             registered = tracker.register(student, cfg.tracking.registered_model, va.x[:1].astype(np.int64))
 
         step("label-only student")
-        lo = stages.fit_spec(base["factory"], base["kwargs"], cfg.train.label_only_fit,
+        lo = stages.fit_spec(base["factory"], base["kwargs"], cfg.train.label_only_fit, cfg.train.cpus_per_worker,
                              train_rows=len(splits["train"].x), task="lm", label="label-only")
         lo_ds = {"train": train.make_dataset(splits["train"].x), "val": train.make_dataset(va.x, shuffle_seed=None)}
         with tracker.child("label-only-student", {**cfg.train.label_only_fit.model_dump()}) as run_id:

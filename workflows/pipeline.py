@@ -77,7 +77,7 @@ def run(cfg: RunConfig, out: Path, *, tracking_uri: str | None = None, ray_addre
             registered = tracker.register(student, cfg.tracking.registered_model, te.x[:2])
 
         step("label-only student")
-        lo = stages.fit_spec(base["factory"], base["kwargs"], cfg.train.label_only_fit,
+        lo = stages.fit_spec(base["factory"], base["kwargs"], cfg.train.label_only_fit, cfg.train.cpus_per_worker,
                              train_rows=len(prep.splits["train"].x), label="label-only")
         tr, va = prep.splits["train"], prep.splits["val"]
         lo_ds = {"train": train.make_dataset(tr.x, tr.y), "val": train.make_dataset(va.x, va.y, shuffle_seed=None)}

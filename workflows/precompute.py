@@ -120,7 +120,7 @@ def precompute(teachers, split_dirs: dict[str, Path], store_dir: Path, *, featur
                 batch_size=batch_size, batch_format="pyarrow",
                 compute=ray.data.ActorPoolStrategy(min_size=1, max_size=num_actors),
                 num_gpus=1 if use_gpu else 0, num_cpus=1)
-            ds.write_parquet(str(staging))
+            ds.write_parquet(str(staging), **store.parquet_options(columns))
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise

@@ -28,10 +28,7 @@ def print_summary(s: dict[str, Any], console: Console | None = None) -> None:
     weights = ", ".join(f"{w:.2f}" for w in c["teacher_weights"])
     console.print(f"chosen: T={c['temperature']:.2f} alpha={c['alpha']:.2f} student={c['student_kwargs']} "
                   f"teacher weights=[{weights}]")
-    m = s["mlflow"]
-    reg = m["registered_model"]
-    console.print(f"store {s['store_bytes'] / 1e6:.1f} MB · wall {s['wall_seconds']:.0f} s · MLflow {m['tracking_uri']} "
-                  f"parent run {m['parent_run_id']} · registered {reg['name']} v{reg['version']}")
+    console.print(_footer(s, f"store {s['store_bytes'] / 1e6:.1f} MB"))
 
 
 def _print_lm(s: dict[str, Any], console: Console) -> None:
@@ -47,7 +44,11 @@ def _print_lm(s: dict[str, Any], console: Console) -> None:
     c = s["student"]["config"]
     console.print(f"chosen: T={c['temperature']:.2f} alpha={c['alpha']:.2f} divergence={c['divergence']} "
                   f"tail={c['tail']} student={c['student_kwargs']}")
+    console.print(_footer(s, f"store {s['store_bytes_per_token']:.1f} bytes/token"))
+
+
+def _footer(s: dict[str, Any], store_text: str) -> str:
     m = s["mlflow"]
     reg = m["registered_model"]
-    console.print(f"store {s['store_bytes_per_token']:.1f} bytes/token · wall {s['wall_seconds']:.0f} s · MLflow "
-                  f"{m['tracking_uri']} parent run {m['parent_run_id']} · registered {reg['name']} v{reg['version']}")
+    return (f"{store_text} · wall {s['wall_seconds']:.0f} s · MLflow {m['tracking_uri']} "
+            f"parent run {m['parent_run_id']} · registered {reg['name']} v{reg['version']}")

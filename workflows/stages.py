@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,18 @@ def init_ray(address: str | None = None) -> None:
     ray.init(address=address or "local", include_dashboard=address is None, dashboard_host="127.0.0.1",
              runtime_env={"env_vars": {k: os.environ[k] for k in RAY_ENV}},
              configure_logging=True, logging_level=logging.WARNING)
-    ray.data.DataContext.get_current().enable_progress_bars = True
+    # bars only around precompute (see progress_bars): in Train ingest they repeat every epoch
+    ray.data.DataContext.get_current().enable_progress_bars = False
+
+
+@contextmanager
+def progress_bars():
+    ctx = ray.data.DataContext.get_current()
+    before, ctx.enable_progress_bars = ctx.enable_progress_bars, True
+    try:
+        yield
+    finally:
+        ctx.enable_progress_bars = before
 
 
 @dataclass
@@ -97,8 +109,8 @@ def teacher_weights_path(t: TeacherConfig, lay: Layout) -> Path:
     return t.weights or lay.teachers / f"{t.name}.safetensors"
 
 
-def fit_spec(factory: str, kwargs: dict, fit, **extra) -> dict[str, Any]:
-    return {"factory": factory, "kwargs": kwargs, **fit.model_dump(), **extra}
+def fit_spec(factory: str, kwargs: dict, fit, cpus_per_worker: int, **extra) -> dict[str, Any]:
+    return {"factory": factory, "kwargs": kwargs, **fit.model_dump(), "cpus_per_worker": cpus_per_worker, **extra}
 
 
 def stage_teachers(cfg: RunConfig, dirs: dict[str, Path], lay: Layout, tracker: Tracker | None) -> list[TeacherConfig]:
@@ -114,7 +126,8 @@ def stage_teachers(cfg: RunConfig, dirs: dict[str, Path], lay: Layout, tracker: 
         ds = {"train": train.make_dataset(tr.x, tr.y), "val": train.make_dataset(va.x, va.y, shuffle_seed=None)}
         for t in to_train:
             models.build(t.factory, t.kwargs)  # fail fast on a bad factory, before Ray Train starts
-            loop = fit_spec(t.factory, t.kwargs, t.fit, train_rows=len(tr.x), label=f"teacher {t.name}")
+            loop = fit_spec(t.factory, t.kwargs, t.fit, cfg.train.cpus_per_worker, train_rows=len(tr.x),
+                            label=f"teacher {t.name}")
             with _child(tracker, f"teacher-{t.name}", loop) as run_id:
                 loop["mlflow"] = tracker and {"tracking_uri": tracker.uri, "run_id": run_id}
                 res = train.fit(loop, ds, name=f"teacher-{t.name}", storage=lay.ray,
@@ -138,7 +151,7 @@ def _child(tracker: Tracker | None, name: str, params: dict | None = None):
 def stage_precompute(cfg: RunConfig, teachers: list[TeacherConfig], dirs: dict[str, Path], lay: Layout,
                      tracker: Tracker | None) -> list[pre.TeacherResult]:
     pc = cfg.precompute
-    with _child(tracker, "precompute", pc.model_dump()):
+    with _child(tracker, "precompute", pc.model_dump()), progress_bars():
         lm = cfg.task == "lm"
         results = pre.precompute(teachers, dirs, lay.store, feature_columns=feature_columns(cfg),
                                  batch_size=pc.batch_size, num_actors=pc.num_actors, use_gpu=pc.use_gpu,
@@ -186,7 +199,8 @@ def teacher_weight_list(cfg: RunConfig) -> list[float]:
 
 def distill_spec(cfg: RunConfig, prep: Prepared) -> dict[str, Any]:
     s, d = cfg.student, cfg.distill
-    return fit_spec(s.factory, s.kwargs, cfg.train.fit, train_rows=prep.train_rows, temperature=d.temperature,
+    return fit_spec(s.factory, s.kwargs, cfg.train.fit, cfg.train.cpus_per_worker, train_rows=prep.train_rows,
+                    temperature=d.temperature,
                     alpha=d.alpha, teacher_weights=teacher_weight_list(cfg), label="student")
 
 

@@ -127,6 +127,7 @@ def train_loop(cfg: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(cfg["seed"])
+    torch.set_num_threads(cfg.get("cpus_per_worker", 1))
     device = ray.train.torch.get_device()
     model = ray.train.torch.prepare_model(models.build(cfg["factory"], cfg["kwargs"]))
     opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
@@ -210,13 +211,14 @@ class Trained:
 
 def fit(loop_cfg: dict[str, Any], datasets: dict[str, ray.data.Dataset], *, name: str, storage: Path,
         num_workers: int, use_gpu: bool, callbacks: list | None = None) -> Trained:
+    cpus = loop_cfg.get("cpus_per_worker", 1)
     """Run `train_loop` under a TorchTrainer; keep the checkpoint with the best validation score."""
     metric, mode = objective(loop_cfg)
     trainer = ray.train.torch.TorchTrainer(
         train_loop,
         train_loop_config=loop_cfg,
         scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
-                                               resources_per_worker={"CPU": 1, **({"GPU": 1} if use_gpu else {})}),
+                                               resources_per_worker={"CPU": cpus, **({"GPU": 1} if use_gpu else {})}),
         run_config=ray.train.RunConfig(
             name=name, storage_path=str(storage), callbacks=callbacks or [],
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=metric,

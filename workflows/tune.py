@@ -3,13 +3,15 @@ driver function that trains through Ray Train; every trial reads the same soft-l
 so no teacher runs while tuning."""
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Any
 
 import ray
+import ray.train
 from ray import tune
+from ray.util.queue import Queue
 from ray.air.integrations.mlflow import MLflowLoggerCallback
-from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
@@ -47,11 +49,41 @@ def apply_trial(base: dict[str, Any], trial: dict[str, Any], teachers: list[str]
     return cfg
 
 
+class _ForwardReports(ray.train.UserCallback):
+    """Runs in the TrainController: hands each epoch's rank-0 metrics to the trial's queue."""
+
+    def __init__(self, queue: Queue):
+        self.queue = queue
+
+    def after_report(self, run_context, metrics, checkpoint):
+        self.queue.put(dict(metrics[0]))
+
+
 def _trial(trial: dict[str, Any], *, base, teachers, width_kwarg, datasets, storage, num_workers, use_gpu):
+    """One Tune trial: a TorchTrainer whose per-epoch metrics reach Tune through tune.report from
+    this (the trial's own) thread. Ray 2.60's TuneReportCallback reports from the trial actor's main
+    thread instead, and a trial whose fit ends as its last report arrives can then block forever
+    on a full result queue (seen here as a hung test run), so reports are forwarded by hand."""
     trial_id = tune.get_context().get_trial_id()
     cfg = apply_trial(base, trial, teachers, width_kwarg) | {"label": f"trial {trial_id}"}
-    train.fit(cfg, datasets, name=f"train-trial_id={trial_id}", storage=Path(storage),
-              num_workers=num_workers, use_gpu=use_gpu, callbacks=[TuneReportCallback()])
+    queue, outcome = Queue(actor_options={"num_cpus": 0}), {}
+
+    def fit() -> None:
+        try:
+            train.fit(cfg, datasets, name=f"train-trial_id={trial_id}", storage=Path(storage),
+                      num_workers=num_workers, use_gpu=use_gpu, callbacks=[_ForwardReports(queue)])
+        except BaseException as e:  # re-raised in the trial thread below
+            outcome["error"] = e
+        finally:
+            queue.put(None)
+
+    runner = threading.Thread(target=fit, name=f"fit-{trial_id}", daemon=True)
+    runner.start()
+    while (metrics := queue.get()) is not None:
+        tune.report(metrics)  # ASHA may stop the trial here; the TorchTrainer shares the actor's fate
+    runner.join()
+    if "error" in outcome:
+        raise outcome["error"]
 
 
 def run_tune(tc: TuneConfig, base: dict[str, Any], teachers: list[str], width_kwarg: str,

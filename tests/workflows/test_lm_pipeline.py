@@ -1,0 +1,140 @@
+"""LM distillation end to end on real Ray + MLflow (tiny corpus, tiny GPT-2 teacher trained here),
+and the LM bad-input errors: mismatched vocabularies, k > vocab, missing / non-causal model
+directories, sequences longer than the context."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import yaml
+
+from kd_ops import lm, store
+from workflows import cli, pipeline
+from workflows.config import load_config
+
+CORPUS = {f"mod{i}.py": "".join(f"def f{i}_{j}(x):\n    return x * {j} + {i}\n\n" for j in range(60)) for i in range(12)}
+
+
+def _corpus(tmp_path):
+    d = tmp_path / "corpus"
+    d.mkdir(exist_ok=True)
+    for name, text in CORPUS.items():
+        (d / name).write_text(text)
+    return d
+
+
+def _config(tmp_path, **over) -> dict:
+    cfg = {
+        "name": "tiny-lm-test", "task": "lm",
+        "data": {"source": "text", "seq_len": 16,
+                 "text": {"paths": [str(_corpus(tmp_path))], "vocab_size": 300, "val_fraction": 0.2, "test_fraction": 0.2}},
+        "teachers": [{"name": "gpt", "init": {"n_layer": 2, "n_embd": 32, "n_head": 4},
+                      "fit": {"epochs": 2, "batch_size": 32, "lr": 0.005}}],
+        "student": {"factory": "kd_ops.lm:student_from_teacher", "kwargs": {"layers": 1, "width": 16, "heads": 2}},
+        "distill": {"alpha": 1.0},
+        "train": {"fit": {"epochs": 2, "batch_size": 32, "lr": 0.005}, "label_only_fit": {"epochs": 2, "batch_size": 32}},
+        "precompute": {"batch_size": 64, "num_actors": 1, "top_k": 8},
+        "tune": {"enabled": False},
+        "tracking": {"experiment": "tiny-lm-test", "registered_model": "tiny-lm-student"},
+    }
+    for k, v in over.items():
+        cfg[k] = v
+    return cfg
+
+
+def _write(tmp_path, cfg) -> str:
+    p = tmp_path / "lm.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    return str(p)
+
+
+@pytest.fixture(scope="module")
+def lm_run(ray_session, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("lm-run")
+    cfg = load_config(_write(tmp, _config(tmp)))
+    summary = pipeline.run(cfg, tmp / "out", tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}")
+    return tmp, summary
+
+
+def test_lm_run_writes_summary_and_a_topk_store(lm_run):
+    tmp, s = lm_run
+    assert json.loads((tmp / "out" / "summary.json").read_text())["task"] == "lm"
+    for key in ("teacher_val_perplexity", "student_val_perplexity", "label_only_student_val_perplexity"):
+        assert 1.0 < s[key] < 300.0  # below the uniform-guess perplexity of the 300-token vocabulary
+    assert 0.0 <= s["top1_agreement"] <= 1.0
+    m = store.read_manifest(tmp / "out" / "store", "gpt")
+    assert m["kind"] == "topk" and m["top_k"] == 8
+    assert m["columns"] == {"values": {"dtype": "float16", "shape": [16, 8]},
+                            "indices": {"dtype": "uint16", "shape": [16, 8]},
+                            "lse": {"dtype": "float32", "shape": [16]}}
+    # 8 × (2 + 2) + 4 = 36 raw bytes per token, less after Parquet compression, plus file overhead
+    assert 10 < s["store_bytes_per_token"] < 60
+    assert s["student"]["params"] < s["teachers"][0]["params"] / 2
+
+
+def test_lm_store_matches_the_teacher(lm_run):
+    tmp, _ = lm_run
+    import torch
+
+    from kd_ops import data
+
+    val = data.read_inputs(tmp / "out" / "data" / "val", ["x"], dtype=np.int32)
+    cols = store.soft_labels(tmp / "out" / "store", ["gpt"], val.ids[:4])
+    teacher = lm.load_causal_lm(tmp / "out" / "teachers" / "gpt")
+    with torch.inference_mode():
+        logits = teacher(torch.from_numpy(val.x[:4]).long())
+    v, i, lse = torch.topk(logits, 8).values, torch.topk(logits, 8).indices, torch.logsumexp(logits, -1)
+    np.testing.assert_allclose(cols["values"][0].astype(np.float32), v.numpy(), atol=2e-2)
+    assert (cols["indices"][0].astype(np.int64) == i.numpy()).mean() > 0.99  # ties may swap
+    np.testing.assert_allclose(cols["lse"][0], lse.numpy(), rtol=1e-5)
+
+
+def _fails(capsys, tmp_path, cfg, command="precompute") -> str:
+    rc = cli.main([command, _write(tmp_path, cfg), "--out", str(tmp_path / "out"),
+                   "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert err.count("kd: error:") == 1
+    assert not list((tmp_path / "out").rglob("manifest.json")) and not (tmp_path / "out" / "summary.json").exists()
+    return err
+
+
+def _teacher_dir(tmp_path, lm_run, name="gpt"):
+    return str(lm_run[0] / "out" / "teachers" / name)
+
+
+def test_teachers_with_different_vocabularies_are_refused(ray_session, capsys, tmp_path, lm_run):
+    other = tmp_path / "other"
+    tok = lm.load_tokenizer(_teacher_dir(tmp_path, lm_run))
+    m = lm.new_causal_lm(len(tok) + 5, 16, 1, 16, 2)
+    m.hf.save_pretrained(other)
+    tok.save_pretrained(other)
+    cfg = _config(tmp_path, teachers=[{"name": "a", "hf_dir": _teacher_dir(tmp_path, lm_run)},
+                                      {"name": "b", "hf_dir": str(other)}])
+    err = _fails(capsys, tmp_path, cfg, "run")
+    assert f"vocab sizes differ: a={len(tok)}, b={len(tok) + 5}" in err
+
+
+def test_k_larger_than_the_vocabulary_is_refused(ray_session, capsys, tmp_path, lm_run):
+    cfg = _config(tmp_path, teachers=[{"name": "a", "hf_dir": _teacher_dir(tmp_path, lm_run)}])
+    cfg["precompute"]["top_k"] = 100000
+    err = _fails(capsys, tmp_path, cfg, "run")
+    assert "k=100000 is larger than the vocabulary" in err
+
+
+def test_missing_and_non_causal_model_directories_are_refused(ray_session, capsys, tmp_path):
+    from transformers import ViTConfig
+
+    err = _fails(capsys, tmp_path, _config(tmp_path, teachers=[{"name": "a", "hf_dir": str(tmp_path / "nope")}]), "run")
+    assert "model directory" in err and "does not exist" in err
+    ViTConfig().save_pretrained(tmp_path / "vit")
+    err = _fails(capsys, tmp_path, _config(tmp_path, teachers=[{"name": "a", "hf_dir": str(tmp_path / "vit")}]), "run")
+    assert "is not a causal LM" in err or "no usable tokenizer" in err
+
+
+def test_sequences_longer_than_the_context_are_refused(ray_session, capsys, tmp_path, lm_run):
+    cfg = _config(tmp_path, teachers=[{"name": "a", "hf_dir": _teacher_dir(tmp_path, lm_run)}])
+    cfg["data"]["seq_len"] = 40  # the test teacher was built with 16 positions
+    err = _fails(capsys, tmp_path, cfg, "run")
+    assert "sequence length 40 is longer than a's context (16 positions)" in err

@@ -1,0 +1,139 @@
+"""`kd bench store`: what top-k costs and what it keeps, measured in one run.
+
+For one teacher and one text set (a finished `kd run` of an LM config), the store is written
+full (fp16 logits) and as top-k for k in {8, 32, 128} through the real precompute pipeline, the
+same student is trained for the same short schedule on each, and bytes per token and the
+student's validation perplexity are reported side by side. A second part measures bytes per
+token at a 32k-token vocabulary (a teacher of the same shape with a 32k BPE tokenizer, briefly
+trained), where full logits are 64 KB per token.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kd_ops import data, lm, models, store
+from workflows import precompute as pre
+from workflows import stages, train
+from workflows.config import RunConfig
+
+log = logging.getLogger("kd")
+
+
+def _subset(src: Path, dst: Path, rows: int) -> Path:
+    inp = data.read_inputs(src, ["x"], dtype=np.int32)
+    keep = np.sort(inp.ids)[:rows]
+    pos = np.searchsorted(np.sort(inp.ids), keep)
+    order = np.argsort(inp.ids)[pos]
+    return data.write_split(data.Inputs(inp.ids[order], inp.x[order], None), dst)
+
+
+def _store_for(teacher, dirs: dict[str, Path], store_dir: Path, top_k: int | None, cfg: RunConfig) -> dict[str, Any]:
+    start = time.perf_counter()
+    pre.precompute([teacher], dirs, store_dir, feature_columns=["x"], batch_size=cfg.precompute.batch_size,
+                   num_actors=cfg.precompute.num_actors, use_gpu=cfg.precompute.use_gpu, top_k=top_k,
+                   input_dtype="int64")
+    tokens = sum(len(data.read_inputs(d, ["x"], dtype=np.int32).x.ravel()) for d in dirs.values())
+    return {"bytes_per_token": store.size_bytes(store_dir) / tokens, "store_bytes": store.size_bytes(store_dir),
+            "tokens": tokens, "precompute_seconds": time.perf_counter() - start}
+
+
+def bench_store(cfg: RunConfig, run_dir: Path, out: Path, *, train_rows: int, epochs: int,
+                ks: tuple[int, ...] = (8, 32, 128), big_vocab: int = 32000, big_rows: int = 32) -> dict[str, Any]:
+    stages.init_ray()
+    run = stages.Layout(Path(run_dir).resolve())
+    teacher = cfg.teachers[0].model_copy(update={"hf_dir": cfg.teachers[0].hf_dir or run.teachers / cfg.teachers[0].name,
+                                                 "init": None})
+    if not (Path(teacher.hf_dir) / "config.json").is_file():
+        raise ValueError(f"no teacher at {teacher.hf_dir}: run `kd run {cfg.name} --out {run_dir}` first")
+    out = Path(out).resolve()
+    dirs = {"train": _subset(run.data / "train", out / "data" / "train", train_rows),
+            "val": _subset(run.data / "val", out / "data" / "val", 10**9)}
+    x_train = data.read_inputs(dirs["train"], ["x"], dtype=np.int32).x
+    x_val = data.read_inputs(dirs["val"], ["x"], dtype=np.int32).x
+    results: dict[str, Any] = {"teacher": str(teacher.hf_dir), "vocab_size": lm.load_config(teacher.hf_dir).vocab_size,
+                               "train_tokens": int(x_train.size), "val_tokens": int(x_val.size), "epochs": epochs}
+    student_kwargs = dict(cfg.student.kwargs) | {"teacher_dir": str(teacher.hf_dir)}
+    for key, k in [("full", None)] + [(f"topk_{k}", k) for k in ks]:
+        row = _store_for(teacher, dirs, out / f"store-{key}", k, cfg)
+        ids = {s: data.read_inputs(d, ["x"], dtype=np.int32).ids for s, d in dirs.items()}
+        soft = {s: store.soft_labels(out / f"store-{key}", [teacher.name], ids[s]) for s in dirs}
+        loop = stages.fit_spec(cfg.student.factory, student_kwargs, cfg.train.fit.model_copy(update={"epochs": epochs}),
+                               cfg.train.cpus_per_worker, train_rows=len(x_train), task="lm", temperature=1.0,
+                               alpha=1.0, teacher_weights=[1.0], divergence=cfg.distill.divergence,
+                               tail=cfg.distill.tail, beta=cfg.distill.beta, label=f"bench {key}")
+        res = train.fit(loop, {"train": train.make_dataset(x_train, None, soft["train"]),
+                               "val": train.make_dataset(x_val, None, soft["val"], shuffle_seed=None)},
+                        name=f"bench-{key}", storage=out / "ray", num_workers=cfg.train.num_workers,
+                        use_gpu=cfg.train.use_gpu)
+        student = models.load_weights(models.build(loop["factory"], student_kwargs), res.weights)
+        row["student_val_perplexity"] = lm.perplexity(student, x_val)
+        results[key] = row
+        log.info("bench store %s: %.1f bytes/token, student val ppl %.3f", key, row["bytes_per_token"],
+                 row["student_val_perplexity"])
+    for k in ks:
+        results[f"topk_{k}"]["val_perplexity_vs_full"] = (results[f"topk_{k}"]["student_val_perplexity"]
+                                                          / results["full"]["student_val_perplexity"])
+    results[f"vocab_{big_vocab}"] = _big_vocab_sizes(cfg, run, out, big_vocab, big_rows, train_rows)
+    return results
+
+
+def _big_vocab_sizes(cfg: RunConfig, run: stages.Layout, out: Path, vocab: int, rows: int, train_rows: int) -> dict:
+    """Bytes per token at a big vocabulary: a 32k BPE tokenizer trained on the same text, a
+    teacher of the configured shape trained for one epoch on it, stores written full and top-k."""
+    t = cfg.data.text
+    texts = lm.split_docs(lm.read_corpus(t.paths, t.max_bytes), t.val_fraction, t.test_fraction, t.seed)
+    tok = lm.train_bpe_tokenizer(texts["train"], vocab)
+    x = lm.tokenize_and_pack(tok, texts["train"], cfg.data.seq_len)[:train_rows]
+    shape = cfg.teachers[0].init or {"n_layer": 4, "n_embd": 128, "n_head": 4}
+    kwargs = {"vocab_size": len(tok), "n_positions": cfg.data.seq_len, **shape}
+    loop = stages.fit_spec("kd_ops.lm:new_causal_lm", kwargs, cfg.teachers[0].fit.model_copy(update={"epochs": 1}),
+                           cfg.train.cpus_per_worker, train_rows=len(x), task="lm", label=f"bench teacher {len(tok)}")
+    res = train.fit(loop, {"train": train.make_dataset(x), "val": train.make_dataset(x[:rows], shuffle_seed=None)},
+                    name=f"bench-teacher-{len(tok)}", storage=out / "ray", num_workers=1, use_gpu=cfg.train.use_gpu)
+    hf_dir = out / f"teacher-{len(tok)}"
+    models.load_weights(models.build(loop["factory"], kwargs), res.weights).hf.save_pretrained(hf_dir)
+    tok.save_pretrained(hf_dir)
+    sample = {"sample": data.write_split(data.Inputs(np.arange(rows, dtype=np.int64), x[-rows:], None), out / "data" / "big")}
+    teacher = cfg.teachers[0].model_copy(update={"name": f"teacher-{len(tok)}", "hf_dir": hf_dir, "init": None})
+    sizes = {"vocab_size": len(tok), "full_fp16_raw_bytes_per_token": 2 * len(tok)}
+    for key, k in (("full", None), ("topk_32", 32)):
+        sizes[key] = _store_for(teacher, sample, out / f"store-big-{key}", k, cfg)
+    return sizes
+
+
+def print_table(r: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"kd bench store · vocab {r['vocab_size']} · {r['train_tokens']:,} train tokens · {r['epochs']} epoch(s)")
+    for c in ("store", "bytes/token", "student val ppl", "vs full"):
+        t.add_column(c, justify="right")
+    for key in [k for k in r if k == "full" or k.startswith("topk_")]:
+        row = r[key]
+        t.add_row(key, f"{row['bytes_per_token']:,.1f}", f"{row['student_val_perplexity']:.3f}",
+                  f"{row.get('val_perplexity_vs_full', 1.0):.4f}")
+    Console().print(t)
+    big = next(v for k, v in r.items() if k.startswith("vocab_"))
+    print(f"at vocab {big['vocab_size']}: full {big['full']['bytes_per_token']:,.0f} bytes/token, "
+          f"top-32 {big['topk_32']['bytes_per_token']:.1f} bytes/token")
+
+
+def main(args) -> int:
+    from workflows.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    if cfg.task != "lm":
+        raise ValueError("kd bench store measures the LM token store: give an LM config (task: lm)")
+    r = bench_store(cfg, Path(args.run), Path(args.out), train_rows=args.train_rows, epochs=args.epochs)
+    if args.json:
+        print(json.dumps(r, indent=2))
+    else:
+        print_table(r)
+    Path(args.out, "bench_store.json").write_text(json.dumps(r, indent=2))
+    return 0
