@@ -19,7 +19,7 @@ import numpy as np
 
 from kd_ops import data, lm, models, store
 from workflows import precompute as pre
-from workflows import stages, train
+from workflows import ray_session, stages, train
 from workflows.config import RunConfig
 
 log = logging.getLogger("kd")
@@ -44,8 +44,8 @@ def _store_for(teacher, dirs: dict[str, Path], store_dir: Path, top_k: int | Non
 
 
 def bench_store(cfg: RunConfig, run_dir: Path, out: Path, *, train_rows: int, epochs: int,
-                ks: tuple[int, ...] = (8, 32, 128), big_vocab: int = 32000, big_rows: int = 32) -> dict[str, Any]:
-    stages.init_ray()
+                ks: tuple[int, ...] = (8, 32, 128), big_vocab: int = 32000, big_rows: int = 128) -> dict[str, Any]:
+    ray_session.init_ray()
     run = stages.Layout(Path(run_dir).resolve())
     teacher = cfg.teachers[0].model_copy(update={"hf_dir": cfg.teachers[0].hf_dir or run.teachers / cfg.teachers[0].name,
                                                  "init": None})
@@ -63,10 +63,11 @@ def bench_store(cfg: RunConfig, run_dir: Path, out: Path, *, train_rows: int, ep
         row = _store_for(teacher, dirs, out / f"store-{key}", k, cfg)
         ids = {s: data.read_inputs(d, ["x"], dtype=np.int32).ids for s, d in dirs.items()}
         soft = {s: store.soft_labels(out / f"store-{key}", [teacher.name], ids[s]) for s in dirs}
+        d = cfg.distill  # the config's own distillation settings, identical for every store
         loop = stages.fit_spec(cfg.student.factory, student_kwargs, cfg.train.fit.model_copy(update={"epochs": epochs}),
-                               cfg.train.cpus_per_worker, train_rows=len(x_train), task="lm", temperature=1.0,
-                               alpha=1.0, teacher_weights=[1.0], divergence=cfg.distill.divergence,
-                               tail=cfg.distill.tail, beta=cfg.distill.beta, label=f"bench {key}")
+                               cfg.train.cpus_per_worker, train_rows=len(x_train), task="lm", temperature=d.temperature,
+                               alpha=d.alpha, teacher_weights=[1.0], divergence=d.divergence, tail=d.tail,
+                               beta=d.beta, label=f"bench {key}")
         res = train.fit(loop, {"train": train.make_dataset(x_train, None, soft["train"]),
                                "val": train.make_dataset(x_val, None, soft["val"], shuffle_seed=None)},
                         name=f"bench-{key}", storage=out / "ray", num_workers=cfg.train.num_workers,
@@ -79,7 +80,7 @@ def bench_store(cfg: RunConfig, run_dir: Path, out: Path, *, train_rows: int, ep
     for k in ks:
         results[f"topk_{k}"]["val_perplexity_vs_full"] = (results[f"topk_{k}"]["student_val_perplexity"]
                                                           / results["full"]["student_val_perplexity"])
-    results[f"vocab_{big_vocab}"] = _big_vocab_sizes(cfg, run, out, big_vocab, big_rows, train_rows)
+    results["big_vocab"] = _big_vocab_sizes(cfg, run, out, big_vocab, big_rows, min(train_rows, 2000))
     return results
 
 
@@ -87,7 +88,8 @@ def _big_vocab_sizes(cfg: RunConfig, run: stages.Layout, out: Path, vocab: int, 
     """Bytes per token at a big vocabulary: a 32k BPE tokenizer trained on the same text, a
     teacher of the configured shape trained for one epoch on it, stores written full and top-k."""
     t = cfg.data.text
-    texts = lm.split_docs(lm.read_corpus(t.paths, t.max_bytes), t.val_fraction, t.test_fraction, t.seed)
+    # a 32k BPE needs more text than the demo reads to find 32k merges
+    texts = lm.split_docs(lm.read_corpus(t.paths, max(t.max_bytes, 40_000_000)), t.val_fraction, t.test_fraction, t.seed)
     tok = lm.train_bpe_tokenizer(texts["train"], vocab)
     x = lm.tokenize_and_pack(tok, texts["train"], cfg.data.seq_len)[:train_rows]
     shape = cfg.teachers[0].init or {"n_layer": 4, "n_embd": 128, "n_head": 4}
@@ -119,7 +121,7 @@ def print_table(r: dict[str, Any]) -> None:
         t.add_row(key, f"{row['bytes_per_token']:,.1f}", f"{row['student_val_perplexity']:.3f}",
                   f"{row.get('val_perplexity_vs_full', 1.0):.4f}")
     Console().print(t)
-    big = next(v for k, v in r.items() if k.startswith("vocab_"))
+    big = r["big_vocab"]
     print(f"at vocab {big['vocab_size']}: full {big['full']['bytes_per_token']:,.0f} bytes/token, "
           f"top-32 {big['topk_32']['bytes_per_token']:.1f} bytes/token")
 

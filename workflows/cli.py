@@ -42,6 +42,21 @@ def parser() -> argparse.ArgumentParser:
     bs.add_argument("--epochs", type=int, default=1)
     bs.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     bs.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    bp = bsub.add_parser("precompute", help="plain PyTorch loop vs the kd-ops precompute pipeline, one run")
+    bp.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    bp.add_argument("--teacher", choices=["mnist1d", "lm"], help="default: mnist1d on cpu, the 135M LM on cuda")
+    bp.add_argument("--rows", type=int, help="input rows (sequences for the LM)")
+    bp.add_argument("--batch-size", type=int)
+    bp.add_argument("--seq-len", type=int, default=512)
+    bp.add_argument("--actors", type=int, default=1, help="teacher actors in the pipeline's pool")
+    bp.add_argument("--json", action="store_true")
+    bt = bsub.add_parser("train", help="student-only vs offline KD vs online KD step rates, one run")
+    bt.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    bt.add_argument("--pair", choices=["mnist1d", "lm"], help="default: mnist1d on cpu, the LM pair on cuda")
+    bt.add_argument("--steps", type=int, default=100)
+    bt.add_argument("--batch-size", type=int)
+    bt.add_argument("--seq-len", type=int, default=512)
+    bt.add_argument("--json", action="store_true")
     return ap
 
 
@@ -62,9 +77,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def _dispatch(args) -> int:
     if args.command == "bench":
-        from workflows import bench
+        if args.bench == "store":
+            from workflows import bench
 
-        return bench.main(args)
+            return bench.main(args)
+        from workflows import bench_speed
+
+        return bench_speed.main(args)
     if args.command == "report":
         from workflows.report import print_summary
 

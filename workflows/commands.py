@@ -9,16 +9,19 @@ from rich.console import Console
 from rich.table import Table
 
 from kd_ops import store
-from workflows import stages, train as train_mod
+from workflows import ray_session, stages, train as train_mod
 from workflows.config import RunConfig
 from workflows.tracking import Tracker
 from workflows.tune import run_tune
 
 
 def _setup(cfg: RunConfig, out: Path, tracking_uri, ray_address):
+    if cfg.task == "lm":
+        raise ValueError("kd precompute / train / tune take classification configs for now; "
+                         "for task: lm run the whole pipeline with `kd run`")
     lay = stages.Layout(Path(out).resolve())
     lay.out.mkdir(parents=True, exist_ok=True)
-    stages.init_ray(ray_address)
+    ray_session.init_ray(ray_address)
     return lay, Tracker(tracking_uri or cfg.tracking.tracking_uri, cfg.tracking.experiment)
 
 

@@ -130,6 +130,7 @@ class TrainConfig(Strict):
 class PrecomputeConfig(Strict):
     batch_size: int = Field(4096, ge=1)
     top_k: int | None = Field(None, ge=1, description="LM: keep the k largest logits per token (None = full logits)")
+    teacher_dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="bfloat16 for GPU teachers")
     num_actors: int = Field(1, ge=1, description="actor-pool size per teacher")
     use_gpu: bool = False
 

@@ -14,7 +14,7 @@ import mlflow
 import numpy as np
 
 from kd_ops import data, lm, models, store
-from workflows import stages, train
+from workflows import ray_session, stages, train
 from workflows.config import RunConfig, TeacherConfig
 from workflows.tracking import Tracker
 from workflows.tune import run_tune
@@ -114,7 +114,7 @@ def run_lm(cfg: RunConfig, out: Path, *, tracking_uri: str | None = None, ray_ad
     lay = stages.Layout(Path(out).resolve())
     lay.out.mkdir(parents=True, exist_ok=True)
     (lay.out / "summary.json").unlink(missing_ok=True)
-    stages.init_ray(ray_address)
+    ray_session.init_ray(ray_address)
     tracker = Tracker(tracking_uri or cfg.tracking.tracking_uri, cfg.tracking.experiment)
     names = [t.name for t in cfg.teachers]
     with tracker.parent(cfg.name, cfg.model_dump(mode="json"), {"kd.out": str(lay.out), "kd.task": "lm"}) as parent_id:

@@ -12,7 +12,7 @@ import mlflow
 import numpy as np
 
 from kd_ops import evaluate, models, store
-from workflows import stages, train
+from workflows import ray_session, stages, train
 from workflows.config import RunConfig
 from workflows.report import print_summary
 from workflows.tracking import Tracker
@@ -30,7 +30,7 @@ def run(cfg: RunConfig, out: Path, *, tracking_uri: str | None = None, ray_addre
     lay = stages.Layout(Path(out).resolve())
     lay.out.mkdir(parents=True, exist_ok=True)
     (lay.out / "summary.json").unlink(missing_ok=True)  # a summary only ever describes a finished run
-    stages.init_ray(ray_address)
+    ray_session.init_ray(ray_address)
     tracker = Tracker(tracking_uri or cfg.tracking.tracking_uri, cfg.tracking.experiment)
     names = [t.name for t in cfg.teachers]
     with tracker.parent(cfg.name, cfg.model_dump(mode="json"), {"kd.out": str(lay.out)}) as parent_id:

@@ -51,10 +51,10 @@ class TeacherPredictor:
     """Ray Data callable class: loads one teacher once per actor, maps Arrow batches to stored arrays."""
 
     def __init__(self, spec: TeacherSpec, feature_columns: list[str], input_dtype: str, top_k: int | None,
-                 device: str, threads: int):
+                 device: str, threads: int, teacher_dtype: str = "float32"):
         torch.set_num_threads(max(1, threads))
         self.device = torch.device(device)
-        self.model = spec.build().to(self.device).eval()
+        self.model = spec.build().to(self.device, getattr(torch, teacher_dtype)).eval()
         self.feature_columns, self.input_dtype, self.top_k = feature_columns, np.dtype(input_dtype), top_k
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -86,7 +86,8 @@ def count_rows(split_dirs: dict[str, Path]) -> int:
 
 def precompute(teachers, split_dirs: dict[str, Path], store_dir: Path, *, feature_columns: list[str],
                batch_size: int, num_actors: int, use_gpu: bool, top_k: int | None = None,
-               input_dtype: str = "float32", extra: dict[str, Any] | None = None) -> list[TeacherResult]:
+               input_dtype: str = "float32", teacher_dtype: str = "float32",
+               extra: dict[str, Any] | None = None) -> list[TeacherResult]:
     """Run every teacher over every split in `split_dirs`; returns one result per teacher."""
     input_fps = {split: data.fingerprint(d) for split, d in sorted(split_dirs.items())}
     for split, d in split_dirs.items():  # the id contract, checked once before any teacher runs
@@ -95,7 +96,7 @@ def precompute(teachers, split_dirs: dict[str, Path], store_dir: Path, *, featur
     first = data.read_table(next(iter(split_dirs.values()))).slice(0, 2)
     sample = data.features(first, feature_columns, "input", np.dtype(input_dtype))
     kind = "full" if top_k is None else "topk"
-    settings = {"kind": kind, "top_k": top_k}
+    settings = {"kind": kind, "top_k": top_k, "teacher_dtype": teacher_dtype}
     results = []
     for t in teachers:
         start = time.perf_counter()
@@ -116,7 +117,8 @@ def precompute(teachers, split_dirs: dict[str, Path], store_dir: Path, *, featur
             ds = ds.map_batches(
                 TeacherPredictor,
                 fn_constructor_kwargs=dict(spec=spec, feature_columns=feature_columns, input_dtype=input_dtype,
-                                           top_k=top_k, device="cuda" if use_gpu else "cpu", threads=1),
+                                           top_k=top_k, device="cuda" if use_gpu else "cpu", threads=1,
+                                           teacher_dtype=teacher_dtype),
                 batch_size=batch_size, batch_format="pyarrow",
                 compute=ray.data.ActorPoolStrategy(min_size=1, max_size=num_actors),
                 num_gpus=1 if use_gpu else 0, num_cpus=1)

@@ -138,7 +138,7 @@ def train_loop(cfg: dict[str, Any]) -> None:
     weights = torch.tensor(cfg["teacher_weights"], dtype=torch.float32, device=device) if kd else None
     train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
     client = _mlflow_client(cfg) if rank == 0 else None
-    best, lm = -math.inf, cfg.get("task") == "lm"
+    best, (metric, mode) = -math.inf, objective(cfg)
     for epoch in range(1, cfg["epochs"] + 1):
         start, model_loss, seen = time.perf_counter(), 0.0, 0
         model.train()
@@ -157,9 +157,9 @@ def train_loop(cfg: dict[str, Any]) -> None:
         metrics = {"epoch": epoch, "train_loss": total / max(count, 1),
                    **_evaluate(model, val_shard, device, weights, cfg),
                    "epoch_seconds": time.perf_counter() - start}
-        # A checkpoint costs ~1.5 s of Ray Train bookkeeping on this scale of model: only when
-        # val_accuracy improves (the first epoch always does), so the kept checkpoint is the best.
-        score = -metrics["val_perplexity"] if lm else metrics["val_accuracy"]
+        # A checkpoint costs ~1.5 s of Ray Train bookkeeping on this scale of model: only when the
+        # validation score improves (the first epoch always does), so the kept checkpoint is the best.
+        score = metrics[metric] if mode == "max" else -metrics[metric]
         improved = score > best
         best = max(best, score)
         with tempfile.TemporaryDirectory() as tmp:

@@ -25,7 +25,7 @@ def ray_session():
     COUNTER.unlink(missing_ok=True)
     import ray
 
-    from workflows.stages import init_ray
+    from workflows.ray_session import init_ray
 
     init_ray()
     yield ray
