@@ -3,7 +3,6 @@ registered. Only the driver and Ray Train's rank 0 talk to MLflow."""
 from __future__ import annotations
 
 import json
-import os
 import platform
 import subprocess
 from contextlib import contextmanager

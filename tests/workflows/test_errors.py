@@ -1,7 +1,6 @@
 """Bad input: one clear error naming the problem, a non-zero exit, nothing marked complete."""
 from __future__ import annotations
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
