@@ -26,19 +26,18 @@ log = logging.getLogger("kd")
 
 
 def _subset(src: Path, dst: Path, rows: int) -> Path:
+    """The `rows` sequences with the smallest ids (a stable choice), written as a split."""
     inp = data.read_inputs(src, ["x"], dtype=np.int32)
-    keep = np.sort(inp.ids)[:rows]
-    pos = np.searchsorted(np.sort(inp.ids), keep)
-    order = np.argsort(inp.ids)[pos]
+    order = np.argsort(inp.ids)[:rows]
     return data.write_split(data.Inputs(inp.ids[order], inp.x[order], None), dst)
 
 
-def _store_for(teacher, dirs: dict[str, Path], store_dir: Path, top_k: int | None, cfg: RunConfig) -> dict[str, Any]:
+def _store_for(teacher, dirs: dict[str, Path], store_dir: Path, top_k: int | None, cfg: RunConfig,
+               tokens: int) -> dict[str, Any]:
     start = time.perf_counter()
     pre.precompute([teacher], dirs, store_dir, feature_columns=["x"], batch_size=cfg.precompute.batch_size,
                    num_actors=cfg.precompute.num_actors, use_gpu=cfg.precompute.use_gpu, top_k=top_k,
                    input_dtype="int64")
-    tokens = sum(len(data.read_inputs(d, ["x"], dtype=np.int32).x.ravel()) for d in dirs.values())
     return {"bytes_per_token": store.size_bytes(store_dir) / tokens, "store_bytes": store.size_bytes(store_dir),
             "tokens": tokens, "precompute_seconds": time.perf_counter() - start}
 
@@ -54,15 +53,15 @@ def bench_store(cfg: RunConfig, run_dir: Path, out: Path, *, train_rows: int, ep
     out = Path(out).resolve()
     dirs = {"train": _subset(run.data / "train", out / "data" / "train", train_rows),
             "val": _subset(run.data / "val", out / "data" / "val", 10**9)}
-    x_train = data.read_inputs(dirs["train"], ["x"], dtype=np.int32).x
-    x_val = data.read_inputs(dirs["val"], ["x"], dtype=np.int32).x
+    inputs = {s: data.read_inputs(d, ["x"], dtype=np.int32) for s, d in dirs.items()}
+    x_train, x_val = inputs["train"].x, inputs["val"].x
+    tokens = sum(inp.x.size for inp in inputs.values())
     results: dict[str, Any] = {"teacher": str(teacher.hf_dir), "vocab_size": lm.load_config(teacher.hf_dir).vocab_size,
                                "train_tokens": int(x_train.size), "val_tokens": int(x_val.size), "epochs": epochs}
     student_kwargs = dict(cfg.student.kwargs) | {"teacher_dir": str(teacher.hf_dir)}
     for key, k in [("full", None)] + [(f"topk_{k}", k) for k in ks]:
-        row = _store_for(teacher, dirs, out / f"store-{key}", k, cfg)
-        ids = {s: data.read_inputs(d, ["x"], dtype=np.int32).ids for s, d in dirs.items()}
-        soft = {s: store.soft_labels(out / f"store-{key}", [teacher.name], ids[s]) for s in dirs}
+        row = _store_for(teacher, dirs, out / f"store-{key}", k, cfg, tokens)
+        soft = {s: store.soft_labels(out / f"store-{key}", [teacher.name], inputs[s].ids) for s in dirs}
         d = cfg.distill  # the config's own distillation settings, identical for every store
         loop = stages.fit_spec(cfg.student.factory, student_kwargs, cfg.train.fit.model_copy(update={"epochs": epochs}),
                                cfg.train.cpus_per_worker, train_rows=len(x_train), task="lm", temperature=d.temperature,
@@ -101,11 +100,12 @@ def _big_vocab_sizes(cfg: RunConfig, run: stages.Layout, out: Path, vocab: int, 
     hf_dir = out / f"teacher-{len(tok)}"
     models.load_weights(models.build(loop["factory"], kwargs), res.weights).hf.save_pretrained(hf_dir)
     tok.save_pretrained(hf_dir)
-    sample = {"sample": data.write_split(data.Inputs(np.arange(rows, dtype=np.int64), x[-rows:], None), out / "data" / "big")}
+    tail = x[-rows:]  # at most `rows` sequences (fewer when the training slice is smaller)
+    sample = {"sample": data.write_split(data.Inputs(np.arange(len(tail), dtype=np.int64), tail, None), out / "data" / "big")}
     teacher = cfg.teachers[0].model_copy(update={"name": f"teacher-{len(tok)}", "hf_dir": hf_dir, "init": None})
     sizes = {"vocab_size": len(tok), "full_fp16_raw_bytes_per_token": 2 * len(tok)}
     for key, k in (("full", None), ("topk_32", 32)):
-        sizes[key] = _store_for(teacher, sample, out / f"store-big-{key}", k, cfg)
+        sizes[key] = _store_for(teacher, sample, out / f"store-big-{key}", k, cfg, int(tail.size))
     return sizes
 
 

@@ -93,7 +93,8 @@ def precompute(teachers, split_dirs: dict[str, Path], store_dir: Path, *, featur
     for split, d in split_dirs.items():  # the id contract, checked once before any teacher runs
         data.validate_ids(data.read_table(d, columns=["id"]), str(d))
     expected = count_rows(split_dirs)
-    first = data.read_table(next(iter(split_dirs.values()))).slice(0, 2)
+    first_file = data.parquet_files(next(iter(split_dirs.values())))[0]  # two rows to probe with, not a whole split
+    first = pq.read_table(first_file, columns=feature_columns).slice(0, 2)
     sample = data.features(first, feature_columns, "input", np.dtype(input_dtype))
     kind = "full" if top_k is None else "topk"
     settings = {"kind": kind, "top_k": top_k, "teacher_dtype": teacher_dtype}

@@ -170,8 +170,7 @@ def teacher_weight_list(cfg: RunConfig) -> list[float]:
 def distill_spec(cfg: RunConfig, prep: Prepared) -> dict[str, Any]:
     s, d = cfg.student, cfg.distill
     return fit_spec(s.factory, s.kwargs, cfg.train.fit, cfg.train.cpus_per_worker, train_rows=prep.train_rows,
-                    temperature=d.temperature,
-                    alpha=d.alpha, teacher_weights=teacher_weight_list(cfg), label="student")
+                    temperature=d.temperature, alpha=d.alpha, teacher_weights=teacher_weight_list(cfg), label="student")
 
 
 def test_report(factory: str, kwargs: dict, weights: Path, prep: Prepared, ens_test: np.ndarray) -> tuple[Any, dict]:

@@ -62,8 +62,8 @@ def _teacher(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
     return t or None
 
 
-def _losses(model, batch, cfg, weights) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Returns (loss to backprop, logits, rows). Classification: α·KD + (1 − α)·CE batch means.
+def _losses(model, batch, cfg, weights) -> tuple[torch.Tensor, int]:
+    """Returns (loss to backprop, rows). Classification: α·KD + (1 − α)·CE batch means.
     LM: sums over tokens divided by the global token counts (all workers), scaled by the world
     size because DDP averages gradients over workers."""
     logits = model(batch["x"])
@@ -75,13 +75,13 @@ def _losses(model, batch, cfg, weights) -> tuple[torch.Tensor, torch.Tensor, int
         b, length = batch["x"].shape
         n_kd, n_ce, world = _all_reduce([b * length, b * (length - 1), 1])
         alpha = cfg.get("alpha", 0.0) if teacher is not None else 0.0
-        return world * (alpha * kd / n_kd + (1 - alpha) * ce / n_ce), logits, b
+        return world * (alpha * kd / n_kd + (1 - alpha) * ce / n_ce), b
     if teacher is not None:
         loss, _ = losses.distillation_loss(logits, teacher["logits"].transpose(0, 1), batch["y"],
                                            temperature=cfg["temperature"], alpha=cfg["alpha"], weights=weights)
     else:
         loss = losses.hard_label_loss(logits, batch["y"])
-    return loss, logits, len(logits)
+    return loss, len(logits)
 
 
 def _evaluate(model, shard, device, weights: torch.Tensor | None, cfg) -> dict[str, float]:
@@ -97,13 +97,13 @@ def _evaluate(model, shard, device, weights: torch.Tensor | None, cfg) -> dict[s
             teacher = _teacher(batch)
             if lm:
                 x = batch["x"]
-                correct += float(token_losses.next_token_ce_sum(logits, x, torch.ones_like(x, dtype=torch.float32)))
+                kd, ce = token_losses.lm_distillation_sums(logits, x, teacher, weights, kind="forward_kl")
+                correct += float(ce)  # summed next-token cross-entropy, turned into perplexity below
                 n += x.shape[0] * (x.shape[1] - 1)
                 if teacher is not None:
                     best = int(torch.argmax(weights))
                     top1 = teacher["indices"][:, best, :, 0] if "indices" in teacher else teacher["logits"][:, best].argmax(-1)
                     agree += float((logits.argmax(-1) == top1.long()).sum()) * (x.shape[1] - 1) / x.shape[1]
-                    kd, _ = token_losses.lm_distillation_sums(logits, x, teacher, weights, kind="forward_kl")
                     kl += float(kd) * (x.shape[1] - 1) / x.shape[1]
                 continue
             correct += float((logits.argmax(-1) == batch["y"]).sum())
@@ -145,7 +145,7 @@ def train_loop(cfg: dict[str, Any]) -> None:
         for batch in train_shard.iter_torch_batches(batch_size=cfg["batch_size"], device=device,
                                                     local_shuffle_buffer_size=4 * cfg["batch_size"],
                                                     local_shuffle_seed=cfg["seed"] + epoch):
-            loss, logits, rows = _losses(model, batch, cfg, weights)
+            loss, rows = _losses(model, batch, cfg, weights)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -211,8 +211,8 @@ class Trained:
 
 def fit(loop_cfg: dict[str, Any], datasets: dict[str, ray.data.Dataset], *, name: str, storage: Path,
         num_workers: int, use_gpu: bool, callbacks: list | None = None) -> Trained:
-    cpus = loop_cfg.get("cpus_per_worker", 1)
     """Run `train_loop` under a TorchTrainer; keep the checkpoint with the best validation score."""
+    cpus = loop_cfg.get("cpus_per_worker", 1)
     metric, mode = objective(loop_cfg)
     trainer = ray.train.torch.TorchTrainer(
         train_loop,
