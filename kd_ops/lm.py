@@ -32,11 +32,11 @@ class CausalLM(nn.Module):
         return self.hf.config
 
 
-def _check_dir(path: str | Path) -> Path:
+def _check_dir(path: str | Path, files: tuple[str, ...] = ("config.json",)) -> Path:
     path = Path(path)
     if not path.is_dir():
         raise LMError(f"model directory {path} does not exist")
-    if not (path / "config.json").is_file():
+    if not any((path / f).is_file() for f in files):
         raise LMError(f"{path} has no config.json: not a Hugging Face model directory (save one with save_pretrained)")
     return path
 
@@ -82,7 +82,8 @@ def new_causal_lm(vocab_size: int, n_positions: int, n_layer: int, n_embd: int, 
 def load_tokenizer(path: str | Path):
     from transformers import AutoTokenizer
 
-    path = _check_dir(path)
+    # a model directory, or a tokenizer saved alone (kd run keeps the data's tokenizer that way)
+    path = _check_dir(path, ("config.json", "tokenizer_config.json"))
     try:
         return AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as e:

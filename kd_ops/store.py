@@ -14,7 +14,10 @@ list<float16> and decode zero-copy into numpy. Kinds:
 - ``topk`` (LM): ``values`` float16 [L, k], the k largest raw logits of each token, descending;
   ``indices`` uint16 (vocab ≤ 65536) or int32 [L, k], their token ids; ``lse`` float32 [L], the
   teacher's full log-sum-exp at T=1, so the probability mass outside the top-k is known exactly
-  at T=1: 1 − Σ_i exp(values_i − lse).
+  at T=1: 1 − Σ_i exp(values_i − lse). With `tail_samples` m > 0 also ``tail_values`` float16
+  [L, m] and ``tail_indices`` (as ``indices``) [L, m]: m tokens per position drawn with
+  replacement from the teacher's T=1 distribution outside the top-k, and their raw logits, so
+  forward KL can estimate the tail without bias (kd_ops/token_losses.py: sampled_teacher).
 
 The manifest also records the format, kind, row count, shard files, the teacher's fingerprint
 (factory, kwargs, weights sha256) and the fingerprint of every input split it covers, so a rerun
@@ -71,25 +74,42 @@ def decode(column: pa.Array | pa.ChunkedArray, dtype: str, shape: list[int]) -> 
                          offset=column.offset * row).reshape(n, *shape)
 
 
-def teacher_arrays(logits, top_k: int | None) -> dict[str, np.ndarray]:
-    """What the store keeps of a teacher's raw logits (a torch tensor, on any device).
+def teacher_tensors(logits, top_k: int | None, tail_samples: int = 0, generator=None) -> dict[str, Any]:
+    """What the store keeps of a teacher's raw logits, still on the logits' device (GPU included),
+    in the stored dtypes: the reductions run there so only the kept bytes cross to the host.
 
     [B, C] or [B, L, V] with top_k None → {"logits": float16}; [B, L, V] with top_k → {"values"
-    float16 [B, L, k], "indices" uint16/int32 [B, L, k], "lse" float32 [B, L]}. The reductions run
-    where the logits are (GPU included); only the kept arrays are copied to the host.
+    float16 [B, L, k], "indices" int16 (vocab ≤ 65536, read back as uint16) or int32 [B, L, k],
+    "lse" float32 [B, L]}, plus with tail_samples m > 0 {"tail_values" float16, "tail_indices"
+    [B, L, m]}: m draws from the distribution outside the top-k (`token_losses.sample_tail`).
     """
     import torch
 
     if top_k is None:
-        return {"logits": logits.to(torch.float16).cpu().numpy()}
-    from kd_ops.token_losses import topk_support
+        return {"logits": logits.to(torch.float16)}
+    from kd_ops.token_losses import sample_tail, topk_support
 
     values, indices, lse = topk_support(logits, top_k)
     index_dtype = torch.int32 if logits.shape[-1] > 65536 else torch.int16  # reinterpreted as uint16 below
-    idx = indices.to(torch.int32).to(index_dtype).cpu().numpy()
-    return {"values": values.to(torch.float16).cpu().numpy(),
-            "indices": idx.view(np.uint16) if index_dtype == torch.int16 else idx,
-            "lse": lse.float().cpu().numpy()}
+    out = {"values": values.to(torch.float16), "indices": indices.to(torch.int32).to(index_dtype), "lse": lse.float()}
+    if tail_samples:
+        tail_values, tail_indices = sample_tail(logits, indices, tail_samples, generator)
+        out |= {"tail_values": tail_values.to(torch.float16), "tail_indices": tail_indices.to(torch.int32).to(index_dtype)}
+    return out
+
+
+def host_arrays(tensors: dict[str, Any]) -> dict[str, np.ndarray]:
+    """`teacher_tensors` output (on the host) → numpy arrays with the stored dtypes (int16 indices as uint16)."""
+    out = {k: t.numpy() for k, t in tensors.items()}
+    for k in ("indices", "tail_indices"):
+        if k in out and out[k].dtype == np.int16:
+            out[k] = out[k].view(np.uint16)
+    return out
+
+
+def teacher_arrays(logits, top_k: int | None, tail_samples: int = 0, generator=None) -> dict[str, np.ndarray]:
+    """`teacher_tensors` copied to the host as numpy arrays (synchronous copy)."""
+    return host_arrays({k: t.cpu() for k, t in teacher_tensors(logits, top_k, tail_samples, generator).items()})
 
 
 def column_spec(arrays: dict[str, np.ndarray]) -> dict[str, dict[str, Any]]:

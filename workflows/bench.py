@@ -1,9 +1,10 @@
 """`kd bench store`: what top-k costs and what it keeps, measured in one run.
 
 For one teacher and one text set (a finished `kd run` of an LM config), the store is written
-full (fp16 logits) and as top-k for k in {8, 32, 128} through the real precompute pipeline, the
-same student is trained for the same short schedule on each, and bytes per token and the
-student's validation perplexity are reported side by side. A second part measures bytes per
+full (fp16 logits), as top-k for k in {8, 32, 128} and as top-32 plus 8 sampled tail tokens per
+position, through the real precompute pipeline; the same student is trained for the same short
+schedule on each, and bytes per token and the student's validation perplexity are reported side
+by side. A second part measures bytes per
 token at a 32k-token vocabulary (a teacher of the same shape with a 32k BPE tokenizer, briefly
 trained), where full logits are 64 KB per token.
 """
@@ -33,17 +34,18 @@ def _subset(src: Path, dst: Path, rows: int) -> Path:
 
 
 def _store_for(teacher, dirs: dict[str, Path], store_dir: Path, top_k: int | None, cfg: RunConfig,
-               tokens: int) -> dict[str, Any]:
+               tokens: int, tail_samples: int = 0) -> dict[str, Any]:
     start = time.perf_counter()
-    pre.precompute([teacher], dirs, store_dir, feature_columns=["x"], batch_size=cfg.precompute.batch_size,
-                   num_actors=cfg.precompute.num_actors, use_gpu=cfg.precompute.use_gpu, top_k=top_k,
-                   input_dtype="int64")
+    pre.precompute([teacher], dirs, store_dir, feature_columns=["x"], **pre.options(cfg.precompute), top_k=top_k,
+                   tail_samples=tail_samples, input_dtype="int64")
     return {"bytes_per_token": store.size_bytes(store_dir) / tokens, "store_bytes": store.size_bytes(store_dir),
             "tokens": tokens, "precompute_seconds": time.perf_counter() - start}
 
 
 def bench_store(cfg: RunConfig, run_dir: Path, out: Path, *, train_rows: int, epochs: int,
-                ks: tuple[int, ...] = (8, 32, 128), big_vocab: int = 32000, big_rows: int = 128) -> dict[str, Any]:
+                ks: tuple[int, ...] = (8, 32, 128), tail: tuple[int, int] = (32, 8), big_vocab: int = 32000,
+                big_rows: int = 128) -> dict[str, Any]:
+    """`tail` = (k, m): one more store, top-k plus m sampled tail tokens per position."""
     ray_session.init_ray()
     run = stages.Layout(Path(run_dir).resolve())
     teacher = cfg.teachers[0].model_copy(update={"hf_dir": cfg.teachers[0].hf_dir or run.teachers / cfg.teachers[0].name,
@@ -59,8 +61,9 @@ def bench_store(cfg: RunConfig, run_dir: Path, out: Path, *, train_rows: int, ep
     results: dict[str, Any] = {"teacher": str(teacher.hf_dir), "vocab_size": lm.load_config(teacher.hf_dir).vocab_size,
                                "train_tokens": int(x_train.size), "val_tokens": int(x_val.size), "epochs": epochs}
     student_kwargs = dict(cfg.student.kwargs) | {"teacher_dir": str(teacher.hf_dir)}
-    for key, k in [("full", None)] + [(f"topk_{k}", k) for k in ks]:
-        row = _store_for(teacher, dirs, out / f"store-{key}", k, cfg, tokens)
+    stores = [("full", None, 0)] + [(f"topk_{k}", k, 0) for k in ks] + [(f"topk_{tail[0]}_tail_{tail[1]}", *tail)]
+    for key, k, m in stores:
+        row = _store_for(teacher, dirs, out / f"store-{key}", k, cfg, tokens, m)
         soft = {s: store.soft_labels(out / f"store-{key}", [teacher.name], inputs[s].ids) for s in dirs}
         d = cfg.distill  # the config's own distillation settings, identical for every store
         loop = stages.fit_spec(cfg.student.factory, student_kwargs, cfg.train.fit.model_copy(update={"epochs": epochs}),
@@ -76,14 +79,15 @@ def bench_store(cfg: RunConfig, run_dir: Path, out: Path, *, train_rows: int, ep
         results[key] = row
         log.info("bench store %s: %.1f bytes/token, student val ppl %.3f", key, row["bytes_per_token"],
                  row["student_val_perplexity"])
-    for k in ks:
-        results[f"topk_{k}"]["val_perplexity_vs_full"] = (results[f"topk_{k}"]["student_val_perplexity"]
-                                                          / results["full"]["student_val_perplexity"])
-    results["big_vocab"] = _big_vocab_sizes(cfg, run, out, big_vocab, big_rows, min(train_rows, 2000))
+    for key, _, _ in stores[1:]:
+        results[key]["val_perplexity_vs_full"] = (results[key]["student_val_perplexity"]
+                                                  / results["full"]["student_val_perplexity"])
+    results["big_vocab"] = _big_vocab_sizes(cfg, run, out, big_vocab, big_rows, min(train_rows, 2000), tail)
     return results
 
 
-def _big_vocab_sizes(cfg: RunConfig, run: stages.Layout, out: Path, vocab: int, rows: int, train_rows: int) -> dict:
+def _big_vocab_sizes(cfg: RunConfig, run: stages.Layout, out: Path, vocab: int, rows: int, train_rows: int,
+                     tail: tuple[int, int]) -> dict:
     """Bytes per token at a big vocabulary: a 32k BPE tokenizer trained on the same text, a
     teacher of the configured shape trained for one epoch on it, stores written full and top-k."""
     t = cfg.data.text
@@ -100,12 +104,12 @@ def _big_vocab_sizes(cfg: RunConfig, run: stages.Layout, out: Path, vocab: int, 
     hf_dir = out / f"teacher-{len(tok)}"
     models.load_weights(models.build(loop["factory"], kwargs), res.weights).hf.save_pretrained(hf_dir)
     tok.save_pretrained(hf_dir)
-    tail = x[-rows:]  # at most `rows` sequences (fewer when the training slice is smaller)
-    sample = {"sample": data.write_split(data.Inputs(np.arange(len(tail), dtype=np.int64), tail, None), out / "data" / "big")}
+    last = x[-rows:]  # at most `rows` sequences (fewer when the training slice is smaller)
+    sample = {"sample": data.write_split(data.Inputs(np.arange(len(last), dtype=np.int64), last, None), out / "data" / "big")}
     teacher = cfg.teachers[0].model_copy(update={"name": f"teacher-{len(tok)}", "hf_dir": hf_dir, "init": None})
     sizes = {"vocab_size": len(tok), "full_fp16_raw_bytes_per_token": 2 * len(tok)}
-    for key, k in (("full", None), ("topk_32", 32)):
-        sizes[key] = _store_for(teacher, sample, out / f"store-big-{key}", k, cfg, int(tail.size))
+    for key, k, m in (("full", None, 0), ("topk_32", 32, 0), (f"topk_{tail[0]}_tail_{tail[1]}", *tail)):
+        sizes[key] = _store_for(teacher, sample, out / f"store-big-{key}", k, cfg, int(last.size), m)
     return sizes
 
 
@@ -122,8 +126,8 @@ def print_table(r: dict[str, Any]) -> None:
                   f"{row.get('val_perplexity_vs_full', 1.0):.4f}")
     Console().print(t)
     big = r["big_vocab"]
-    print(f"at vocab {big['vocab_size']}: full {big['full']['bytes_per_token']:,.0f} bytes/token, "
-          f"top-32 {big['topk_32']['bytes_per_token']:.1f} bytes/token")
+    print(f"at vocab {big['vocab_size']}: " + ", ".join(f"{k} {v['bytes_per_token']:,.1f} bytes/token"
+                                                        for k, v in big.items() if isinstance(v, dict)))
 
 
 def main(args) -> int:

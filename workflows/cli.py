@@ -49,6 +49,8 @@ def parser() -> argparse.ArgumentParser:
     bp.add_argument("--batch-size", type=int)
     bp.add_argument("--seq-len", type=int, default=512)
     bp.add_argument("--actors", type=int, default=1, help="teacher actors in the pipeline's pool")
+    bp.add_argument("--threads", type=int, help="torch threads per actor (default: CPU cores / actors on cpu, 1 on cuda)")
+    bp.add_argument("--calls-per-actor", type=int, default=2, help="batches in flight in one actor")
     bp.add_argument("--json", action="store_true")
     bt = bsub.add_parser("train", help="student-only vs offline KD vs online KD step rates, one run")
     bt.add_argument("--device", choices=["cpu", "cuda"], default="cpu")

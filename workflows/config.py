@@ -130,8 +130,15 @@ class TrainConfig(Strict):
 class PrecomputeConfig(Strict):
     batch_size: int = Field(4096, ge=1)
     top_k: int | None = Field(None, ge=1, description="LM: keep the k largest logits per token (None = full logits)")
+    tail_samples: int = Field(0, ge=0, description="LM top-k: also keep m tokens per position drawn from the "
+                              "teacher's distribution outside the top-k (with their logits); forward KL then "
+                              "estimates the tail without bias. ~3 bytes/token each")
     teacher_dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="bfloat16 for GPU teachers")
     num_actors: int = Field(1, ge=1, description="actor-pool size per teacher")
+    threads_per_actor: int | None = Field(None, ge=1, description="torch threads per actor (None: CPU teachers "
+                                          "share the node's cores, GPU teachers use 1)")
+    calls_per_actor: int = Field(2, ge=1, description="batches in flight in one actor, so reading, host copies "
+                                 "and encoding overlap the teacher's forward")
     use_gpu: bool = False
 
 
@@ -219,6 +226,9 @@ class RunConfig(Strict):
             unknown = sorted(set(self.distill.teacher_weights) - set(names))
             if unknown:
                 raise ValueError(f"distill.teacher_weights names unknown teachers {unknown} (teachers: {names})")
+        if self.precompute.tail_samples and (self.task != "lm" or self.precompute.top_k is None):
+            raise ValueError("precompute.tail_samples samples the tail outside a top-k store: it needs task: lm "
+                             "and precompute.top_k (full logits have no tail)")
         return self
 
 

@@ -122,10 +122,9 @@ def stage_precompute(cfg: RunConfig, teachers: list[TeacherConfig], dirs: dict[s
     pc = cfg.precompute
     with _child(tracker, "precompute", pc.model_dump()), progress_bars():
         lm = cfg.task == "lm"
-        results = pre.precompute(teachers, dirs, lay.store, feature_columns=feature_columns(cfg),
-                                 batch_size=pc.batch_size, num_actors=pc.num_actors, use_gpu=pc.use_gpu,
-                                 top_k=pc.top_k if lm else None, input_dtype="int64" if lm else "float32",
-                                 teacher_dtype=pc.teacher_dtype,
+        results = pre.precompute(teachers, dirs, lay.store, feature_columns=feature_columns(cfg), **pre.options(pc),
+                                 top_k=pc.top_k if lm else None, tail_samples=pc.tail_samples if lm else 0,
+                                 input_dtype="int64" if lm else "float32",
                                  extra=None if lm else {"num_classes": cfg.data.num_classes})
         if tracker:
             for r in results:

@@ -54,7 +54,7 @@ def _all_reduce(values: list[float]) -> list[float]:
     return t.tolist()
 
 
-TEACHER_COLUMNS = ("logits", "values", "indices", "lse")
+TEACHER_COLUMNS = ("logits", "values", "indices", "lse", "tail_values", "tail_indices")
 
 
 def _teacher(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:

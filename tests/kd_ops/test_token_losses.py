@@ -93,3 +93,65 @@ def test_bad_arguments_are_rejected():
         tl.topk_support(t, 12)
     with pytest.raises(ValueError, match="jsd beta"):
         tl.divergence(torch.zeros(2), torch.zeros(2), "jsd", beta=1.0)
+
+
+def _sampled(t, k, m, seed=0):
+    v, i, lse = tl.topk_support(t, k)
+    tv, ti = tl.sample_tail(t, i, m, torch.Generator().manual_seed(seed))
+    return v, i, lse, tv, ti
+
+
+def test_tail_samples_come_from_outside_the_topk_in_proportion_to_teacher_mass():
+    t = _logits(5, (1, 1, 11))
+    v, i, lse, tv, ti = _sampled(t, 3, 200_000)
+    assert not torch.isin(ti, i).any()
+    assert torch.equal(tv, torch.gather(t, -1, ti))
+    p = torch.softmax(t, -1)[0, 0]
+    tail = torch.ones(11, dtype=torch.bool)
+    tail[i[0, 0]] = False
+    freq = torch.bincount(ti.flatten(), minlength=11).float() / ti.numel()
+    assert torch.allclose(freq[tail], p[tail] / p[tail].sum(), atol=3e-3)
+
+
+@pytest.mark.parametrize("T", [1.0, 2.0])
+def test_sampled_tail_weights_sum_to_one_and_are_exact_at_t1(T):
+    t = _logits(6)
+    v, i, lse, tv, ti = _sampled(t, 4, 8)
+    log_w, lp = tl.sampled_teacher(v, lse, tv, T)
+    assert torch.allclose(log_w.exp().sum(-1), torch.ones(2, 5), atol=1e-6)
+    if T == 1.0:
+        full = torch.softmax(t, -1)
+        top = torch.gather(full, -1, i)
+        assert torch.allclose(log_w[..., :4].exp(), top, atol=1e-6)
+        assert torch.allclose(log_w[..., 4:].exp(), ((1 - top.sum(-1)) / 8).unsqueeze(-1).expand(-1, -1, 8), atol=1e-6)
+        assert torch.allclose(lp, torch.log(torch.gather(full, -1, torch.cat([i, ti], -1))), atol=1e-5)
+
+
+def test_sampled_forward_kl_is_zero_for_the_teacher_and_unbiased_for_the_full_kl():
+    t, s = _logits(7), _logits(8)
+    mask = torch.ones(2, 5)
+    v, i, lse, tv, ti = _sampled(t, 3, 8)
+    assert tl.token_kd_loss(t.clone(), v, i, lse, mask, tail_values=tv, tail_indices=ti).item() == pytest.approx(0.0, abs=1e-5)
+    full = tl.token_kd_loss(s, *tl.full_support(t), mask, tail=False)
+    # many independent draws of m = 8: their mean estimates the full-vocabulary KL and its gradient
+    s = s.clone().requires_grad_()
+    g_full = torch.autograd.grad(tl.token_kd_loss(s, *tl.full_support(t), mask, tail=False), s)[0]
+    g_bucket = torch.autograd.grad(tl.token_kd_loss(s, v, i, lse, mask), s)[0]
+    v, i, lse, tv, ti = _sampled(t.repeat(400, 1, 1), 3, 8, seed=1)
+    est = tl.token_kd_loss(s.repeat(400, 1, 1), v, i, lse, torch.ones(800, 5), tail_values=tv, tail_indices=ti) / 400
+    g_est = torch.autograd.grad(est, s)[0]
+    assert est.item() == pytest.approx(full.item(), rel=0.02)
+    err_est, err_bucket = (g_est - g_full).abs().max().item(), (g_bucket - g_full).abs().max().item()
+    assert err_est < 0.02 * g_full.abs().max().item()
+    assert err_bucket > 3 * err_est  # the bucket alone cannot shape the tail
+
+
+def test_without_tail_or_for_other_divergences_the_samples_are_not_used():
+    t, s = _logits(9), _logits(10)
+    v, i, lse, tv, ti = _sampled(t, 3, 8)
+    mask = torch.ones(2, 5)
+    for kind in ("reverse_kl", "jsd"):
+        assert tl.token_kd_loss(s, v, i, lse, mask, kind=kind, tail_values=tv, tail_indices=ti).item() == \
+            pytest.approx(tl.token_kd_loss(s, v, i, lse, mask, kind=kind).item())
+    assert tl.token_kd_loss(s, v, i, lse, mask, tail=False, tail_values=tv, tail_indices=ti).item() == \
+        pytest.approx(tl.token_kd_loss(s, v, i, lse, mask, tail=False).item())

@@ -25,6 +25,8 @@ def test_default_config_validates():
     ("tune.teacher_weights={uniform: [-1, 1]}", r"tune.teacher_weights values must be >= 0"),
     ("tune.alpha={uniform: [0.5, 0.2]}", r"uniform needs low < high"),
     ("train.num_workers=zero", r"train.num_workers: Input should be a valid integer"),
+    ("precompute.tail_samples=8", r"precompute.tail_samples samples the tail outside a top-k store: it needs task: lm"),
+    ("precompute.calls_per_actor=0", r"precompute.calls_per_actor: Input should be greater than or equal to 1"),
 ])
 def test_bad_values_name_the_field(override, message):
     with pytest.raises(ConfigError, match=message):

@@ -34,7 +34,7 @@ def _config(tmp_path, **over) -> dict:
         "student": {"factory": "kd_ops.lm:student_from_teacher", "kwargs": {"layers": 1, "width": 16, "heads": 2}},
         "distill": {"alpha": 1.0},
         "train": {"fit": {"epochs": 2, "batch_size": 32, "lr": 0.005}, "label_only_fit": {"epochs": 2, "batch_size": 32}},
-        "precompute": {"batch_size": 64, "num_actors": 1, "top_k": 8},
+        "precompute": {"batch_size": 64, "num_actors": 1, "top_k": 8, "tail_samples": 4},
         "tune": {"enabled": False},
         "tracking": {"experiment": "tiny-lm-test", "registered_model": "tiny-lm-student"},
     }
@@ -64,12 +64,14 @@ def test_lm_run_writes_summary_and_a_topk_store(lm_run):
         assert 1.0 < s[key] < 300.0  # below the uniform-guess perplexity of the 300-token vocabulary
     assert 0.0 <= s["top1_agreement"] <= 1.0
     m = store.read_manifest(tmp / "out" / "store", "gpt")
-    assert m["kind"] == "topk" and m["top_k"] == 8
+    assert m["kind"] == "topk" and m["top_k"] == 8 and m["tail_samples"] == 4
     assert m["columns"] == {"values": {"dtype": "float16", "shape": [16, 8]},
                             "indices": {"dtype": "uint16", "shape": [16, 8]},
-                            "lse": {"dtype": "float32", "shape": [16]}}
-    # 8 × (2 + 2) + 4 = 36 raw bytes per token, less after Parquet compression, plus file overhead
-    assert 10 < s["store_bytes_per_token"] < 60
+                            "lse": {"dtype": "float32", "shape": [16]},
+                            "tail_values": {"dtype": "float16", "shape": [16, 4]},
+                            "tail_indices": {"dtype": "uint16", "shape": [16, 4]}}
+    # (8 + 4) × (2 + 2) + 4 = 52 raw bytes per token, less after Parquet compression, plus file overhead
+    assert 15 < s["store_bytes_per_token"] < 80
     assert s["student"]["params"] < s["teachers"][0]["params"] / 2
 
 
@@ -88,6 +90,11 @@ def test_lm_store_matches_the_teacher(lm_run):
     np.testing.assert_allclose(cols["values"][0].astype(np.float32), v.numpy(), atol=2e-2)
     assert (cols["indices"][0].astype(np.int64) == i.numpy()).mean() > 0.99  # ties may swap
     np.testing.assert_allclose(cols["lse"][0], lse.numpy(), rtol=1e-5)
+    # tail draws: outside the stored top-8, stored with the teacher's own logits there
+    ti = cols["tail_indices"][0].astype(np.int64)
+    assert not (ti[..., :, None] == cols["indices"][0][..., None, :].astype(np.int64)).any()
+    np.testing.assert_allclose(cols["tail_values"][0].astype(np.float32),
+                               np.take_along_axis(logits.numpy(), ti, -1), atol=2e-2)
 
 
 def _fails(capsys, tmp_path, cfg, command="precompute") -> str:
@@ -138,3 +145,10 @@ def test_sequences_longer_than_the_context_are_refused(ray_session, capsys, tmp_
     cfg["data"]["seq_len"] = 40  # the test teacher was built with 16 positions
     err = _fails(capsys, tmp_path, cfg, "run")
     assert "sequence length 40 is longer than a's context (16 positions)" in err
+
+
+def test_the_runs_own_tokenizer_reloads_for_a_rerun(lm_run):
+    # `kd run` on an existing --out reuses the data stage, which reloads DIR/tokenizer (no config.json there)
+    tmp, _ = lm_run
+    tok = lm.load_tokenizer(tmp / "out" / "tokenizer")
+    assert lm.tokenizer_fingerprint(tok) == lm.tokenizer_fingerprint(lm.load_tokenizer(tmp / "out" / "teachers" / "gpt"))
