@@ -59,35 +59,26 @@ def student_log_probs(student_logits: torch.Tensor, indices: torch.Tensor, tempe
     return bucket_log_probs(torch.gather(s, -1, indices.long()), torch.logsumexp(s, -1), temperature, tail)
 
 
-def sampled_teacher(values: torch.Tensor, lse: torch.Tensor, tail_values: torch.Tensor,
-                    temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Teacher on its top-k plus m sampled tail tokens: (log weights, log p_T), both [..., k + m].
+def sampled_teacher(values: torch.Tensor, lse: torch.Tensor, tail_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher at T = 1 on its top-k plus m sampled tail tokens: (log weights, log p), both [..., k + m].
 
-    The top-k entries and the tail's total mass are the tail bucket's (`bucket_log_probs`); the
-    tail's mass is split evenly over the m draws, so the draws carry the tail's T=1 shape. At
-    T = 1 that is exact: weights p_j and p_tail/m, log p = z − lse, so Σ_w (log p − log q) is an
-    unbiased estimate of the full forward KL and of its gradient. For T ≠ 1 the tail keeps its
-    T=1 shape: re-weighting 8 draws to the tempered shape was measured to be too noisy (tiny-lm
-    student at T=2: val ppl 98.4 with it, 74.8 with the tail bucket alone). values [..., k], lse [...], tail_values [..., m].
+    Top-k entries weigh p_j = exp(z_j − lse); each draw weighs p_tail/m and has log p = z_s − lse.
+    So Σ_w (log p − log q) is an unbiased estimate of the full-vocabulary forward KL and of its
+    gradient, and 0 when the student equals the teacher. values [..., k], lse [...], tail_values [..., m].
     """
     m = tail_values.shape[-1]
-    buckets = bucket_log_probs(values, lse, temperature, tail=True)            # [..., k + 1]
+    buckets = bucket_log_probs(values, lse, 1.0, tail=True)  # [..., k + 1], exact at T = 1
     log_tail = buckets[..., -1:]
     log_w = torch.cat([buckets[..., :-1], (log_tail - math.log(m)).expand(*log_tail.shape[:-1], m)], -1)
-    # within the tail, each draw's T=1 probability relative to the tail: p_s / p_tail
-    zs, lse1 = tail_values.float(), lse.float().unsqueeze(-1)
-    rest = 1.0 - torch.exp(values.float() - lse1).sum(-1, keepdim=True)
-    log_in_tail = zs - lse1 - torch.log(torch.clamp(rest, min=_EMPTY))
-    return log_w, torch.cat([buckets[..., :-1], log_tail + log_in_tail], -1)
+    return log_w, torch.cat([buckets[..., :-1], tail_values.float() - lse.float().unsqueeze(-1)], -1)
 
 
 def sampled_forward_kl(student_logits: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, lse: torch.Tensor,
-                       tail_values: torch.Tensor, tail_indices: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Per-token forward KL(teacher_T ‖ student_T) estimated on top-k + sampled tail → [B, L].
+                       tail_values: torch.Tensor, tail_indices: torch.Tensor) -> torch.Tensor:
+    """Per-token forward KL(teacher ‖ student) at T = 1 estimated on top-k + sampled tail → [B, L].
     student_logits [B, L, V]; values, indices [B, L, k]; lse [B, L]; tail_* [B, L, m]."""
-    log_w, lp = sampled_teacher(values, lse, tail_values, temperature)
-    lq = torch.gather(F.log_softmax(student_logits.float() / temperature, -1), -1,
-                      torch.cat([indices, tail_indices], -1).long())
+    log_w, lp = sampled_teacher(values, lse, tail_values)
+    lq = torch.gather(F.log_softmax(student_logits.float(), -1), -1, torch.cat([indices, tail_indices], -1).long())
     return (log_w.exp() * (lp - lq)).sum(-1)
 
 
@@ -118,15 +109,16 @@ def token_kd_loss(student_logits: torch.Tensor, values: torch.Tensor, indices: t
     """Σ over masked tokens of T² · divergence(teacher_T ‖ student_T) on the stored support.
 
     student_logits [B, L, V]; values, indices [B, L, k]; lse [B, L]; mask [B, L] (1 = counts);
-    optional tail_values, tail_indices [B, L, m]: with `tail`, forward KL uses them for the tail
-    (`sampled_forward_kl`); the other divergences need p on the student's support and keep the
-    tail bucket. Returns a scalar sum (divide by the global token count).
+    optional tail_values, tail_indices [B, L, m]: with `tail`, forward KL at T = 1 uses them for the
+    tail (`sampled_forward_kl`). Otherwise the tail bucket: reverse KL and JSD need p wherever the
+    student puts mass, and at T ≠ 1 the draws' T=1 tail is the wrong shape (tiny-lm at T=2, val
+    ppl after three epochs: 98.4 importance-weighted to the tempered shape, 74.8 with the bucket;
+    README "Why the sampled tail"). Returns a scalar sum (divide by the global token count).
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    if tail and kind == "forward_kl" and tail_values is not None and tail_indices is not None:
-        per_token = sampled_forward_kl(student_logits, values, indices, lse, tail_values, tail_indices, temperature)
-        return temperature**2 * (per_token * mask.float()).sum()
+    if tail and kind == "forward_kl" and temperature == 1.0 and tail_values is not None and tail_indices is not None:
+        return (sampled_forward_kl(student_logits, values, indices, lse, tail_values, tail_indices) * mask.float()).sum()
     # a support covering the whole vocabulary has no tail; estimating one from fp16-rounded values
     # would turn rounding noise (~1e-3 of the mass) into a bucket the student cannot match
     tail = tail and values.shape[-1] < student_logits.shape[-1]

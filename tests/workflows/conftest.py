@@ -51,7 +51,7 @@ def mlflow_server(tmp_path_factory):
          "--workers", "1"],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 90
+    deadline = time.time() + 180  # ~7 s when idle; minutes on a loaded 2-core machine
     while True:
         try:
             if urllib.request.urlopen(f"{url}/health", timeout=2).status == 200:
