@@ -90,11 +90,14 @@ def teacher_tensors(logits, top_k: int | None, tail_samples: int = 0, generator=
     from kd_ops.token_losses import sample_tail, topk_support
 
     values, indices, lse = topk_support(logits, top_k)
-    index_dtype = torch.int32 if logits.shape[-1] > 65536 else torch.int16  # reinterpreted as uint16 below
-    out = {"values": values.to(torch.float16), "indices": indices.to(torch.int32).to(index_dtype), "lse": lse.float()}
+    index_dtype = torch.int32 if logits.shape[-1] > 65536 else torch.int16  # reinterpreted as uint16 in host_arrays
+
+    def kept(v, i):  # one (logits, token ids) pair in the stored dtypes
+        return v.to(torch.float16), i.to(torch.int32).to(index_dtype)
+
+    out = dict(zip(("values", "indices"), kept(values, indices))) | {"lse": lse.float()}
     if tail_samples:
-        tail_values, tail_indices = sample_tail(logits, indices, tail_samples, generator)
-        out |= {"tail_values": tail_values.to(torch.float16), "tail_indices": tail_indices.to(torch.int32).to(index_dtype)}
+        out |= dict(zip(("tail_values", "tail_indices"), kept(*sample_tail(logits, indices, tail_samples, generator))))
     return out
 
 
