@@ -73,6 +73,7 @@ class Fit(Strict):
     batch_size: int = Field(256, ge=1)
     lr: float = Field(5e-3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
+    max_grad_norm: float | None = Field(None, gt=0, description="clip the global gradient norm to this (null: no clipping)")
     seed: int = 0
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import sys
 import tempfile
 import time
@@ -121,7 +122,7 @@ def _evaluate(model, shard, device, weights: torch.Tensor | None, cfg) -> dict[s
 
 
 def train_loop(cfg: dict[str, Any]) -> None:
-    """Ray Train worker function. cfg: factory, kwargs, epochs, batch_size, lr, weight_decay, seed,
+    """Ray Train worker function. cfg: factory, kwargs, epochs, batch_size, lr, weight_decay, max_grad_norm, seed,
     train_rows, label (for log lines), optional temperature/alpha/teacher_weights (KD) and
     mlflow = {tracking_uri, run_id} (rank 0 logs per-epoch metrics there)."""
     ctx = ray.train.get_context()
@@ -148,6 +149,8 @@ def train_loop(cfg: dict[str, Any]) -> None:
             loss, rows = _losses(model, batch, cfg, weights)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if cfg.get("max_grad_norm"):
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["max_grad_norm"])
             opt.step()
             if sched.last_epoch + 1 < sched.total_steps:
                 sched.step()
@@ -214,6 +217,10 @@ def fit(loop_cfg: dict[str, Any], datasets: dict[str, ray.data.Dataset], *, name
     """Run `train_loop` under a TorchTrainer; keep the checkpoint with the best validation score."""
     cpus = loop_cfg.get("cpus_per_worker", 1)
     metric, mode = objective(loop_cfg)
+    # Train V2 reloads the checkpoint bookkeeping it finds under storage/name: a rerun into the same
+    # --out would rank its checkpoints against the last run's and could return the old, better one.
+    # Every fit here trains from scratch, so it starts from an empty run folder.
+    shutil.rmtree(Path(storage) / name, ignore_errors=True)
     trainer = ray.train.torch.TorchTrainer(
         train_loop,
         train_loop_config=loop_cfg,

@@ -27,6 +27,7 @@ def test_default_config_validates():
     ("train.num_workers=zero", r"train.num_workers: Input should be a valid integer"),
     ("precompute.tail_samples=8", r"precompute.tail_samples samples the tail outside a top-k store: it needs task: lm"),
     ("precompute.calls_per_actor=0", r"precompute.calls_per_actor: Input should be greater than or equal to 1"),
+    ("train.fit.max_grad_norm=0", r"train.fit.max_grad_norm: Input should be greater than 0"),
 ])
 def test_bad_values_name_the_field(override, message):
     with pytest.raises(ConfigError, match=message):

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import time
+from pathlib import Path
 
 import mlflow
 import mlflow.pytorch
@@ -97,3 +99,19 @@ def test_tuning_and_reused_precompute_never_run_a_teacher(tiny_run, tmp_path):
     assert [r.reused for r in results] == [True, True]
     assert commands.tune(cfg, out, tracking_uri=uri) == 0
     assert counting_teacher.count(COUNTER) == before
+
+
+def test_a_rerun_into_the_same_out_returns_the_student_it_trained(tiny_run, capsys):
+    """Ray Train V2 reloads checkpoint bookkeeping from the run folder it is given: `kd train` after
+    `kd run` on the same --out must return its own checkpoint, although the old student scored better."""
+    cfg, out, _, uri = tiny_run
+    stalled = cfg.train.fit.model_copy(update={"lr": 1e-9, "epochs": 1})  # stays at its initialisation
+    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"fit": stalled})})
+    capsys.readouterr()
+    started = time.time()
+    assert commands.train(cfg, out, tracking_uri=uri) == 0
+    printed = capsys.readouterr().out
+    result, _ = json.JSONDecoder().raw_decode(printed[printed.rindex('{\n  "student"'):])
+    weights = Path(result["weights"])
+    assert weights.is_relative_to(out / "ray" / "student") and weights.stat().st_mtime >= started
+    assert len(list((out / "ray" / "student").glob("checkpoint_*"))) == 1
