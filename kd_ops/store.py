@@ -46,8 +46,11 @@ MANIFEST = "manifest.json"
 def parquet_options(columns: dict[str, Any]) -> dict[str, Any]:
     """Writer options for shards: zstd over byte-stream-split columns. Splitting each value's bytes
     into separate streams groups the fp16 exponents and the indices' high bytes, which zstd then
-    compresses: top-32 at a 2k vocabulary goes from 132 (snappy) to ~91 bytes/token."""
-    return {"compression": "zstd", "use_dictionary": False, "use_byte_stream_split": sorted(columns)}
+    compresses: top-32 at a 2k vocabulary goes from 132 (snappy) to ~91 bytes/token. Statistics
+    only for `id`: a teacher column's min/max are whole rows (4 KB for top-32 × 64 tokens), kept per
+    row group and page, useless for filtering: 69 → 52 bytes/token for 128-row top-32 shards at 32k."""
+    return {"compression": "zstd", "use_dictionary": False, "use_byte_stream_split": sorted(columns),
+            "write_statistics": ["id"]}
 
 
 class StoreError(ValueError):

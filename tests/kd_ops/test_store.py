@@ -83,3 +83,21 @@ def test_reading_an_incomplete_teacher_fails_clearly(tmp_path):
     (tmp_path / "t").mkdir()
     with pytest.raises(store.StoreError, match="no complete soft labels for teacher 't'.*kd precompute"):
         store.read_teacher(tmp_path, "t")
+
+
+def test_shards_keep_statistics_for_ids_only_and_read_back_exactly(tmp_path):
+    """min/max of a teacher column are whole rows: written per row group they cost more than the data."""
+    rng = np.random.default_rng(3)
+    cols = {"values": rng.standard_normal((64, 16, 32)).astype(np.float16),
+            "indices": rng.integers(0, 2048, (64, 16, 32)).astype(np.uint16)}
+    path = tmp_path / "shard.parquet"
+    pq.write_table(store.shard_table(np.arange(64), cols), path, row_group_size=16, **store.parquet_options(cols))
+    meta = pq.ParquetFile(path).metadata
+    assert meta.num_row_groups == 4
+    for g in range(meta.num_row_groups):
+        stats = {meta.row_group(g).column(c).path_in_schema: meta.row_group(g).column(c).statistics for c in range(3)}
+        assert stats["id"] is not None and stats["id"].min == 16 * g
+        assert stats["values"] is None and stats["indices"] is None
+    back = pq.read_table(path)
+    assert np.array_equal(store.decode(back.column("values"), "float16", [16, 32]), cols["values"])
+    assert np.array_equal(store.decode(back.column("indices"), "uint16", [16, 32]), cols["indices"])
