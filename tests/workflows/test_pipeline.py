@@ -114,4 +114,4 @@ def test_a_rerun_into_the_same_out_returns_the_student_it_trained(tiny_run, caps
     result, _ = json.JSONDecoder().raw_decode(printed[printed.rindex('{\n  "student"'):])
     weights = Path(result["weights"])
     assert weights.is_relative_to(out / "ray" / "student") and weights.stat().st_mtime >= started
-    assert len(list((out / "ray" / "student").glob("checkpoint_*"))) == 1
+    assert all(c.stat().st_mtime >= started for c in (out / "ray" / "student").glob("checkpoint_*"))
