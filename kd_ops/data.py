@@ -9,13 +9,17 @@ from __future__ import annotations
 import hashlib
 import shutil
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+
+from kd_ops.fsio import Loc
 
 SPLITS = ("train", "val", "test", "transfer")
 
@@ -89,14 +93,49 @@ def write_split(inputs: Inputs, out_dir: str | Path, rows_per_file: int = 8192) 
     return out_dir
 
 
-def parquet_files(path: str | Path) -> list[Path]:
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"input directory {path} does not exist")
-    files = sorted(path.glob("*.parquet")) if path.is_dir() else [path]
+def parquet_files(where: str | Path | Loc) -> list[Loc]:
+    """The *.parquet files of a split directory (local path or URI), or the file itself."""
+    loc = Loc.of(where)
+    info = loc.fs.get_file_info(loc.path)
+    if info.type == pafs.FileType.NotFound:
+        raise DataError(f"input directory {loc} does not exist")
+    files = loc.files(".parquet") if info.type == pafs.FileType.Directory else [loc]
     if not files:
-        raise DataError(f"input directory {path} holds no *.parquet files")
+        raise DataError(f"input directory {loc} holds no *.parquet files")
     return files
+
+
+def file_key(f: Loc, columns: list[str] = ()) -> dict:
+    """What identifies an input file's content without reading it: size, rows and a hash of its
+    Parquet footer (schema, row groups, column chunk offsets and statistics). Checks that the
+    file has `columns`."""
+    with f.fs.open_input_file(f.path) as h:
+        size = h.size()
+        h.seek(size - 8)
+        tail = h.read(8)
+        if tail[4:] != b"PAR1":
+            raise DataError(f"{f}: not a Parquet file (no PAR1 footer)")
+        n = int.from_bytes(tail[:4], "little")
+        h.seek(size - 8 - n)
+        footer = h.read(n)
+        h.seek(0)
+        meta = pq.ParquetFile(h)
+        rows, names = meta.metadata.num_rows, meta.schema_arrow.names
+    missing = [c for c in columns if c not in names]
+    if "id" in missing:
+        raise _no_id(str(f), names)
+    if missing:
+        raise DataError(f"{f}: column(s) {missing} not found (have {names}); set data.feature_columns in the config")
+    return {"size": size, "rows": rows, "footer_sha256": hashlib.sha256(footer).hexdigest()}
+
+
+def file_keys(files: list[Loc], columns: list[str] = ()) -> dict[str, dict]:
+    """{file name: file_key} for one split, fetched concurrently (object stores answer slowly, in parallel)."""
+    names = [f.name for f in files]
+    if len(set(names)) != len(names):
+        raise DataError(f"{files[0]}: input file names must be unique within a split")
+    with ThreadPoolExecutor(16) as pool:
+        return dict(zip(names, pool.map(lambda f: file_key(f, columns), files)))
 
 
 def _no_id(where: str, names: list[str]) -> DataError:
@@ -106,14 +145,14 @@ def _no_id(where: str, names: list[str]) -> DataError:
 
 def read_table(path: str | Path, columns: list[str] | None = None) -> pa.Table:
     files = parquet_files(path)
-    names = pq.read_schema(files[0]).names
+    names = pq.read_schema(files[0].path, filesystem=files[0].fs).names
     missing = [c for c in columns or [] if c not in names]
     if "id" in missing:
         raise _no_id(str(path), names)
     if missing:
         raise DataError(f"{path}: column(s) {missing} not found (have {names})")
     try:
-        return pa.concat_tables([pq.read_table(f, columns=columns) for f in files])
+        return pa.concat_tables([pq.read_table(f.path, filesystem=f.fs, columns=columns) for f in files])
     except (pa.ArrowInvalid, KeyError) as e:
         raise DataError(f"cannot read {path} (columns {columns}): {e}") from e
 
@@ -140,7 +179,8 @@ def features(table: pa.Table, feature_columns: list[str], where: str = "input", 
                         "set data.feature_columns in the config")
     cols = []
     for name in feature_columns:
-        col = table.column(name).combine_chunks()
+        col = table.column(name)
+        col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
         if pa.types.is_fixed_size_list(col.type) or pa.types.is_list(col.type) or pa.types.is_large_list(col.type):
             flat = col.flatten().to_numpy(zero_copy_only=False)
             if len(col) and len(flat) % len(col):
@@ -161,14 +201,3 @@ def read_inputs(path: str | Path, feature_columns: list[str], label_column: str 
     if label_column in table.column_names:
         y = table.column(label_column).fill_null(-1).to_numpy().astype(np.int64)
     return Inputs(table.column("id").to_numpy(zero_copy_only=False), features(table, feature_columns, str(path), dtype), y)
-
-
-def fingerprint(path: str | Path) -> str:
-    """Content hash of a split directory's Parquet files (names and bytes)."""
-    h = hashlib.sha256()
-    for f in parquet_files(path):
-        h.update(f.name.encode())
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()

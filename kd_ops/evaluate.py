@@ -30,3 +30,44 @@ def ensemble_probs_np(teacher_logits: np.ndarray, weights: np.ndarray, temperatu
 
     return ensemble_probs(torch.from_numpy(np.asarray(teacher_logits, np.float32)),
                           torch.from_numpy(np.asarray(weights, np.float32)), temperature).numpy()
+
+
+@torch.inference_mode()
+def classification_sums(student_logits: torch.Tensor | None, labels: torch.Tensor,
+                        teacher_logits: torch.Tensor | None, weights: torch.Tensor | None) -> dict[str, float]:
+    """Counts over one batch, summed across batches and turned into rates by the caller.
+
+    student_logits [B, C] or None; labels [B] (−1 = unlabelled, skipped); teacher_logits [B, M, C]
+    raw or None; weights [M]. Returns rows (labelled), correct (student), agree (student top-1 ==
+    weighted ensemble top-1), ensemble_correct and teacher<i>_correct per teacher."""
+    keep = labels >= 0
+    y = labels[keep]
+    out = {"rows": float(keep.sum())}
+    student = student_logits[keep].argmax(-1) if student_logits is not None else None
+    if student is not None:
+        out["correct"] = float((student == y).sum())
+    if teacher_logits is not None:
+        from kd_ops.losses import ensemble_probs
+
+        t = teacher_logits[keep].float()
+        ens = ensemble_probs(t.transpose(0, 1), weights, 1.0).argmax(-1)
+        out["ensemble_correct"] = float((ens == y).sum())
+        out |= {f"teacher{i}_correct": float((t[:, i].argmax(-1) == y).sum()) for i in range(t.shape[1])}
+        if student is not None:
+            out["agree"] = float((student == ens).sum())
+    return out
+
+
+@torch.inference_mode()
+def lm_sums(logits: torch.Tensor, input_ids: torch.Tensor, teacher_top1: torch.Tensor | None) -> dict[str, float]:
+    """Counts over one batch of sequences: nll (summed next-token cross-entropy), tokens (predicted
+    positions), and with the teacher's top-1 ids [B, L]: agree over positions (all B·L of them).
+    logits [B, L, V]; input_ids [B, L]."""
+    from kd_ops.token_losses import next_token_ce_sum
+
+    b, length = input_ids.shape
+    out = {"nll": float(next_token_ce_sum(logits, input_ids.long(), torch.ones_like(input_ids, dtype=torch.float32))),
+           "tokens": float(b * (length - 1)), "positions": float(b * length)}
+    if teacher_top1 is not None:
+        out["agree"] = float((logits.argmax(-1) == teacher_top1.long()).sum())
+    return out

@@ -61,12 +61,16 @@ def distillation_loss(
     has no label (transfer set). The hard term averages over labelled rows only and is 0 for a
     batch without labels. Returns (loss scalar, {"kd": …, "ce": …} as floats for logging).
     """
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     kd = hinton_kd_loss(student_logits, ensemble_probs(teacher_logits, weights, temperature), temperature)
     ce = hard_label_loss(student_logits, labels)
-    loss = alpha * kd + (1.0 - alpha) * ce
-    return loss, {"kd": float(kd.detach()), "ce": float(ce.detach())}
+    return mix(kd, ce, alpha), {"kd": float(kd.detach()), "ce": float(ce.detach())}
+
+
+def mix(kd: torch.Tensor, ce: torch.Tensor, alpha: float) -> torch.Tensor:
+    """The hard/soft mix every student loss uses: α · KD term + (1 − α) · label term (scalars)."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    return alpha * kd + (1.0 - alpha) * ce
 
 
 def hard_label_loss(student_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

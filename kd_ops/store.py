@@ -1,9 +1,17 @@
-"""The soft-label store: raw teacher logits keyed by input id, in Parquet, one directory per teacher.
+"""The soft-label store: raw teacher logits keyed by input id, in Parquet, one directory per teacher,
+co-partitioned with the inputs: one shard per input file, holding that file's rows in its order.
 
-Layout (format version 1)::
+Layout (format version 2); STORE is a local path or any pyarrow.fs URI (s3://, gs://)::
 
-    STORE/<teacher>/manifest.json       written last: its presence means the teacher is complete
-    STORE/<teacher>/<shard>.parquet      columns: id (as the inputs) + the kind's columns below
+    STORE/<teacher>/manifest.json                 written last; names every shard a reader may open
+    STORE/<teacher>/<split>/<file>-<rand>.parquet  shard of input file <split>/<file>: id + columns below
+    STORE/<teacher>/_commits/<split>/<file>.json   one per committed shard: shard name, rows, input key
+
+Object storage has no rename, so nothing is moved: a shard is written under a fresh name, then its
+commit record (one small object, written whole); `publish` writes the manifest only when every
+input file has a commit that matches the teacher, the settings and the input file's key, then
+deletes shards nobody names (interrupted attempts, older versions). A rerun after a crash finds
+the commits and computes only the missing shards.
 
 Every non-id column is `fixed_size_binary`: one row's array as raw little-endian bytes, with its
 dtype and per-row shape in the manifest's `columns`. Raw bytes write ~10x faster than
@@ -19,28 +27,30 @@ list<float16> and decode zero-copy into numpy. Kinds:
   replacement from the teacher's T=1 distribution outside the top-k, and their raw logits, so
   forward KL can estimate the tail without bias (kd_ops/token_losses.py: sampled_teacher).
 
-The manifest also records the format, kind, row count, shard files, the teacher's fingerprint
-(factory, kwargs, weights sha256) and the fingerprint of every input split it covers, so a rerun
-with the same teacher and inputs reuses it.
+The manifest also records the format, kind, row count, shards, the teacher's fingerprint
+(factory, kwargs, weights sha256) and the key of every input file it covers (size, rows, footer
+hash: metadata, never the data bytes), so a rerun with the same teacher and inputs reuses it.
 """
 from __future__ import annotations
 
+import itertools
 import json
-import os
-import shutil
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from kd_ops.fsio import Loc
+
 FORMAT = "kd-ops/soft-labels"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
+COMMITS = "_commits"
 
 
 def parquet_options(columns: dict[str, Any]) -> dict[str, Any]:
@@ -126,81 +136,169 @@ def shard_table(ids: pa.Array | np.ndarray, arrays: dict[str, np.ndarray]) -> pa
     return pa.table({"id": ids, **{k: encode(v) for k, v in arrays.items()}})
 
 
-def teacher_dir(store: str | Path, teacher: str) -> Path:
-    return Path(store) / teacher
+def write_empty_shard(loc: Loc, id_type: pa.DataType, columns: dict[str, dict[str, Any]]) -> None:
+    """The shard of an input file with no rows: the schema alone."""
+    schema = pa.schema([("id", id_type)] + [(k, pa.binary(np.dtype(s["dtype"]).itemsize * int(np.prod(s["shape"]))))
+                                            for k, s in columns.items()])
+    with loc.open_output() as f:
+        pq.write_table(schema.empty_table(), f, **parquet_options(columns))
 
 
-def read_manifest(store: str | Path, teacher: str) -> dict[str, Any] | None:
-    path = teacher_dir(store, teacher) / MANIFEST
-    if not path.is_file():
-        return None
-    return json.loads(path.read_text())
+def teacher_loc(store: str | Path | Loc, teacher: str) -> Loc:
+    return Loc.of(store) / teacher
 
 
-def is_current(store: str | Path, teacher: str, teacher_fp: str, input_fps: dict[str, str],
+def read_manifest(store: str | Path | Loc, teacher: str) -> dict[str, Any] | None:
+    path = teacher_loc(store, teacher) / MANIFEST
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def is_current(store: str | Path | Loc, teacher: str, teacher_fp: str, inputs: dict[str, dict[str, dict]],
                settings: dict[str, Any] | None = None) -> bool:
-    """True if the teacher's shards are complete and were made from exactly these weights, inputs
-    and settings (e.g. kind and k)."""
+    """True if the published shards were made from exactly these weights, input files (their keys:
+    size, rows, footer hash) and settings (e.g. kind and k)."""
     m = read_manifest(store, teacher)
     return bool(m and m.get("format_version") == FORMAT_VERSION and m.get("teacher_fingerprint") == teacher_fp
-                and m.get("input_fingerprints") == input_fps
-                and all(m.get(k) == v for k, v in (settings or {}).items()))
+                and m.get("inputs") == inputs and all(m.get(k) == v for k, v in (settings or {}).items()))
 
 
-def staging_dir(store: str | Path, teacher: str) -> Path:
-    """A fresh hidden directory to write shards into; nothing reads it until `publish`."""
-    path = Path(store) / f".staging-{teacher}-{uuid.uuid4().hex[:8]}"
-    path.mkdir(parents=True)
-    return path
+def unit(split: str, file_name: str) -> str:
+    """The store's name for one input file: `<split>/<file name>`."""
+    return f"{split}/{file_name}"
 
 
-def publish(staging: Path, store: str | Path, teacher: str, *, kind: str, columns: dict[str, dict[str, Any]],
-            expected_rows: int, teacher_fp: str, input_fps: dict[str, str],
+def new_shard(store: str | Path | Loc, teacher: str, split: str, file_name: str) -> Loc:
+    """A fresh shard location for one input file; nothing reads it until a commit names it."""
+    return teacher_loc(store, teacher) / split / f"{Path(file_name).stem}-{uuid.uuid4().hex[:8]}.parquet"
+
+
+def commit(store: str | Path | Loc, teacher: str, split: str, file_name: str, shard: Loc, rows: int,
+           input_key: dict, teacher_fp: str, settings: dict[str, Any]) -> None:
+    """Record a finished shard (written whole, after the shard itself)."""
+    tdir = teacher_loc(store, teacher)
+    record = {"shard": shard.path[len(tdir.path) + 1:], "rows": rows, "input": input_key,
+              "teacher_fingerprint": teacher_fp, "settings": settings}
+    (tdir / COMMITS / split / f"{file_name}.json").write_text(json.dumps(record))
+
+
+def write_shard(store: str | Path | Loc, teacher: str, split: str, file_name: str, table: pa.Table,
+                input_key: dict, teacher_fp: str, settings: dict[str, Any],
+                columns: dict[str, dict[str, Any]]) -> Loc:
+    """Write a whole in-memory shard and commit it (the pipeline streams instead; see precompute)."""
+    loc = new_shard(store, teacher, split, file_name)
+    with loc.open_output() as f:
+        pq.write_table(table, f, **parquet_options(columns))
+    commit(store, teacher, split, file_name, loc, table.num_rows, input_key, teacher_fp, settings)
+    return loc
+
+
+def committed(store: str | Path | Loc, teacher: str, teacher_fp: str, settings: dict[str, Any],
+              inputs: dict[str, dict[str, dict]]) -> dict[str, dict]:
+    """{unit: commit record} for the input files whose shard is already written for this teacher
+    version, these settings and the file as it is now."""
+    tdir = teacher_loc(store, teacher)
+    out = {}
+    for split, files in inputs.items():
+        for f in (tdir / COMMITS / split).files(".json"):
+            name = f.name[:-len(".json")]
+            if name not in files:
+                continue
+            rec = json.loads(f.read_text())
+            if (rec.get("input") == files[name] and rec.get("teacher_fingerprint") == teacher_fp
+                    and rec.get("settings") == settings):
+                out[unit(split, name)] = rec
+    return out
+
+
+def publish(store: str | Path | Loc, teacher: str, *, kind: str, columns: dict[str, dict[str, Any]],
+            inputs: dict[str, dict[str, dict]], teacher_fp: str, settings: dict[str, Any],
             extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Check the staged shards, write the manifest and move them into place atomically.
+    """Write the manifest once every input file has a matching commit, then delete unnamed shards.
 
-    Raises StoreError (and removes the staging directory) if rows are missing or duplicated.
-    """
-    try:
-        files, rows = [], 0
-        for f in sorted(staging.glob("*.parquet")):
-            n = pq.ParquetFile(f).metadata.num_rows
-            files.append({"name": f.name, "rows": n})
-            rows += n
-        if rows != expected_rows:
-            raise StoreError(f"teacher {teacher!r}: wrote {rows} rows, expected {expected_rows}; store not published")
-        ids = pq.read_table(staging, columns=["id"]).column("id")
-        if len(pc.unique(ids)) != rows:
-            raise StoreError(f"teacher {teacher!r}: duplicate ids in the written shards; store not published")
-        manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": kind, "teacher": teacher,
-                    "teacher_fingerprint": teacher_fp, "input_fingerprints": input_fps, "columns": columns,
-                    "logits": "raw", "rows": rows, "files": files,
-                    "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **(extra or {})}
-        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        final = teacher_dir(store, teacher)
-        if final.exists():  # replaced only now, when the new version is complete
-            old = final.with_name(f".old-{teacher}-{uuid.uuid4().hex[:8]}")
-            final.rename(old)
-            shutil.rmtree(old)
-        os.replace(staging, final)
-        return manifest
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    Raises StoreError (and writes no manifest) if a shard is missing or its row count differs
+    from its input file's."""
+    tdir = teacher_loc(store, teacher)
+    commits = committed(store, teacher, teacher_fp, settings, inputs)
+    shards, missing = {}, []
+    for split, files in inputs.items():
+        for name, key in files.items():
+            rec = commits.get(unit(split, name))
+            if rec is None:
+                missing.append(unit(split, name))
+            elif rec["rows"] != key["rows"]:
+                raise StoreError(f"teacher {teacher!r}: shard for {unit(split, name)} has {rec['rows']} rows, "
+                                 f"the input file {key['rows']}; store not published")
+            else:
+                shards[unit(split, name)] = {"file": rec["shard"], "rows": rec["rows"]}
+    if missing:
+        raise StoreError(f"teacher {teacher!r}: {len(missing)} input files have no committed shard, e.g. "
+                         f"{missing[:3]}; store not published (rerun to compute them)")
+    manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": kind, "teacher": teacher,
+                "teacher_fingerprint": teacher_fp, "inputs": inputs, "columns": columns, "logits": "raw",
+                "rows": sum(s["rows"] for s in shards.values()), "shards": shards,
+                "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **settings, **(extra or {})}
+    (tdir / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    named = {(tdir / s["file"]).path for s in shards.values()}
+    for f in tdir.files(".parquet", recursive=True):
+        if f.path not in named:
+            f.delete()
+    return manifest
 
 
-def read_teacher(store: str | Path, teacher: str) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, Any]]:
-    """All rows of one teacher: (ids [N], {column: [N, ...]}, manifest)."""
+def check_manifest(store: str | Path | Loc, teacher: str) -> dict[str, Any]:
+    """The teacher's manifest, or StoreError saying what to run."""
     m = read_manifest(store, teacher)
     if m is None:
-        raise StoreError(f"no complete soft labels for teacher {teacher!r} in {store} (no {MANIFEST}); "
+        raise StoreError(f"no complete soft labels for teacher {teacher!r} in {Loc.of(store)} (no {MANIFEST}); "
                          "run `kd precompute` first")
     if m.get("format_version") != FORMAT_VERSION:
-        raise StoreError(f"{teacher_dir(store, teacher)}: format version {m.get('format_version')}, "
+        raise StoreError(f"{teacher_loc(store, teacher)}: format version {m.get('format_version')}, "
                          f"this kd-ops reads {FORMAT_VERSION}; recompute the store")
-    table = pa.concat_tables([pq.read_table(teacher_dir(store, teacher) / f["name"]) for f in m["files"]])
-    arrays = {k: decode(table.column(k), s["dtype"], s["shape"]) for k, s in m["columns"].items()}
-    return table.column("id").to_numpy(zero_copy_only=False), arrays, m
+    return m
+
+
+def shard_of(store: str | Path | Loc, manifest: dict[str, Any], unit_name: str) -> Loc:
+    """Where the shard of one input file lives; StoreError if the manifest does not cover it."""
+    s = manifest["shards"].get(unit_name)
+    if s is None:
+        raise StoreError(f"teacher {manifest['teacher']!r}: the store has no shard for input file {unit_name}; "
+                         "recompute the store for these inputs")
+    return teacher_loc(store, manifest["teacher"]) / s["file"]
+
+
+def open_parquet(loc: Loc) -> pq.ParquetFile:
+    return pq.ParquetFile(loc.fs.open_input_file(loc.path))
+
+
+def aligned_batches(inputs: Loc, columns: list[str], shards: list[Loc], batch_rows: int
+                    ) -> Iterator[tuple[pa.RecordBatch, list[pa.RecordBatch]]]:
+    """Read an input file and its shards in lockstep, `batch_rows` rows at a time, checking that the
+    ids match row for row (a shard holds its input file's rows in the same order)."""
+    readers = [open_parquet(inputs).iter_batches(batch_size=batch_rows, columns=columns)]
+    readers += [open_parquet(s).iter_batches(batch_size=batch_rows) for s in shards]
+    for parts in itertools.zip_longest(*readers):
+        if any(p is None for p in parts):
+            raise StoreError(f"{inputs}: a shard of it has a different row count; recompute the store")
+        ids = parts[0].column("id")
+        for s, p in zip(shards, parts[1:]):
+            if not ids.equals(p.column("id")):
+                bad = pc.index(pc.equal(ids, p.column("id")), False).as_py()
+                raise StoreError(f"{s}: row {bad} has id {p.column('id')[bad]} but its input file {inputs} has "
+                                 f"{ids[bad]}; the shard does not belong to this input, recompute the store")
+        yield parts[0], list(parts[1:])
+
+
+def decode_batch(batch: pa.RecordBatch | pa.Table, columns: dict[str, dict[str, Any]]) -> dict[str, np.ndarray]:
+    return {k: decode(batch.column(k), s["dtype"], s["shape"]) for k, s in columns.items()}
+
+
+def read_teacher(store: str | Path | Loc, teacher: str) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, Any]]:
+    """All rows of one teacher, in memory: (ids [N], {column: [N, ...]}, manifest). For tests and
+    small benchmarks; the pipeline streams shards instead (`aligned_batches`)."""
+    m = check_manifest(store, teacher)
+    tables = [open_parquet(shard_of(store, m, u)).read() for u in sorted(m["shards"])]
+    table = pa.concat_tables(tables)
+    return table.column("id").to_numpy(zero_copy_only=False), decode_batch(table, m["columns"]), m
 
 
 def align(ids: np.ndarray, store_ids: np.ndarray, teacher: str) -> np.ndarray:
@@ -216,8 +314,9 @@ def align(ids: np.ndarray, store_ids: np.ndarray, teacher: str) -> np.ndarray:
     return order[pos]
 
 
-def soft_labels(store: str | Path, teachers: list[str], ids: np.ndarray) -> dict[str, np.ndarray]:
-    """Stored columns of several teachers for `ids`, stacked per column: {name: [M, N, ...]}."""
+def soft_labels(store: str | Path | Loc, teachers: list[str], ids: np.ndarray) -> dict[str, np.ndarray]:
+    """Stored columns of several teachers for `ids`, stacked per column: {name: [M, N, ...]} (in memory:
+    tests and benchmarks)."""
     per_teacher = []
     for t in teachers:
         store_ids, arrays, _ = read_teacher(store, t)
@@ -229,5 +328,11 @@ def soft_labels(store: str | Path, teachers: list[str], ids: np.ndarray) -> dict
     return {k: np.stack([p[k] for p in per_teacher]) for k in names}
 
 
-def size_bytes(store: str | Path) -> int:
-    return sum(f.stat().st_size for f in Path(store).rglob("*") if f.is_file() and not f.name.startswith("."))
+def size_bytes(store: str | Path | Loc) -> int:
+    """Bytes of the published shards and manifests (what a reader uses)."""
+    root, total = Loc.of(store), 0
+    for mf in root.files(MANIFEST, recursive=True):
+        m = json.loads(mf.read_text())
+        tdir = teacher_loc(root, m["teacher"])
+        total += mf.size() + sum((tdir / s["file"]).size() for s in m["shards"].values())
+    return total

@@ -70,11 +70,30 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("kd: interrupted", file=sys.stderr)
         return 130
-    except (ConfigError, ValueError, FileNotFoundError) as e:
+    except Exception as e:
+        root = _root_cause(e)
+        if root is None:
+            raise
         if args.debug:
             traceback.print_exc()
-        print(f"kd: error: {e}", file=sys.stderr)
+        print(f"kd: error: {root}", file=sys.stderr)
         return 2
+
+
+USER_ERRORS = (ConfigError, ValueError, FileNotFoundError)
+
+
+def _root_cause(e: BaseException) -> BaseException | None:
+    """The error a user can act on, or None: Ray wraps exceptions raised in tasks and actors
+    (RayTaskError with `.cause`, Ray Data's UserCodeException with `__cause__`), so the innermost
+    bad-input error of the chain is the one whose message is meant for the user."""
+    seen = set()
+    while isinstance(e, BaseException) and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, USER_ERRORS) and not type(e).__module__.startswith("ray."):
+            return e
+        e = getattr(e, "cause", None) or e.__cause__
+    return None
 
 
 def _dispatch(args) -> int:

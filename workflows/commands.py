@@ -9,7 +9,8 @@ from rich.console import Console
 from rich.table import Table
 
 from kd_ops import store
-from workflows import ray_session, stages, train as train_mod
+from workflows import ray_session, stages, tasks
+from workflows import train as train_mod
 from workflows.config import RunConfig
 from workflows.tracking import Tracker
 from workflows.tune import run_tune
@@ -21,8 +22,8 @@ def _setup(cfg: RunConfig, out: Path, tracking_uri, ray_address):
                          "for task: lm run the whole pipeline with `kd run`")
     lay = stages.Layout(Path(out).resolve())
     lay.out.mkdir(parents=True, exist_ok=True)
-    ray_session.init_ray(ray_address)
-    return lay, Tracker(tracking_uri or cfg.tracking.tracking_uri, cfg.tracking.experiment)
+    ray_session.init_ray(ray_address, cfg.code, cfg.train.resource_wait_s)
+    return lay, Tracker(tracking_uri or cfg.tracking.tracking_uri, cfg.tracking.experiment), tasks.for_config(cfg)
 
 
 def _teachers_with_weights(cfg: RunConfig, lay: stages.Layout):
@@ -35,54 +36,56 @@ def _teachers_with_weights(cfg: RunConfig, lay: stages.Layout):
 
 
 def precompute(cfg: RunConfig, out: Path, *, tracking_uri=None, ray_address=None) -> int:
-    lay, tracker = _setup(cfg, out, tracking_uri, ray_address)
+    lay, tracker, task = _setup(cfg, out, tracking_uri, ray_address)
     with tracker.parent(f"{cfg.name}-precompute", cfg.model_dump(mode="json"), {"kd.out": str(lay.out)}):
-        dirs = stages.stage_data(cfg, lay)
-        results = stages.stage_precompute(cfg, _teachers_with_weights(cfg, lay), dirs, lay, tracker)
+        dirs = task.data(lay)
+        results = stages.stage_precompute(cfg, task, _teachers_with_weights(cfg, lay), dirs, lay, tracker)
     t = Table(title=f"soft-label store {lay.store}")
-    for c in ("teacher", "rows", "kind", "columns", "status", "seconds"):
+    for c in ("teacher", "rows", "shards", "kind", "columns", "status", "seconds"):
         t.add_column(c)
     for r in results:
         cols = ", ".join(f"{k} {v['dtype']}{v['shape']}" for k, v in r.manifest["columns"].items())
-        t.add_row(r.name, str(r.manifest["rows"]), r.manifest["kind"], cols,
-                  "reused" if r.reused else "computed", f"{r.seconds:.1f}")
+        status = "reused" if r.reused else f"computed {r.shards_computed} shards"
+        t.add_row(r.name, str(r.manifest["rows"]), str(len(r.manifest["shards"])), r.manifest["kind"], cols,
+                  status, f"{r.seconds:.1f}")
     Console().print(t)
     print(f"store size: {store.size_bytes(lay.store):,} bytes")
     return 0
 
 
-def _prepared(cfg, lay):
-    dirs = stages.stage_data(cfg, lay)
+def _datasets(cfg: RunConfig, lay, task):
+    dirs = task.data(lay)
     for t in cfg.teachers:
         if store.read_manifest(lay.store, t.name) is None:
             raise ValueError(f"no soft labels for teacher {t.name!r} in {lay.store}; run `kd precompute` first")
-    return stages.prepare(cfg, dirs, lay)
+    sets, rows = stages.datasets(cfg, task, dirs, lay, teachers=True,
+                                 splits={"train": task.train_splits(), "val": ("val",), "test": ("test",)})
+    base = stages.loop(cfg, task, cfg.student.factory, task.student_kwargs(cfg.teachers), cfg.train.fit,
+                       train_rows=rows["train"], label="student", distill=True)
+    return sets, base
 
 
 def train(cfg: RunConfig, out: Path, *, tracking_uri=None, ray_address=None) -> int:
-    lay, tracker = _setup(cfg, out, tracking_uri, ray_address)
+    lay, tracker, task = _setup(cfg, out, tracking_uri, ray_address)
     with tracker.parent(f"{cfg.name}-train", cfg.model_dump(mode="json"), {"kd.out": str(lay.out)}):
-        prep = _prepared(cfg, lay)
-        spec = stages.distill_spec(cfg, prep)
-        with tracker.child("student", {k: spec[k] for k in ("temperature", "alpha", "teacher_weights", "kwargs")}) as rid:
-            res = train_mod.fit(spec | {"mlflow": {"tracking_uri": tracker.uri, "run_id": rid}}, prep.kd_datasets,
-                                name="student", storage=lay.ray, num_workers=cfg.train.num_workers,
-                                use_gpu=cfg.train.use_gpu)
-            from kd_ops import evaluate
-
-            names = [t.name for t in cfg.teachers]
-            ens = evaluate.ensemble_probs_np(prep.logits["test"], [1 / len(names)] * len(names))
-            _, row = stages.test_report(spec["factory"], spec["kwargs"], res.weights, prep, ens)
+        sets, spec = _datasets(cfg, lay, task)
+        params = {"temperature": spec.temperature, "alpha": spec.alpha, "teacher_weights": spec.teacher_weights,
+                  "kwargs": spec.kwargs}
+        with tracker.child("student", params) as rid:
+            res = train_mod.fit(spec.replace(mlflow={"tracking_uri": tracker.uri, "run_id": rid}),
+                                {k: sets[k] for k in ("train", "val")}, name="student", storage=lay.ray,
+                                num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu)
+            row = task.model_report(spec, res.weights, sets)
     print(json.dumps({"student": row, "weights": str(res.weights)}, indent=2))
     return 0
 
 
 def tune(cfg: RunConfig, out: Path, *, tracking_uri=None, ray_address=None) -> int:
-    lay, tracker = _setup(cfg, out, tracking_uri, ray_address)
+    lay, tracker, task = _setup(cfg, out, tracking_uri, ray_address)
     with tracker.parent(f"{cfg.name}-tune", cfg.model_dump(mode="json"), {"kd.out": str(lay.out)}) as parent_id:
-        prep = _prepared(cfg, lay)
-        _, best, rows = run_tune(cfg.tune, stages.distill_spec(cfg, prep), [t.name for t in cfg.teachers],
-                                 cfg.student.width_kwarg, prep.kd_datasets, storage=lay.ray,
+        sets, spec = _datasets(cfg, lay, task)
+        _, best, rows = run_tune(cfg.tune, spec, [t.name for t in cfg.teachers], cfg.student.width_kwarg,
+                                 {k: sets[k] for k in ("train", "val")}, storage=lay.ray,
                                  num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
                                  tracking_uri=tracker.uri, experiment=tracker.experiment, parent_run_id=parent_id)
     print(json.dumps({"best": best, "trials": rows}, indent=2, default=str))

@@ -31,10 +31,11 @@ class Mnist1dSource(Strict):
 
 
 class ParquetSource(Strict):
-    train: Path
-    val: Path
-    test: Path
-    transfer: Path | None = None
+    """Split directories: local paths (relative to the config file) or pyarrow.fs URIs (s3://, gs://)."""
+    train: str
+    val: str
+    test: str
+    transfer: str | None = None
     feature_columns: list[str] = ["x"]
     label_column: str = "label"
 
@@ -126,6 +127,8 @@ class TrainConfig(Strict):
     num_workers: int = Field(1, ge=1, description="Ray Train workers (DDP, gloo on CPU)")
     cpus_per_worker: int = Field(1, ge=1, description="CPUs (and torch threads) per Train worker")
     use_gpu: bool = False
+    resource_wait_s: float = Field(600, gt=0, description="a fit whose workers cannot get their resources for "
+                                   "this long fails, naming the resources (Ray would wait forever)")
 
 
 class PrecomputeConfig(Strict):
@@ -211,6 +214,9 @@ class RunConfig(Strict):
     precompute: PrecomputeConfig = PrecomputeConfig()
     tune: TuneConfig = TuneConfig()
     tracking: TrackingConfig = TrackingConfig()
+    code: list[Path] = Field([], description="local module files or package directories (e.g. the module of "
+                             "your factories) shipped to every Ray worker as runtime_env py_modules; relative to "
+                             "the config file")
 
     @model_validator(mode="after")
     def _teachers_consistent(self) -> "RunConfig":
@@ -275,7 +281,9 @@ def _resolve_paths(cfg: RunConfig, base: Path) -> RunConfig:
     fix = lambda p: p if p is None or p.is_absolute() else (base / p).resolve()  # noqa: E731
     for t in cfg.teachers:
         t.weights, t.hf_dir = fix(t.weights), fix(t.hf_dir)
+    cfg.code = [fix(Path(c)) for c in cfg.code]
     if cfg.data.parquet is not None:
         pq_cfg = cfg.data.parquet
-        pq_cfg.train, pq_cfg.val, pq_cfg.test, pq_cfg.transfer = map(fix, (pq_cfg.train, pq_cfg.val, pq_cfg.test, pq_cfg.transfer))
+        uri = lambda p: p if p is None or "://" in p else str(fix(Path(p)))  # noqa: E731
+        pq_cfg.train, pq_cfg.val, pq_cfg.test, pq_cfg.transfer = map(uri, (pq_cfg.train, pq_cfg.val, pq_cfg.test, pq_cfg.transfer))
     return cfg

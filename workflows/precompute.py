@@ -1,8 +1,19 @@
-"""Precompute: Ray Data runs each teacher over every input split and writes raw logits to the store.
+"""Precompute: Ray Data runs every teacher over every input file and writes raw logits to the store.
 
-read_parquet → select id + features → map_batches(TeacherPredictor, actor pool) → write_parquet
-into a staging directory → kd_ops.store.publish (row/id checks, manifest, atomic rename). A
-teacher whose manifest already matches its weights, the inputs and the settings is reused.
+The work unit is one input file: an actor pool (all teachers in each actor) reads it once, writes
+one shard per teacher with the file's rows in its order (the store is co-partitioned with the
+inputs, so training zips a file with its shards, no join), then commits each shard
+(kd_ops.store.commit). `publish` writes a teacher's manifest last, once every file is committed.
+
+Why not Ray Data's own checkpointing (`DataContext.checkpoint_config`, beta): it filters rows by
+id on the way into a `write_parquet`, whose output files follow Ray's blocks, not the input
+files, so it cannot give a store with one shard per input file in the same row order; and the
+commit protocol here is the one the manifest needs anyway. A killed driver or node loses at most
+the files in flight; the rerun computes only the files without a matching commit.
+
+Before any teacher runs: input files are identified by metadata (size, rows, footer hash), and
+ids are checked on the cluster (no nulls, none twice). A teacher whose manifest matches its
+weights, the input files and the settings is reused without being built.
 """
 from __future__ import annotations
 
@@ -10,7 +21,6 @@ import contextlib
 import hashlib
 import logging
 import os
-import shutil
 import threading
 import time
 from dataclasses import dataclass
@@ -24,6 +34,7 @@ import ray
 import torch
 
 from kd_ops import data, models, store
+from kd_ops.fsio import Loc
 
 log = logging.getLogger("kd")
 
@@ -51,22 +62,25 @@ class TeacherSpec:
         return models.load_weights(model, self.weights) if self.weights is not None else model
 
 
-class TeacherPredictor:
-    """Ray Data callable class: loads one teacher once per actor, maps Arrow batches to stored arrays.
+class ShardWriter:
+    """Ray Data callable class: each call takes input files (units) and writes, for every teacher
+    that lacks it, the shard of that file (same rows, same order) and then its commit record.
 
-    Ray Data may run several calls of one actor at once (`calls_per_actor`, threads): while one
-    batch is in the teacher, another is read, copied and encoded. On CUDA each thread has its own
+    All teachers live in one actor, so the inputs are read once for all of them. A call holds
+    one record batch of one file at a time, whatever the file's size. Ray Data may run several
+    calls of one actor at once (`calls_per_actor`, threads): on CUDA each thread has its own
     stream and copies the kept arrays into pinned host memory without blocking, so one batch's
     copies overlap the next batch's forward instead of stalling the GPU.
     """
 
-    def __init__(self, spec: TeacherSpec, feature_columns: list[str], input_dtype: str, top_k: int | None,
-                 device: str, threads: int, teacher_dtype: str = "float32", tail_samples: int = 0):
+    def __init__(self, specs: list[TeacherSpec], plan: "Plan", feature_columns: list[str], input_dtype: str,
+                 top_k: int | None, device: str, threads: int, teacher_dtype: str = "float32",
+                 tail_samples: int = 0, batch_size: int = 4096):
         torch.set_num_threads(max(1, threads))
         self.device = torch.device(device)
-        self.model = spec.build().to(self.device, getattr(torch, teacher_dtype)).eval()
-        self.feature_columns, self.input_dtype, self.top_k = feature_columns, np.dtype(input_dtype), top_k
-        self.tail_samples = tail_samples
+        self.models = {s.name: s.build().to(self.device, getattr(torch, teacher_dtype)).eval() for s in specs}
+        self.plan, self.feature_columns, self.input_dtype = plan, feature_columns, np.dtype(input_dtype)
+        self.top_k, self.tail_samples, self.batch_size = top_k, tail_samples, batch_size
         self._local = threading.local()
 
     def _stream(self):
@@ -76,28 +90,74 @@ class TeacherPredictor:
             self._local.stream = torch.cuda.Stream(self.device)
         return self._local.stream
 
-    def _generator(self, batch: pa.Table) -> torch.Generator | None:
-        """Tail draws seeded by the batch's ids, so a rerun over the same batches stores the same draws."""
+    def _generator(self, ids: pa.Array) -> torch.Generator | None:
+        """Tail draws seeded by the batch's ids, so a rerun over the same rows stores the same draws."""
         if not self.tail_samples:
             return None
-        ids = np.ascontiguousarray(batch.column("id").to_numpy(zero_copy_only=False).astype(str)).tobytes()
-        seed = int.from_bytes(hashlib.blake2b(ids, digest_size=8).digest(), "little") >> 1
+        raw = np.ascontiguousarray(ids.to_numpy(zero_copy_only=False).astype(str)).tobytes()
+        seed = int.from_bytes(hashlib.blake2b(raw, digest_size=8).digest(), "little") >> 1
         return torch.Generator(self.device).manual_seed(seed)
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        x = torch.from_numpy(data.features(batch, self.feature_columns, dtype=self.input_dtype))
+    def _kept(self, model, x: np.ndarray, ids: pa.Array) -> dict[str, np.ndarray]:
+        x = torch.from_numpy(x)
         stream = self._stream()
         with torch.inference_mode(), (torch.cuda.stream(stream) if stream else contextlib.nullcontext()):
             if stream is not None:
                 x = x.pin_memory()
-            kept = store.teacher_tensors(self.model(x.to(self.device, non_blocking=True)), self.top_k,
-                                         self.tail_samples, self._generator(batch))
+            kept = store.teacher_tensors(model(x.to(self.device, non_blocking=True)), self.top_k,
+                                         self.tail_samples, self._generator(ids))
             if stream is not None:
                 # the numpy views below keep these pinned buffers alive until Arrow is done with them
                 kept = {k: torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
                         for k, t in kept.items()}
                 stream.synchronize()
-        return store.shard_table(batch.column("id"), store.host_arrays(kept))
+        return store.host_arrays(kept)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        units = [str(u) for u in batch["unit"]]
+        rows = [self._unit(u, str(ts).split(",")) for u, ts in zip(units, batch["teachers"])]
+        return {"unit": np.array(units), "rows": np.array(rows, np.int64)}
+
+    def _unit(self, u: str, teachers: list[str]) -> int:
+        p = self.plan
+        split, name = u.split("/", 1)
+        src = p.files[u]
+        shards = {t: store.new_shard(p.store, t, split, name) for t in teachers}
+        writers, sinks, n = {}, {}, 0
+        reader = store.open_parquet(src)
+        try:
+            for rb in reader.iter_batches(batch_size=self.batch_size,
+                                                          columns=["id", *self.feature_columns]):
+                table = pa.Table.from_batches([rb])
+                x = data.features(table, self.feature_columns, str(src), self.input_dtype)
+                ids = table.column("id").combine_chunks()
+                for t in teachers:
+                    shard = store.shard_table(ids, self._kept(self.models[t], x, ids))
+                    if t not in writers:
+                        sinks[t] = shards[t].open_output()
+                        writers[t] = pq.ParquetWriter(sinks[t], shard.schema, **store.parquet_options(p.columns))
+                    writers[t].write_table(shard)
+                n += rb.num_rows
+        finally:
+            for t, w in writers.items():
+                w.close()
+                sinks[t].close()  # ParquetWriter leaves a stream it did not open; closing completes the upload
+        for t in teachers:  # the shard is whole: now (and only now) commit it
+            if t not in writers:  # an empty input file still gets an (empty) shard
+                store.write_empty_shard(shards[t], reader.schema_arrow.field("id").type, p.columns)
+            store.commit(p.store, t, split, name, shards[t], n, p.inputs[split][name], p.fps[t], p.settings)
+        return n
+
+
+@dataclass
+class Plan:
+    """What every ShardWriter needs to know, shipped once to the actors (metadata only)."""
+    store: Loc
+    files: dict[str, Loc]                   # unit → input file
+    inputs: dict[str, dict[str, dict]]      # split → file name → file key
+    columns: dict[str, dict[str, Any]]      # stored column spec
+    fps: dict[str, str]                     # teacher → fingerprint
+    settings: dict[str, Any]
 
 
 def actor_threads(threads: int | None, num_actors: int, use_gpu: bool) -> int:
@@ -106,18 +166,6 @@ def actor_threads(threads: int | None, num_actors: int, use_gpu: bool) -> int:
     if threads is not None:
         return threads
     return 1 if use_gpu else max(1, (os.cpu_count() or 1) // num_actors)
-
-
-def read_inputs(paths: list[str]) -> ray.data.Dataset:
-    """read_parquet through Ray Data's V1 Parquet datasource. Measured here (Ray 2.60, 62 files of
-    8k rows): the V2 default took 14 s and packed every file into one block, so one actor got all
-    the work and nothing overlapped; V1 read the same files in 3.6 s as 124 blocks."""
-    ctx = ray.data.DataContext.get_current()
-    before, ctx.use_datasource_v2 = ctx.use_datasource_v2, False
-    try:
-        return ray.data.read_parquet(paths)
-    finally:
-        ctx.use_datasource_v2 = before
 
 
 def options(pc) -> dict[str, Any]:
@@ -132,6 +180,7 @@ class TeacherResult:
     reused: bool
     manifest: dict
     seconds: float
+    shards_computed: int = 0
 
 
 def probe(spec: TeacherSpec, sample: np.ndarray, top_k: int | None, tail_samples: int = 0) -> dict[str, dict[str, Any]]:
@@ -142,67 +191,124 @@ def probe(spec: TeacherSpec, sample: np.ndarray, top_k: int | None, tail_samples
         return store.column_spec(store.teacher_arrays(model(torch.from_numpy(sample)), top_k, tail_samples))
 
 
-def count_rows(split_dirs: dict[str, Path]) -> int:
-    return sum(pq.ParquetFile(f).metadata.num_rows for d in split_dirs.values() for f in data.parquet_files(d))
+def check_ids(files: dict[str, Loc]) -> None:
+    """The id contract over every input file, on the cluster (hash-partitioned count by id): no
+    nulls, no id twice. The driver receives at most a few duplicate ids, never the id column."""
+    ds = ray.data.from_items([{"unit": u} for u in files], override_num_blocks=max(1, min(len(files), 64)))
+    nulls = ds.map_batches(_null_count, fn_kwargs={"files": files}, batch_size=1).sum("nulls") or 0
+    if nulls:
+        raise data.DataError(f"inputs ({_dirs(files)}): {nulls} rows have a null `id`")
+    dup = (ds.map_batches(_ids, fn_kwargs={"files": files}, batch_size=1).groupby("id").count()
+           .filter(expr=ray.data.expressions.col("count()") > 1))
+    examples = [r["id"] for r in dup.take(5)]
+    if examples:
+        n = dup.count()
+        raise data.DataError(f"inputs ({_dirs(files)}): {n} duplicate ids, e.g. {examples}; ids must be unique "
+                             "across every split and file")
 
 
-def precompute(teachers, split_dirs: dict[str, Path], store_dir: Path, *, feature_columns: list[str],
+def _dirs(files: dict[str, Loc]) -> str:
+    return ", ".join(sorted({str(f)[:-len(f.name) - 1] for f in files.values()}))
+
+
+def _null_count(batch: dict[str, np.ndarray], files: dict[str, Loc]) -> dict[str, np.ndarray]:
+    return {"nulls": np.array([store.open_parquet(files[str(u)]).read(columns=["id"]).column("id").null_count
+                               for u in batch["unit"]], np.int64)}
+
+
+def _ids(batch: dict[str, np.ndarray], files: dict[str, Loc]) -> pa.Table:
+    return pa.concat_tables([store.open_parquet(files[str(u)]).read(columns=["id"]) for u in batch["unit"]]).drop_null()
+
+
+def input_files(split_dirs: dict[str, Any], columns: list[str]) -> tuple[dict[str, Loc], dict[str, dict[str, dict]]]:
+    """(unit → input file, split → file name → file key): metadata only, no data bytes read.
+    Every file must have an `id` and the feature columns."""
+    files, inputs = {}, {}
+    for split, d in sorted(split_dirs.items()):
+        locs = data.parquet_files(d)
+        inputs[split] = data.file_keys(locs, columns)
+        files |= {store.unit(split, f.name): f for f in locs}
+    return files, inputs
+
+
+def precompute(teachers, split_dirs: dict[str, Any], store_dir, *, feature_columns: list[str],
                batch_size: int, num_actors: int, use_gpu: bool, top_k: int | None = None,
                input_dtype: str = "float32", teacher_dtype: str = "float32", threads: int | None = None,
-               calls_per_actor: int = 2, tail_samples: int = 0,
-               extra: dict[str, Any] | None = None) -> list[TeacherResult]:
-    """Run every teacher over every split in `split_dirs`; returns one result per teacher.
+               calls_per_actor: int = 2, tail_samples: int = 0, extra: dict[str, Any] | None = None,
+               progress=None) -> list[TeacherResult]:
+    """Run every teacher over every input file in `split_dirs` into the store; returns one result
+    per teacher. Shard-level and resumable: a file whose shard is committed for this teacher,
+    these settings and the file as it is now is not computed again, so a rerun after a crash
+    runs only the missing files. All teachers that need a file run on it in one read.
 
-    The actor pool reserves one CPU per actor for Ray's scheduler and runs the teacher with
-    `actor_threads(threads, …)` torch threads; reading and writing run in Ray tasks beside it."""
-    input_fps = {split: data.fingerprint(d) for split, d in sorted(split_dirs.items())}
-    for split, d in split_dirs.items():  # the id contract, checked once before any teacher runs
-        data.validate_ids(data.read_table(d, columns=["id"]), str(d))
-    expected = count_rows(split_dirs)
-    first_file = data.parquet_files(next(iter(split_dirs.values())))[0]  # two rows to probe with, not a whole split
-    first = pq.read_table(first_file, columns=feature_columns).slice(0, 2)
-    sample = data.features(first, feature_columns, "input", np.dtype(input_dtype))
+    The actor pool reserves one CPU per actor for Ray's scheduler and runs the teachers with
+    `actor_threads(threads, …)` torch threads. `progress(done_rows, total_rows)` is called as
+    shards finish."""
+    root = Loc.of(store_dir)
+    files, inputs = input_files(split_dirs, ["id", *feature_columns])
     kind = "full" if top_k is None else "topk"
     if tail_samples and top_k is None:
         raise ValueError("tail_samples needs top_k: full logits have no tail to sample")
     settings = {"kind": kind, "top_k": top_k, "tail_samples": tail_samples, "teacher_dtype": teacher_dtype}
-    results = []
-    for t in teachers:
-        start = time.perf_counter()
-        spec = TeacherSpec.of(t)
-        fp = models.teacher_fingerprint(spec.factory, spec.kwargs, spec.weight_files)
-        if store.is_current(store_dir, t.name, fp, input_fps, settings):  # reused without building the teacher
-            log.info("precompute %s: store is current (same weights, inputs and settings), reusing it", t.name)
-            results.append(TeacherResult(t.name, True, store.read_manifest(store_dir, t.name), 0.0))
-            continue
-        columns = probe(spec, sample, top_k, tail_samples)
-        if extra and "num_classes" in extra and columns["logits"]["shape"] != [extra["num_classes"]]:
-            raise ValueError(f"teacher {t.name!r} outputs logits of shape {columns['logits']['shape']} per row, "
+    specs = {t.name: TeacherSpec.of(t) for t in teachers}
+    fps = {n: models.teacher_fingerprint(s.factory, s.kwargs, s.weight_files) for n, s in specs.items()}
+    results, todo = {}, []
+    for n in specs:
+        if store.is_current(root, n, fps[n], inputs, settings):  # reused without building the teacher
+            log.info("precompute %s: store is current (same weights, input files and settings), reusing it", n)
+            results[n] = TeacherResult(n, True, store.read_manifest(root, n), 0.0)
+        else:
+            todo.append(n)
+    if not todo:
+        return [results[t.name] for t in teachers]
+    start = time.perf_counter()
+    check_ids(files)
+    first = store.open_parquet(next(iter(files.values()))).read(columns=feature_columns).slice(0, 2)
+    sample = data.features(first, feature_columns, "input", np.dtype(input_dtype))
+    columns = None
+    for n in todo:
+        spec_columns = probe(specs[n], sample, top_k, tail_samples)
+        if extra and "num_classes" in extra and spec_columns["logits"]["shape"] != [extra["num_classes"]]:
+            raise ValueError(f"teacher {n!r} outputs logits of shape {spec_columns['logits']['shape']} per row, "
                              f"but data.num_classes is {extra['num_classes']}")
-        log.info("precompute %s: %d rows from %s", t.name, expected, ", ".join(split_dirs))
-        staging = store.staging_dir(store_dir, t.name)
-        try:
-            ds = read_inputs([str(d) for d in split_dirs.values()]).select_columns(["id", *feature_columns])
-            ds = ds.map_batches(
-                TeacherPredictor,
-                fn_constructor_kwargs=dict(spec=spec, feature_columns=feature_columns, input_dtype=input_dtype,
-                                           top_k=top_k, device="cuda" if use_gpu else "cpu",
-                                           threads=actor_threads(threads, num_actors, use_gpu),
-                                           teacher_dtype=teacher_dtype, tail_samples=tail_samples),
-                batch_size=batch_size, batch_format="pyarrow",
-                compute=ray.data.ActorPoolStrategy(
-                    min_size=1, max_size=num_actors, max_concurrent_calls_per_actor=calls_per_actor,
-                    # GPU: calls overlap inside the UDF (each on its own stream); CPU: only the
-                    # reading and output building overlap, the teacher already uses every core
-                    enable_true_multi_threading=use_gpu),
-                num_gpus=1 if use_gpu else 0, num_cpus=1)
-            ds.write_parquet(str(staging), **store.parquet_options(columns))
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        manifest = store.publish(staging, store_dir, t.name, kind=kind, columns=columns, expected_rows=expected,
-                                 teacher_fp=fp, input_fps=input_fps,
-                                 extra={**settings, **(extra or {}), "factory": spec.factory, "kwargs": spec.kwargs,
-                                        "weights": [str(f) for f in spec.weight_files]})
-        results.append(TeacherResult(t.name, False, manifest, time.perf_counter() - start))
-    return results
+        if columns is not None and spec_columns != columns:
+            raise ValueError(f"teachers {todo} store different columns ({columns} vs {spec_columns}); "
+                             "every teacher must have the same output shape")
+        columns = spec_columns
+    done = {n: store.committed(root, n, fps[n], settings, inputs) for n in todo}
+    need = {u: [n for n in todo if u not in done[n]] for u in files}
+    need = {u: ts for u, ts in need.items() if ts}
+    total_rows = sum(k["rows"] for fs in inputs.values() for k in fs.values())
+    resumed = sum(inputs[u.split("/", 1)[0]][u.split("/", 1)[1]]["rows"] for u in files if u not in need)
+    log.info("precompute %s: %d of %d input files to compute (%d rows)%s", ", ".join(todo), len(need), len(files),
+             total_rows - resumed, f"; {len(files) - len(need)} already committed" if len(need) < len(files) else "")
+    if need:
+        plan = Plan(root, {u: files[u] for u in need}, inputs, columns, fps, settings)
+        items = [{"unit": u, "teachers": ",".join(ts)} for u, ts in need.items()]
+        ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+            ShardWriter,
+            fn_constructor_kwargs=dict(specs=[specs[n] for n in todo], plan=plan, feature_columns=feature_columns,
+                                       input_dtype=input_dtype, top_k=top_k, device="cuda" if use_gpu else "cpu",
+                                       threads=actor_threads(threads, num_actors, use_gpu),
+                                       teacher_dtype=teacher_dtype, tail_samples=tail_samples,
+                                       batch_size=batch_size),
+            batch_size=1,
+            compute=ray.data.ActorPoolStrategy(
+                min_size=1, max_size=num_actors, max_concurrent_calls_per_actor=calls_per_actor,
+                # GPU: calls overlap inside the UDF (each on its own stream); CPU: the teachers
+                # already use every core
+                enable_true_multi_threading=use_gpu),
+            num_gpus=1 if use_gpu else 0, num_cpus=1)
+        done_rows = resumed
+        for row in ds.iter_rows():  # one tiny row per finished file: progress, not data
+            done_rows += int(row["rows"])
+            if progress:
+                progress(done_rows, total_rows)
+    for n in todo:
+        s = specs[n]
+        manifest = store.publish(root, n, kind=kind, columns=columns, inputs=inputs, teacher_fp=fps[n],
+                                 settings=settings, extra={**(extra or {}), "factory": s.factory, "kwargs": s.kwargs,
+                                                           "weights": [str(f) for f in s.weight_files]})
+        results[n] = TeacherResult(n, False, manifest, time.perf_counter() - start,
+                                   sum(n in ts for ts in need.values()))
+    return [results[t.name] for t in teachers]

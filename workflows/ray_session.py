@@ -1,27 +1,82 @@
-"""The Ray session kd-ops runs in (no MLflow here: GPU benchmark machines run without it)."""
+"""The Ray session kd-ops runs in (no MLflow here: GPU benchmark machines run without it).
+
+One run, one pinned cluster: every process the run starts (tasks, actors, Train controllers and
+workers, Tune trials, Ray Train's detached PlacementGroupCleaner) gets RAY_ADDRESS of this run's
+cluster in its environment, so nothing auto-detects "the" local cluster and finds several when
+two runs share a machine. User code named in the config is shipped to every node as
+runtime_env py_modules.
+"""
 from __future__ import annotations
 
 import logging
 import os
+import socket
+import sys
 from contextlib import contextmanager
+from pathlib import Path
 
 import ray
 
 # Ray Train V2 workers block in report() until the controller drains a 1-slot queue, which it
 # polls every 2 s by default: with sub-second epochs that poll, not training, sets the pace.
 RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
+# How long a Train worker group may wait for its resources before the fit fails (Ray's default
+# is 60 s, retried without limit: a run that can never be scheduled waited forever).
+WAIT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
 
 
-def init_ray(address: str | None = None) -> None:
-    """Start (or join) Ray. Local runs get a fresh cluster with the dashboard on 127.0.0.1: Tune's
-    ASHA needs the state API it serves to clean up stopped trials."""
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def code_paths(code: list) -> list[str]:
+    """Check the config's `code` entries (module files or package directories) and return them absolute."""
+    out = []
+    for c in code or []:
+        p = Path(c).resolve()
+        if not p.exists():
+            raise ValueError(f"code: {p} does not exist (give module files or package directories to ship)")
+        if p.is_file() and p.suffix != ".py":
+            raise ValueError(f"code: {p} is neither a .py module nor a package directory")
+        if p.is_dir() and not (p / "__init__.py").is_file():
+            raise ValueError(f"code: {p} is a directory without __init__.py; ship a package directory or .py files")
+        out.append(str(p))
+    return out
+
+
+def init_ray(address: str | None = None, code: list | None = None, resource_wait_s: float = 600.0) -> None:
+    """Start (or join) Ray. Local runs get a fresh cluster with the dashboard on 127.0.0.1 (Tune's
+    ASHA needs the state API it serves to clean up stopped trials) on a GCS port chosen here, so
+    its address is known before any process starts and can be pinned in every process's env."""
     if ray.is_initialized():
         return
+    modules = code_paths(code)
+    for m in modules:  # the driver imports them too (the probe builds teachers here)
+        parent = str(Path(m).parent)
+        if parent not in sys.path:
+            sys.path.insert(0, parent)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # local default; a real cluster sets its own
     os.environ.update({k: os.environ.get(k, v) for k, v in RAY_ENV.items()})  # the local raylet inherits these
-    ray.init(address=address or "local", include_dashboard=address is None, dashboard_host="127.0.0.1",
-             runtime_env={"env_vars": {k: os.environ[k] for k in RAY_ENV}},
-             configure_logging=True, logging_level=logging.WARNING)
+    os.environ[WAIT_ENV] = str(resource_wait_s)
+    env = {k: os.environ[k] for k in (*RAY_ENV, WAIT_ENV)}
+    if address is None:
+        port = _free_port()
+        os.environ["RAY_GCS_SERVER_PORT"] = str(port)
+        pinned = f"{ray.util.get_node_ip_address()}:{port}"
+    else:
+        pinned = address if address != "auto" else None
+    if pinned:
+        env["RAY_ADDRESS"] = pinned
+    runtime_env = {"env_vars": env} | ({"py_modules": modules} if modules else {})
+    try:
+        ray.init(address=address or "local", include_dashboard=address is None, dashboard_host="127.0.0.1",
+                 runtime_env=runtime_env, configure_logging=True, logging_level=logging.WARNING)
+    finally:
+        os.environ.pop("RAY_GCS_SERVER_PORT", None)
+    # the driver's own later helpers (state API, subprocesses) use this cluster too
+    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
     # bars only around precompute (see progress_bars): in Train ingest they repeat every epoch
     ray.data.DataContext.get_current().enable_progress_bars = False
 

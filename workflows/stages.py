@@ -1,22 +1,22 @@
-"""Pipeline stages, each usable alone (`kd precompute`, `kd train`, `kd tune`) or chained by `kd run`.
+"""Pipeline stages shared by every task, each usable alone (`kd precompute`, `kd train`, `kd tune`)
+or chained by `kd run`. The task-specific parts (data, teachers, metrics) are in workflows.tasks.
 
 Orchestration only: the maths lives in kd_ops; Ray does the work; MLflow records it.
 """
 from __future__ import annotations
 
-import json
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import mlflow
 import numpy as np
 import ray
 
-from kd_ops import data, evaluate, models, store
+from kd_ops import data, store
+from workflows import ingest, train
 from workflows import precompute as pre
-from workflows import train
 from workflows.config import RunConfig, TeacherConfig
 from workflows.ray_session import progress_bars
 from workflows.tracking import Tracker
@@ -39,73 +39,8 @@ class Layout:
     def ray(self) -> Path: return self.out / "ray"
 
 
-def stage_data(cfg: RunConfig, lay: Layout) -> dict[str, Path]:
-    """Split directories (train/val/test[/transfer]); the built-in source writes them once."""
-    if cfg.data.source == "parquet":
-        p = cfg.data.parquet
-        dirs = {"train": p.train, "val": p.val, "test": p.test} | ({"transfer": p.transfer} if p.transfer else {})
-        for d in dirs.values():
-            data.parquet_files(d)
-        return dirs
-    m = cfg.data.mnist1d
-    stamp = lay.data / "source.json"
-    want = m.model_dump()
-    dirs = {s: lay.data / s for s in data.SPLITS if s != "transfer" or m.transfer > 0}
-    if stamp.is_file() and json.loads(stamp.read_text()) == want and all(d.is_dir() for d in dirs.values()):
-        log.info("data: reusing %s", lay.data)
-        return dirs
-    log.info("data: generating MNIST-1D (%d labelled, %d transfer)", m.labelled, m.transfer)
-    splits = data.mnist1d_splits(m.labelled, m.val, m.test, m.transfer, m.seed, m.transfer_seed)
-    for name, inputs in splits.items():
-        data.write_split(inputs, lay.data / name, m.rows_per_file)
-    stamp.write_text(json.dumps(want))
-    return dirs
-
-
-def feature_columns(cfg: RunConfig) -> list[str]:
-    return cfg.data.parquet.feature_columns if cfg.data.source == "parquet" and cfg.task == "classification" else ["x"]
-
-
-def label_column(cfg: RunConfig) -> str:
-    return cfg.data.parquet.label_column if cfg.data.source == "parquet" else "label"
-
-
-def load_split(cfg: RunConfig, d: Path) -> data.Inputs:
-    return data.read_inputs(d, feature_columns(cfg), label_column(cfg))
-
-
 def teacher_weights_path(t: TeacherConfig, lay: Layout) -> Path:
     return t.weights or lay.teachers / f"{t.name}.safetensors"
-
-
-def fit_spec(factory: str, kwargs: dict, fit, cpus_per_worker: int, **extra) -> dict[str, Any]:
-    return {"factory": factory, "kwargs": kwargs, **fit.model_dump(), "cpus_per_worker": cpus_per_worker, **extra}
-
-
-def stage_teachers(cfg: RunConfig, dirs: dict[str, Path], lay: Layout, tracker: Tracker | None) -> list[TeacherConfig]:
-    """Teachers with weights given are checked; the others are trained on the labelled train split."""
-    resolved, to_train = [], []
-    for t in cfg.teachers:
-        path = teacher_weights_path(t, lay)
-        if t.weights is None and not path.is_file():
-            to_train.append(t)
-        resolved.append(t.model_copy(update={"weights": path}))
-    if to_train:
-        tr, va = load_split(cfg, dirs["train"]), load_split(cfg, dirs["val"])
-        ds = {"train": train.make_dataset(tr.x, tr.y), "val": train.make_dataset(va.x, va.y, shuffle_seed=None)}
-        for t in to_train:
-            models.build(t.factory, t.kwargs)  # fail fast on a bad factory, before Ray Train starts
-            loop = fit_spec(t.factory, t.kwargs, t.fit, cfg.train.cpus_per_worker, train_rows=len(tr.x),
-                            label=f"teacher {t.name}")
-            with _child(tracker, f"teacher-{t.name}", loop) as run_id:
-                loop["mlflow"] = tracker and {"tracking_uri": tracker.uri, "run_id": run_id}
-                res = train.fit(loop, ds, name=f"teacher-{t.name}", storage=lay.ray,
-                                num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu)
-                models.save_weights(models.load_weights(models.build(t.factory, t.kwargs), res.weights),
-                                    teacher_weights_path(t, lay))
-                if tracker:
-                    mlflow.log_artifact(str(teacher_weights_path(t, lay)), "weights")
-    return resolved
 
 
 class _NullRun:
@@ -113,51 +48,40 @@ class _NullRun:
     def __exit__(self, *a): return False
 
 
-def _child(tracker: Tracker | None, name: str, params: dict | None = None):
+def child_run(tracker: Tracker | None, name: str, params: dict | None = None):
+    """A nested MLflow run (or nothing without a tracker)."""
     return tracker.child(name, params) if tracker else _NullRun()
 
 
-def stage_precompute(cfg: RunConfig, teachers: list[TeacherConfig], dirs: dict[str, Path], lay: Layout,
+def stage_precompute(cfg: RunConfig, task, teachers: list[TeacherConfig], dirs: dict[str, Path], lay: Layout,
                      tracker: Tracker | None) -> list[pre.TeacherResult]:
     pc = cfg.precompute
-    with _child(tracker, "precompute", pc.model_dump()), progress_bars():
-        lm = cfg.task == "lm"
-        results = pre.precompute(teachers, dirs, lay.store, feature_columns=feature_columns(cfg), **pre.options(pc),
-                                 top_k=pc.top_k if lm else None, tail_samples=pc.tail_samples if lm else 0,
-                                 input_dtype="int64" if lm else "float32",
-                                 extra=None if lm else {"num_classes": cfg.data.num_classes})
+    with child_run(tracker, "precompute", pc.model_dump()), progress_bars():
+        results = pre.precompute(teachers, dirs, lay.store, feature_columns=task.feature_columns, **pre.options(pc),
+                                 **task.precompute_options(), progress=_progress("precompute", "rows"))
         if tracker:
             for r in results:
                 mlflow.log_dict(r.manifest, f"manifests/{r.name}.json")
                 mlflow.log_metric(f"{r.name}.seconds", r.seconds)
+                mlflow.log_metric(f"{r.name}.shards_computed", r.shards_computed)
             mlflow.log_metric("store_bytes", store.size_bytes(lay.store))
             mlflow.set_tag("kd.reused", ",".join(r.name for r in results if r.reused) or "none")
     return results
 
 
-@dataclass
-class Prepared:
-    """Inputs joined with the store's logits by id, as arrays and as Ray datasets."""
-    splits: dict[str, data.Inputs]
-    logits: dict[str, np.ndarray]          # split → [M, N, C] float16
-    kd_datasets: dict[str, ray.data.Dataset]
-    train_rows: int
+def _progress(label: str, unit: str):
+    """A callback printing `label: done/total unit (pct, ETA)` at most every 2 s."""
+    start, last = time.perf_counter(), [0.0]
 
-
-def prepare(cfg: RunConfig, dirs: dict[str, Path], lay: Layout) -> Prepared:
-    names = [t.name for t in cfg.teachers]
-    splits = {s: load_split(cfg, d) for s, d in dirs.items()}
-    logits = {s: store.soft_labels(lay.store, names, inp.ids)["logits"] for s, inp in splits.items()}
-    tr = splits["train"]
-    x, y, t = tr.x, tr.y, logits["train"]
-    if "transfer" in splits:  # transfer rows carry no label (−1): soft term only
-        tf = splits["transfer"]
-        y_tf = tf.y if tf.y is not None else np.full(len(tf.x), -1, np.int64)
-        x, y, t = np.concatenate([x, tf.x]), np.concatenate([y, y_tf]), np.concatenate([t, logits["transfer"]], 1)
-    va = splits["val"]
-    kd = {"train": train.make_dataset(x, y, {"logits": t}),
-          "val": train.make_dataset(va.x, va.y, {"logits": logits["val"]}, shuffle_seed=None)}
-    return Prepared(splits, logits, kd, len(x))
+    def show(done: int, total: int) -> None:
+        now = time.perf_counter()
+        if now - last[0] < 2 and done < total:
+            return
+        last[0] = now
+        rate = done / max(now - start, 1e-9)
+        eta = (total - done) / rate if rate > 0 else float("nan")
+        print(f"{label}: {done:,}/{total:,} {unit} ({100 * done / max(total, 1):.0f}%, ETA {eta:.0f} s)", flush=True)
+    return show
 
 
 def teacher_weight_list(cfg: RunConfig) -> list[float]:
@@ -166,15 +90,33 @@ def teacher_weight_list(cfg: RunConfig) -> list[float]:
     return [w / sum(raw) for w in raw]
 
 
-def distill_spec(cfg: RunConfig, prep: Prepared) -> dict[str, Any]:
-    s, d = cfg.student, cfg.distill
-    return fit_spec(s.factory, s.kwargs, cfg.train.fit, cfg.train.cpus_per_worker, train_rows=prep.train_rows,
-                    temperature=d.temperature, alpha=d.alpha, teacher_weights=teacher_weight_list(cfg), label="student")
+def loop(cfg: RunConfig, task, factory: str, kwargs: dict, fit, *, train_rows: int, label: str,
+         distill: bool = False) -> train.Loop:
+    """The typed training-loop settings for one model: its fit, the run's distillation settings
+    when it is a student, and the task's loss kind."""
+    d = cfg.distill
+    kd = dict(temperature=d.temperature, alpha=d.alpha, teacher_weights=teacher_weight_list(cfg),
+              divergence=d.divergence, beta=d.beta, tail=d.tail) if distill else {}
+    return train.Loop(factory=factory, kwargs=kwargs, train_rows=train_rows, label=label, task=task.kind,
+                      cpus_per_worker=cfg.train.cpus_per_worker, **fit.model_dump(), **kd)
 
 
-def test_report(factory: str, kwargs: dict, weights: Path, prep: Prepared, ens_test: np.ndarray) -> tuple[Any, dict]:
-    model = models.load_weights(models.build(factory, kwargs), weights)
-    te = prep.splits["test"]
-    logits = evaluate.predict_logits(model, te.x)
-    return model, {"params": models.num_params(model), "test_accuracy": evaluate.accuracy(logits, te.y),
-                   "test_agreement": evaluate.agreement(logits, ens_test)}
+def datasets(cfg: RunConfig, task, dirs: dict[str, Path], lay: Layout, *, teachers: bool,
+             splits: dict[str, tuple[str, ...]]) -> tuple[dict[str, ray.data.Dataset], dict[str, int]]:
+    """Streamed datasets by name, e.g. {"train": ("train", "transfer"), "val": ("val",)}, with every
+    teacher's stored columns when `teachers`; only "train" is shuffled. Returns (datasets, rows)."""
+    names = [t.name for t in cfg.teachers] if teachers else []
+    out, rows = {}, {}
+    for name, parts in splits.items():
+        out[name], rows[name] = ingest.dataset({s: dirs[s] for s in parts if s in dirs},
+                                               feature_columns=task.feature_columns, label_column=task.label_column,
+                                               input_dtype=task.input_dtype, store_dir=lay.store, teachers=names,
+                                               shuffle=name == "train")
+    return out, rows
+
+
+def first_rows(d, feature_columns: list[str], dtype: str, n: int = 2) -> np.ndarray:
+    """The first `n` rows' features of a split (an input example for MLflow), read from one file."""
+    f = data.parquet_files(d)[0]
+    table = store.open_parquet(f).read(columns=feature_columns).slice(0, n)
+    return data.features(table, feature_columns, str(f), np.dtype(dtype))

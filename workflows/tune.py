@@ -35,18 +35,15 @@ def search_space(tc: TuneConfig, teachers: list[str]) -> dict[str, Any]:
     return space
 
 
-def apply_trial(base: dict[str, Any], trial: dict[str, Any], teachers: list[str], width_kwarg: str) -> dict[str, Any]:
-    """The loop config for one point of the search space (unsearched values keep `base`)."""
-    cfg = dict(base)
-    for k in ("temperature", "alpha"):
-        if k in trial:
-            cfg[k] = float(trial[k])
+def apply_trial(base: train.Loop, trial: dict[str, Any], teachers: list[str], width_kwarg: str) -> train.Loop:
+    """The loop for one point of the search space (unsearched values keep `base`)."""
+    changes: dict[str, Any] = {k: float(trial[k]) for k in ("temperature", "alpha") if k in trial}
     if "student_width" in trial:
-        cfg["kwargs"] = {**base["kwargs"], width_kwarg: int(trial["student_width"])}
+        changes["kwargs"] = {**base.kwargs, width_kwarg: int(trial["student_width"])}
     if any(f"teacher_weight.{t}" in trial for t in teachers):
         raw = [float(trial.get(f"teacher_weight.{t}", 1.0)) for t in teachers]
-        cfg["teacher_weights"] = [w / sum(raw) for w in raw]
-    return cfg
+        changes["teacher_weights"] = [w / sum(raw) for w in raw]
+    return base.replace(**changes)
 
 
 class _ForwardReports(ray.train.UserCallback):
@@ -65,7 +62,7 @@ def _trial(trial: dict[str, Any], *, base, teachers, width_kwarg, datasets, stor
     thread instead, and a trial whose fit ends as its last report arrives can then block forever
     on a full result queue (seen here as a hung test run), so reports are forwarded by hand."""
     trial_id = tune.get_context().get_trial_id()
-    cfg = apply_trial(base, trial, teachers, width_kwarg) | {"label": f"trial {trial_id}"}
+    cfg = apply_trial(base, trial, teachers, width_kwarg).replace(label=f"trial {trial_id}")
     queue, outcome = Queue(actor_options={"num_cpus": 0}), {}
 
     def fit() -> None:
@@ -86,11 +83,11 @@ def _trial(trial: dict[str, Any], *, base, teachers, width_kwarg, datasets, stor
         raise outcome["error"]
 
 
-def run_tune(tc: TuneConfig, base: dict[str, Any], teachers: list[str], width_kwarg: str,
+def run_tune(tc: TuneConfig, base: train.Loop, teachers: list[str], width_kwarg: str,
              datasets: dict[str, ray.data.Dataset], *, storage: Path, num_workers: int, use_gpu: bool,
              tracking_uri: str | None, experiment: str | None, parent_run_id: str | None):
     """Run the search; returns (best loop config, best metrics, list of per-trial rows)."""
-    trainable = tune.with_parameters(_trial, base=base | {"epochs": tc.epochs}, teachers=teachers,
+    trainable = tune.with_parameters(_trial, base=base.replace(epochs=tc.epochs), teachers=teachers,
                                      width_kwarg=width_kwarg, datasets=datasets, storage=str(storage),
                                      num_workers=num_workers, use_gpu=use_gpu)
     # The driver function only waits on its TorchTrainer: it takes no CPU (the Train workers do),
@@ -105,7 +102,7 @@ def run_tune(tc: TuneConfig, base: dict[str, Any], teachers: list[str], width_kw
         trainable,
         param_space=search_space(tc, teachers),
         tune_config=tune.TuneConfig(
-            metric=train.objective(base)[0], mode=train.objective(base)[1], num_samples=tc.num_samples,
+            metric=base.objective[0], mode=base.objective[1], num_samples=tc.num_samples,
             scheduler=ASHAScheduler(time_attr="training_iteration", max_t=tc.epochs,
                                     grace_period=tc.grace_period, reduction_factor=tc.reduction_factor),
             # the concurrency cap goes here: TuneConfig.max_concurrent_trials is ignored with a
@@ -114,7 +111,7 @@ def run_tune(tc: TuneConfig, base: dict[str, Any], teachers: list[str], width_kw
         run_config=tune.RunConfig(name="tune", storage_path=str(storage), callbacks=callbacks, verbose=1),
     )
     grid = tuner.fit()
-    metric, mode = train.objective(base)
+    metric, mode = base.objective
     errors = [r.error for r in grid if r.error is not None]
     if len(errors) == len(grid):
         raise RuntimeError(f"all {len(grid)} tune trials failed; first error: {errors[0]}")

@@ -110,10 +110,11 @@ def test_topk_store_round_trip_and_k_equal_vocab_matches_full(tmp_path, tok):
     for k in (4, len(tok)):
         arrays = store.teacher_arrays(logits, k)
         assert arrays["indices"].dtype == np.uint16 and arrays["values"].shape == (3, 8, k)
-        staging = store.staging_dir(tmp_path / f"s{k}", "t")
-        pq.write_table(store.shard_table(np.array([7, 8, 9]), arrays), staging / "p.parquet")
-        store.publish(staging, tmp_path / f"s{k}", "t", kind="topk", columns=store.column_spec(arrays),
-                      expected_rows=3, teacher_fp="f", input_fps={})
+        spec, key = store.column_spec(arrays), {"rows": 3}
+        store.write_shard(tmp_path / f"s{k}", "t", "val", "p.parquet", store.shard_table(np.array([7, 8, 9]), arrays),
+                          key, "f", {}, spec)
+        store.publish(tmp_path / f"s{k}", "t", kind="topk", columns=spec, inputs={"val": {"p.parquet": key}},
+                      teacher_fp="f", settings={})
         back = store.soft_labels(tmp_path / f"s{k}", ["t"], np.array([9, 7, 8]))
         for name in ("values", "indices", "lse"):
             assert np.array_equal(back[name][0], arrays[name][[2, 0, 1]])

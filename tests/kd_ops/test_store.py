@@ -1,6 +1,7 @@
 import json
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -10,11 +11,27 @@ SPEC2 = {"logits": {"dtype": "float16", "shape": [2]}}
 SPEC3 = {"logits": {"dtype": "float16", "shape": [3]}}
 
 
-def _stage(tmp_path, teacher, ids, logits, files=2):
-    staging = store.staging_dir(tmp_path, teacher)
+SETTINGS = {"kind": "full"}
+
+
+def _key(rows, tag="k"):
+    return {"size": 100 + rows, "rows": rows, "footer_sha256": tag}
+
+
+def _write(root, teacher, ids, logits, files=2, fp="fp", spec=None):
+    """Shards for `files` input files of split train, committed; returns the inputs mapping."""
+    inputs = {"train": {}}
     for i, part in enumerate(np.array_split(np.arange(len(ids)), files)):
-        pq.write_table(store.shard_table(ids[part], {"logits": np.asarray(logits[part], np.float16)}), staging / f"s{i}.parquet")
-    return staging
+        name = f"part-{i}.parquet"
+        inputs["train"][name] = _key(len(part))
+        table = store.shard_table(ids[part], {"logits": np.asarray(logits[part], np.float16)})
+        store.write_shard(root, teacher, "train", name, table, inputs["train"][name], fp, SETTINGS,
+                          spec or {"logits": {"dtype": "float16", "shape": [logits.shape[1]]}})
+    return inputs
+
+
+def _publish(root, teacher, inputs, fp="fp", spec=SPEC3):
+    return store.publish(root, teacher, kind="full", columns=spec, inputs=inputs, teacher_fp=fp, settings=SETTINGS)
 
 
 def test_encode_decode_round_trip_is_exact_fp16():
@@ -39,44 +56,83 @@ def test_multi_dimensional_columns_round_trip():
 def test_publish_read_and_align_by_id(tmp_path):
     ids = np.array([30, 10, 20, 40], dtype=np.int64)
     logits = np.arange(12, dtype=np.float32).reshape(4, 3)
-    staging = _stage(tmp_path, "t1", ids, logits)
-    m = store.publish(staging, tmp_path, "t1", kind="full", columns=SPEC3, expected_rows=4, teacher_fp="fp", input_fps={"train": "x"})
-    assert not staging.exists()
+    inputs = _write(tmp_path, "t1", ids, logits)
+    m = _publish(tmp_path, "t1", inputs)
     on_disk = json.loads((tmp_path / "t1" / "manifest.json").read_text())
-    assert on_disk == m and m["rows"] == 4 and m["columns"] == SPEC3 and len(m["files"]) == 2
+    assert on_disk == m and m["rows"] == 4 and m["columns"] == SPEC3 and m["format_version"] == 2
+    assert sorted(m["shards"]) == ["train/part-0.parquet", "train/part-1.parquet"]
+    assert [s["rows"] for s in m["shards"].values()] == [2, 2]
     got = store.soft_labels(tmp_path, ["t1"], np.array([20, 40, 10]))["logits"]
     assert got.shape == (1, 3, 3)
     assert np.array_equal(got[0], logits[[2, 3, 1]].astype(np.float16))
-    assert store.is_current(tmp_path, "t1", "fp", {"train": "x"})
-    assert not store.is_current(tmp_path, "t1", "other", {"train": "x"})
-    assert not store.is_current(tmp_path, "t1", "fp", {"train": "changed"})
+    assert store.is_current(tmp_path, "t1", "fp", inputs, SETTINGS)
+    assert not store.is_current(tmp_path, "t1", "other", inputs, SETTINGS)
+    assert not store.is_current(tmp_path, "t1", "fp", {"train": {**inputs["train"], "part-0.parquet": _key(2, "new")}})
+    assert not store.is_current(tmp_path, "t1", "fp", inputs, {"kind": "topk"})
 
 
 def test_missing_ids_are_named(tmp_path):
-    ids = np.array([1, 2, 3])
-    store.publish(_stage(tmp_path, "t", ids, np.zeros((3, 2))), tmp_path, "t", kind="full", columns=SPEC2, expected_rows=3,
-                  teacher_fp="f", input_fps={})
+    inputs = _write(tmp_path, "t", np.array([1, 2, 3]), np.zeros((3, 2)), files=1)
+    _publish(tmp_path, "t", inputs, spec=SPEC2)
     with pytest.raises(store.StoreError, match=r"2 input ids have no soft labels, e.g. \[7, 9\]"):
         store.soft_labels(tmp_path, ["t"], np.array([1, 7, 9]))
 
 
-def test_duplicate_ids_are_not_published(tmp_path):
-    ids = np.array([1, 2, 2, 3])
-    staging = _stage(tmp_path, "t", ids, np.zeros((4, 2)))
-    with pytest.raises(store.StoreError, match="duplicate ids"):
-        store.publish(staging, tmp_path, "t", kind="full", columns=SPEC2, expected_rows=4, teacher_fp="f", input_fps={})
-    assert not staging.exists() and not (tmp_path / "t").exists()
+def test_a_missing_shard_is_not_published_then_a_rerun_completes_and_drops_unnamed_files(tmp_path):
+    ids = np.arange(6)
+    inputs = _write(tmp_path, "t", ids, np.ones((6, 3)), files=3)
+    inputs["train"]["part-3.parquet"] = _key(2)  # an input file with no shard yet (a crash before it)
+    with pytest.raises(store.StoreError, match=r"1 input files have no committed shard, e.g. \['train/part-3.parquet'\]"):
+        _publish(tmp_path, "t", inputs)
+    assert store.read_manifest(tmp_path, "t") is None
+    # an interrupted attempt leaves a shard nobody commits; a shard for the same file is then written again
+    store.new_shard(tmp_path, "t", "train", "part-3.parquet").write_bytes(b"half a parquet file")
+    table = store.shard_table(np.array([6, 7]), {"logits": np.ones((2, 3), np.float16)})
+    store.write_shard(tmp_path, "t", "train", "part-3.parquet", table, inputs["train"]["part-3.parquet"], "fp",
+                      SETTINGS, SPEC3)
+    m = _publish(tmp_path, "t", inputs)
+    assert m["rows"] == 8
+    on_disk = sorted(str(p.relative_to(tmp_path / "t")) for p in (tmp_path / "t").rglob("*.parquet"))
+    assert on_disk == sorted(s["file"] for s in m["shards"].values())  # the half-written file is gone
+    ids_back, _, _ = store.read_teacher(tmp_path, "t")
+    assert sorted(ids_back.tolist()) == list(range(8))
+
+
+def test_commits_of_another_teacher_version_settings_or_input_are_not_reused(tmp_path):
+    inputs = _write(tmp_path, "t", np.arange(4), np.ones((4, 3)), files=2, fp="old")
+    assert len(store.committed(tmp_path, "t", "old", SETTINGS, inputs)) == 2
+    assert store.committed(tmp_path, "t", "new", SETTINGS, inputs) == {}
+    assert store.committed(tmp_path, "t", "old", {"kind": "topk"}, inputs) == {}
+    changed = {"train": {**inputs["train"], "part-1.parquet": _key(2, "edited")}}
+    assert list(store.committed(tmp_path, "t", "old", SETTINGS, changed)) == ["train/part-0.parquet"]
 
 
 def test_row_count_mismatch_is_not_published_and_old_version_survives(tmp_path):
-    ids = np.array([1, 2, 3])
-    store.publish(_stage(tmp_path, "t", ids, np.ones((3, 2))), tmp_path, "t", kind="full", columns=SPEC2, expected_rows=3,
-                  teacher_fp="old", input_fps={})
-    with pytest.raises(store.StoreError, match="wrote 3 rows, expected 5"):
-        store.publish(_stage(tmp_path, "t", ids, np.zeros((3, 2))), tmp_path, "t", kind="full", columns=SPEC2,
-                      expected_rows=5, teacher_fp="new", input_fps={})
+    inputs = _write(tmp_path, "t", np.array([1, 2, 3]), np.ones((3, 2)), files=1, fp="old")
+    _publish(tmp_path, "t", inputs, fp="old", spec=SPEC2)
+    grown = {"train": {"part-0.parquet": _key(5)}}  # the input file changed: 5 rows now
+    table = store.shard_table(np.array([1, 2, 3]), {"logits": np.zeros((3, 2), np.float16)})
+    store.write_shard(tmp_path, "t", "train", "part-0.parquet", table, grown["train"]["part-0.parquet"], "new",
+                      SETTINGS, SPEC2)
+    with pytest.raises(store.StoreError, match="shard for train/part-0.parquet has 3 rows, the input file 5"):
+        _publish(tmp_path, "t", grown, fp="new", spec=SPEC2)
     assert store.read_manifest(tmp_path, "t")["teacher_fingerprint"] == "old"
-    assert [p.name for p in tmp_path.iterdir()] == ["t"]
+    _, arrays, _ = store.read_teacher(tmp_path, "t")  # the old version is still whole and readable
+    assert np.array_equal(arrays["logits"], np.ones((3, 2), np.float16))
+
+
+def test_aligned_batches_refuse_a_shard_of_another_file(tmp_path):
+    from kd_ops.fsio import Loc
+
+    src = tmp_path / "in.parquet"
+    pq.write_table(pa.table({"id": [1, 2, 3, 4], "x": [0.0, 1.0, 2.0, 3.0]}), src)
+    good, bad = tmp_path / "good.parquet", tmp_path / "bad.parquet"
+    pq.write_table(store.shard_table(np.array([1, 2, 3, 4]), {"logits": np.zeros((4, 2), np.float16)}), good)
+    pq.write_table(store.shard_table(np.array([1, 2, 9, 4]), {"logits": np.zeros((4, 2), np.float16)}), bad)
+    batches = list(store.aligned_batches(Loc.of(src), ["id", "x"], [Loc.of(good)], batch_rows=3))
+    assert [b.num_rows for b, _ in batches] == [3, 1] and batches[1][1][0].column("id").to_pylist() == [4]
+    with pytest.raises(store.StoreError, match="row 2 has id 9 but its input file .* has 3"):
+        list(store.aligned_batches(Loc.of(src), ["id", "x"], [Loc.of(bad)], batch_rows=3))
 
 
 def test_reading_an_incomplete_teacher_fails_clearly(tmp_path):

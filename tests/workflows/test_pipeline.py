@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 import counting_teacher
 from conftest import COUNTER, tiny_config
 from kd_ops import data, evaluate, models, store
-from workflows import commands, pipeline, stages
+from workflows import commands, pipeline, stages, tasks
 from workflows.config import load_config
 
 
@@ -54,7 +54,11 @@ def test_store_holds_the_teachers_raw_logits_keyed_by_id(tiny_run):
         assert m["rows"] == 400 + 100 + 100 + 600 and m["columns"] == {"logits": {"dtype": "float16", "shape": [10]}}
         weights = out / "teachers" / f"{t.name}.safetensors"
         assert m["teacher_fingerprint"] == models.teacher_fingerprint(t.factory, t.kwargs, weights)
-        assert set(m["input_fingerprints"]) == {"train", "val", "test", "transfer"}
+        assert set(m["inputs"]) == {"train", "val", "test", "transfer"}
+        # co-partitioned: one shard per input file, each with that file's row count
+        for split, files in m["inputs"].items():
+            for name, key in files.items():
+                assert m["shards"][f"{split}/{name}"]["rows"] == key["rows"]
         teacher = models.load_weights(models.cnn(width=16), weights)
         expected = evaluate.predict_logits(teacher, test.x)  # in our id order; the store was written by Ray in its own
         stored = store.soft_labels(out / "store", [t.name], test.ids[::-1])["logits"][0][::-1]
@@ -93,9 +97,9 @@ def test_tuning_and_reused_precompute_never_run_a_teacher(tiny_run, tmp_path):
     cfg, out, _, uri = tiny_run
     before = counting_teacher.count(COUNTER)
     assert before > 0  # the counter sees teachers: they were trained and run by precompute
-    layout = stages.Layout(out)
-    results = stages.stage_precompute(cfg, [t.model_copy(update={"weights": stages.teacher_weights_path(t, layout)})
-                                            for t in cfg.teachers], stages.stage_data(cfg, layout), layout, None)
+    layout, task = stages.Layout(out), tasks.for_config(cfg)
+    results = stages.stage_precompute(cfg, task, [t.model_copy(update={"weights": stages.teacher_weights_path(t, layout)})
+                                                  for t in cfg.teachers], task.data(layout), layout, None)
     assert [r.reused for r in results] == [True, True]
     assert commands.tune(cfg, out, tracking_uri=uri) == 0
     assert counting_teacher.count(COUNTER) == before

@@ -1,0 +1,72 @@
+"""Test and validation metrics computed on the cluster: a Ray Data actor pool runs the model over
+a streamed dataset (`workflows.ingest`) and returns one row of counts per batch; the driver only
+adds those rows up. The counting itself is kd_ops.evaluate's."""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+
+from kd_ops import evaluate, models
+
+
+class Scorer:
+    """Ray Data callable class: builds the model once per actor (None: score the stored teachers only)."""
+
+    def __init__(self, factory: str | None, kwargs: dict[str, Any], weights: str | None, task: str,
+                 teacher_weights: list[float] | None, threads: int = 1):
+        torch.set_num_threads(max(1, threads))
+        self.model = None
+        if factory is not None:
+            self.model = models.build(factory, kwargs)
+            if weights is not None:
+                models.load_weights(self.model, weights)
+            self.model.eval()
+        self.task = task
+        self.weights = torch.tensor(teacher_weights, dtype=torch.float32) if teacher_weights else None
+
+    @torch.inference_mode()
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        x = torch.from_numpy(batch["x"])
+        logits = self.model(x) if self.model is not None else None
+        if self.task == "lm":
+            top1 = None
+            if "indices" in batch:  # the highest-weighted teacher's top-1 token
+                top1 = torch.from_numpy(batch["indices"][:, int(np.argmax(self.weights)), :, 0].astype(np.int64))
+            elif "logits" in batch:
+                top1 = torch.from_numpy(batch["logits"][:, int(np.argmax(self.weights))]).argmax(-1)
+            sums = evaluate.lm_sums(logits, x, top1)
+        else:
+            teacher = torch.from_numpy(batch["logits"]) if "logits" in batch else None
+            sums = evaluate.classification_sums(logits, torch.from_numpy(batch["y"]), teacher, self.weights)
+        return {k: np.array([v]) for k, v in sums.items()}
+
+
+def score(ds: ray.data.Dataset, *, task: str, factory: str | None = None, kwargs: dict | None = None,
+          weights: str | None = None, teacher_weights: list[float] | None = None, actors: int = 1,
+          batch_size: int = 1024) -> dict[str, float]:
+    """Summed counts of `Scorer` over the whole dataset (see kd_ops.evaluate.*_sums)."""
+    rows = ds.map_batches(Scorer, fn_constructor_kwargs=dict(factory=factory, kwargs=kwargs or {},
+                                                            weights=None if weights is None else str(weights),
+                                                            task=task, teacher_weights=teacher_weights),
+                          batch_size=batch_size, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors),
+                          num_cpus=1)
+    total: dict[str, float] = {}
+    for r in rows.iter_rows():  # one row of counts per batch
+        for k, v in r.items():
+            total[k] = total.get(k, 0.0) + float(v)
+    return total
+
+
+def rates(sums: dict[str, float], task: str) -> dict[str, float]:
+    """Counts → metrics: accuracy / agreement (classification) or perplexity / agreement (LM)."""
+    if task == "lm":
+        out = {"perplexity": float(np.exp(min(sums["nll"] / max(sums["tokens"], 1), 50)))} if "nll" in sums else {}
+        if "agree" in sums:
+            out["top1_agreement"] = sums["agree"] / max(sums["positions"], 1)
+        return out
+    n = max(sums["rows"], 1)
+    return {k.replace("correct", "accuracy").replace("agree", "agreement"): v / n
+            for k, v in sums.items() if k != "rows"}

@@ -1,0 +1,83 @@
+"""Streaming ingest: lazily built Ray Datasets of inputs + labels + every teacher's stored columns.
+
+The store is co-partitioned with the inputs (one shard per input file, same rows in the same
+order), so a dataset is a list of input files, each read by a Ray task in lockstep with its
+shards (`kd_ops.store.aligned_batches`, ids checked row for row): no join, no shuffle of the data,
+nothing on the driver but the file list and the manifests. Per epoch the file order is shuffled
+(a shuffle of the file list only) and Ray Train's local shuffle buffer mixes rows of the files
+in flight.
+
+Rows: `x` (features or token ids), `y` (int64, −1 for unlabelled rows; classification only) and
+each stored column stacked over teachers, [M, ...] per row (e.g. `logits` [M, C]).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import ray
+
+from kd_ops import data, store
+from kd_ops.fsio import Loc
+
+
+@dataclass
+class Reader:
+    """How to turn one input file (+ its shards) into row batches; shipped to the read tasks."""
+    files: dict[str, Loc]                  # unit (split/file name) → input file
+    shards: dict[str, list[Loc]]           # unit → one shard per teacher (empty without teachers)
+    columns: dict[str, dict[str, Any]]     # stored column spec
+    feature_columns: list[str]
+    label_column: str | None               # None: no `y` (LM)
+    input_dtype: str
+    batch_rows: int = 4096
+
+    def __call__(self, batch: dict[str, np.ndarray]):
+        for u in batch["unit"]:
+            yield from self.read(str(u))
+
+    def read(self, u: str):
+        src = self.files[u]
+        names = store.open_parquet(src).schema_arrow.names
+        wanted = ["id", *self.feature_columns] + ([self.label_column] if self.label_column in names else [])
+        for rb, parts in store.aligned_batches(src, wanted, self.shards[u], self.batch_rows):
+            table = pa.Table.from_batches([rb])
+            out = {"x": data.features(table, self.feature_columns, str(src), np.dtype(self.input_dtype))}
+            if self.label_column is not None:
+                out["y"] = (table.column(self.label_column).fill_null(-1).to_numpy().astype(np.int64)
+                            if self.label_column in names else np.full(rb.num_rows, -1, np.int64))
+            for k, spec in self.columns.items():
+                out[k] = np.stack([store.decode(p.column(k), spec["dtype"], spec["shape"]) for p in parts], axis=1)
+            yield out
+
+
+def dataset(split_dirs: dict[str, Any], *, feature_columns: list[str], label_column: str | None,
+            input_dtype: str = "float32", store_dir=None, teachers: list[str] = (), shuffle: bool = True,
+            batch_rows: int = 4096, read_tasks: int = 2) -> tuple[ray.data.Dataset, int]:
+    """(lazy dataset over the files of `split_dirs` joined with `teachers`' shards, its row count).
+
+    The row count comes from Parquet footers (for the LR schedule); StoreError if a teacher's
+    manifest is missing or does not cover an input file."""
+    files, rows = {}, 0
+    for split, d in split_dirs.items():
+        for f in data.parquet_files(d):
+            files[store.unit(split, f.name)] = f
+    manifests = [store.check_manifest(store_dir, t) for t in teachers]
+    columns = manifests[0]["columns"] if manifests else {}
+    for m in manifests[1:]:
+        if m["columns"] != columns:
+            raise store.StoreError(f"teachers {list(teachers)} were stored with different columns "
+                                   f"({columns} vs {m['columns']}); recompute them with the same settings")
+    shards = {u: [store.shard_of(store_dir, m, u) for m in manifests] for u in files}
+    for u, f in files.items():
+        rows += (manifests[0]["shards"][u]["rows"] if manifests
+                 else store.open_parquet(f).metadata.num_rows)
+    reader = Reader(files, shards, columns, feature_columns, label_column, input_dtype, batch_rows)
+    ds = ray.data.from_items([{"unit": u} for u in files], override_num_blocks=max(1, len(files)))
+    if shuffle:
+        ds = ds.randomize_block_order()  # one file per block: a new file order every epoch, no task
+    # Read tasks reserve no CPU: Train workers (and, under Tune, other trials' workers) may hold
+    # every CPU, and a reader that waits for one would starve them; the pool size bounds them.
+    return ds.map_batches(reader, batch_size=1, num_cpus=0, compute=ray.data.TaskPoolStrategy(size=read_tasks)), rows

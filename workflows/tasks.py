@@ -1,0 +1,247 @@
+"""What differs between a classification run and an LM run, behind one small interface that
+workflows.pipeline drives: where the inputs come from (`data`), how teachers are made (`teachers`),
+which columns are read and stored (`feature_columns`, `label_column`, `precompute_options`), and
+how models are scored and summarised (`teacher_report`, `model_report`, `summary`). Metrics are
+computed on the cluster (workflows.evaluation) from streamed datasets."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+
+from kd_ops import data, lm, models
+from workflows import evaluation, stages, train
+from workflows.config import RunConfig, TeacherConfig
+from workflows.stages import Layout, child_run
+from workflows.tracking import Tracker
+
+log = logging.getLogger("kd")
+
+
+def for_config(cfg: RunConfig):
+    return LanguageModel(cfg) if cfg.task == "lm" else Classification(cfg)
+
+
+def _train_teacher(task, t: TeacherConfig, factory: str, kwargs: dict, dirs, lay: Layout, tracker: Tracker | None):
+    """Train one teacher on the labelled train split (streamed), return its best weights file."""
+    cfg = task.cfg
+    sets, rows = stages.datasets(cfg, task, dirs, lay, teachers=False, splits={"train": ("train",), "val": ("val",)})
+    loop = stages.loop(cfg, task, factory, kwargs, t.fit, train_rows=rows["train"], label=f"teacher {t.name}")
+    with child_run(tracker, f"teacher-{t.name}", json.loads(json.dumps(vars(loop), default=str))) as run_id:
+        loop = loop.replace(mlflow=tracker and {"tracking_uri": tracker.uri, "run_id": run_id})
+        res = train.fit(loop, sets, name=f"teacher-{t.name}", storage=lay.ray, num_workers=cfg.train.num_workers,
+                        use_gpu=cfg.train.use_gpu)
+        return res.weights
+
+
+class Classification:
+    kind = "classification"
+    input_dtype = "float32"
+    eval_split = "test"
+
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        p = cfg.data.parquet if cfg.data.source == "parquet" else None
+        self.feature_columns = p.feature_columns if p else ["x"]
+        self.label_column = p.label_column if p else "label"
+
+    def data(self, lay: Layout) -> dict[str, Any]:
+        """Split directories (train/val/test[/transfer]); the built-in source writes them once."""
+        cfg = self.cfg
+        if cfg.data.source == "parquet":
+            p = cfg.data.parquet
+            dirs = {"train": p.train, "val": p.val, "test": p.test} | ({"transfer": p.transfer} if p.transfer else {})
+            for d in dirs.values():
+                data.parquet_files(d)
+            return dirs
+        m = cfg.data.mnist1d
+        stamp = lay.data / "source.json"
+        want = m.model_dump()
+        dirs = {s: lay.data / s for s in data.SPLITS if s != "transfer" or m.transfer > 0}
+        if stamp.is_file() and json.loads(stamp.read_text()) == want and all(d.is_dir() for d in dirs.values()):
+            log.info("data: reusing %s", lay.data)
+            return dirs
+        log.info("data: generating MNIST-1D (%d labelled, %d transfer)", m.labelled, m.transfer)
+        splits = data.mnist1d_splits(m.labelled, m.val, m.test, m.transfer, m.seed, m.transfer_seed)
+        for name, inputs in splits.items():
+            data.write_split(inputs, lay.data / name, m.rows_per_file)
+        stamp.write_text(json.dumps(want))
+        return dirs
+
+    def teachers(self, dirs, lay: Layout, tracker: Tracker | None) -> list[TeacherConfig]:
+        """Teachers with weights given are used as they are; the others are trained on the labelled train split."""
+        resolved = []
+        for t in self.cfg.teachers:
+            path = stages.teacher_weights_path(t, lay)
+            if t.weights is None and not path.is_file():
+                models.build(t.factory, t.kwargs)  # fail fast on a bad factory, before Ray Train starts
+                weights = _train_teacher(self, t, t.factory, t.kwargs, dirs, lay, tracker)
+                models.save_weights(models.load_weights(models.build(t.factory, t.kwargs), weights), path)
+                if tracker:
+                    mlflow.log_artifact(str(path), "weights")
+            resolved.append(t.model_copy(update={"weights": path}))
+        return resolved
+
+    def precompute_options(self) -> dict[str, Any]:
+        return {"input_dtype": "float32", "extra": {"num_classes": self.cfg.data.num_classes}}
+
+    def train_splits(self) -> tuple[str, ...]:
+        return ("train", "transfer")  # transfer rows carry no label (−1): soft term only
+
+    def student_kwargs(self, teachers: list[TeacherConfig]) -> dict[str, Any]:
+        return dict(self.cfg.student.kwargs)
+
+    def teacher_report(self, teachers: list[TeacherConfig], kd_sets) -> tuple[list[dict], dict[str, float]]:
+        """Per-teacher and uniform-ensemble test accuracy from the stored logits."""
+        n = len(teachers)
+        acc = evaluation.rates(evaluation.score(kd_sets["test"], task=self.kind, teacher_weights=[1 / n] * n), self.kind)
+        rows = [{"name": t.name, "params": models.num_params(models.build(t.factory, t.kwargs)),
+                 "test_accuracy": acc[f"teacher{i}_accuracy"]} for i, t in enumerate(teachers)]
+        return rows, {"ensemble_test_accuracy": acc["ensemble_accuracy"]}
+
+    def model_report(self, loop: train.Loop, weights: Path, kd_sets) -> dict[str, Any]:
+        """Test accuracy and agreement with the uniform teacher ensemble, computed on the cluster."""
+        n = len(self.cfg.teachers)
+        acc = evaluation.rates(evaluation.score(kd_sets["test"], task=self.kind, factory=loop.factory,
+                                                kwargs=loop.kwargs, weights=weights, teacher_weights=[1 / n] * n),
+                               self.kind)
+        return {"params": models.num_params(models.build(loop.factory, loop.kwargs)),
+                "test_accuracy": acc["accuracy"], "test_agreement": acc["agreement"]}
+
+    def summary(self, teacher_rows, reference, srow, lorow, res) -> dict[str, Any]:
+        ens = reference["ensemble_test_accuracy"]
+        return {"teachers": teacher_rows, "ensemble_test_accuracy": ens,
+                "student": srow | {"val_accuracy": res.metrics["val_accuracy"]},
+                "label_only_student": lorow, "student_vs_ensemble": srow["test_accuracy"] / ens}
+
+    def log_metrics(self, teacher_rows, reference) -> dict[str, float]:
+        return {**reference, **{f"teacher.{r['name']}.test_accuracy": r["test_accuracy"] for r in teacher_rows}}
+
+
+class LanguageModel:
+    """task: lm. Inputs are packed token sequences (id, x: fixed_size_list<int32>[seq_len]); there
+    are no labels (the next token is the label) and no transfer split."""
+    kind = "lm"
+    input_dtype = "int32"
+    eval_split = "val"
+    feature_columns = ["x"]
+    label_column = None
+    SPLIT_OFFSET = {"train": 0, "val": 10_000_000, "test": 20_000_000}  # ids unique across splits
+
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        self.tokenizer = None
+
+    def _tokenizer_source(self) -> Path | None:
+        return next((t.hf_dir for t in self.cfg.teachers if t.hf_dir is not None), None)
+
+    def data(self, lay: Layout) -> dict[str, Path]:
+        """Packed token sequences per split, written as Parquet. The tokenizer comes from the first
+        teacher directory, or is trained on the train split."""
+        cfg = self.cfg
+        src = self._tokenizer_source()
+        want = {"data": cfg.data.model_dump(mode="json"), "tokenizer_from": str(src)}
+        stamp, tok_dir = lay.data / "source.json", lay.out / "tokenizer"
+        dirs = {s: lay.data / s for s in self.SPLIT_OFFSET}
+        if stamp.is_file() and json.loads(stamp.read_text()) == want and all(d.is_dir() for d in dirs.values()):
+            log.info("data: reusing %s", lay.data)
+            self.tokenizer = lm.load_tokenizer(tok_dir)
+            return dirs
+        if cfg.data.source == "text":
+            t = cfg.data.text
+            texts = lm.split_docs(lm.read_corpus(t.paths, t.max_bytes), t.val_fraction, t.test_fraction, t.seed)
+        elif cfg.data.source == "parquet":
+            p = cfg.data.parquet
+            texts = {}
+            for split, d in {"train": p.train, "val": p.val, "test": p.test}.items():
+                table = data.read_table(d)
+                if "text" not in table.column_names:
+                    raise data.DataError(f"{d}: LM inputs need a `text` column (found {table.column_names})")
+                data.validate_ids(table, str(d))
+                texts[split] = [s for s in table.column("text").to_pylist() if s]
+        else:
+            raise ValueError("task: lm needs data.source 'text' or 'parquet' (with a `text` column)")
+        if src is not None:
+            tokenizer = lm.load_tokenizer(src)
+        else:
+            log.info("data: training a %d-token BPE tokenizer on the train split", cfg.data.text.vocab_size)
+            tokenizer = lm.train_bpe_tokenizer(texts["train"], cfg.data.text.vocab_size if cfg.data.text else 2048)
+        tokenizer.save_pretrained(tok_dir)
+        for split, docs in texts.items():
+            x = lm.tokenize_and_pack(tokenizer, docs, cfg.data.seq_len)
+            if len(x) == 0:
+                raise data.DataError(f"{split}: fewer than seq_len={cfg.data.seq_len} tokens of text")
+            data.write_split(data.Inputs(np.arange(len(x), dtype=np.int64) + self.SPLIT_OFFSET[split], x, None),
+                             dirs[split])
+            log.info("data: %s %d sequences × %d tokens", split, len(x), cfg.data.seq_len)
+        stamp.write_text(json.dumps(want))
+        self.tokenizer = tokenizer
+        return dirs
+
+    def teachers(self, dirs, lay: Layout, tracker: Tracker | None) -> list[TeacherConfig]:
+        """Resolve every teacher to a Hugging Face directory, training `init` teachers from scratch,
+        then check that all of them, the student and the data share one vocabulary and fit seq_len."""
+        cfg, tokenizer = self.cfg, self.tokenizer
+        resolved = []
+        for t in cfg.teachers:
+            path = t.hf_dir or lay.teachers / t.name
+            if t.init is not None and not (path / "config.json").is_file():
+                kwargs = {"vocab_size": len(tokenizer), "n_positions": cfg.data.seq_len, **t.init}
+                weights = _train_teacher(self, t, "kd_ops.lm:new_causal_lm", kwargs, dirs, lay, tracker)
+                model = models.load_weights(models.build("kd_ops.lm:new_causal_lm", kwargs), weights)
+                model.hf.save_pretrained(path)
+                tokenizer.save_pretrained(path)
+            resolved.append(t.model_copy(update={"hf_dir": path, "init": None}))
+        configs = {t.name: lm.load_config(t.hf_dir) for t in resolved}
+        toks = {t.name: lm.load_tokenizer(t.hf_dir) for t in resolved} | {"data": tokenizer}
+        configs["student"] = models.build(cfg.student.factory, self.student_kwargs(resolved)).config
+        lm.check_same_vocab(configs, toks)
+        for name, c in configs.items():
+            lm.check_context(c, cfg.data.seq_len, name)
+        return resolved
+
+    def precompute_options(self) -> dict[str, Any]:
+        pc = self.cfg.precompute
+        return {"input_dtype": "int64", "top_k": pc.top_k, "tail_samples": pc.tail_samples}
+
+    def train_splits(self) -> tuple[str, ...]:
+        return ("train",)
+
+    def student_kwargs(self, teachers: list[TeacherConfig]) -> dict[str, Any]:
+        kw = dict(self.cfg.student.kwargs)
+        if self.cfg.student.factory == "kd_ops.lm:student_from_teacher":
+            kw.setdefault("teacher_dir", str(teachers[0].hf_dir))
+        return kw
+
+    def teacher_report(self, teachers: list[TeacherConfig], kd_sets) -> tuple[list[dict], dict[str, float]]:
+        """Each teacher's validation perplexity, its model run on the cluster over the streamed split."""
+        rows = []
+        for t in teachers:
+            sums = evaluation.score(kd_sets["val"], task=self.kind, factory="kd_ops.lm:causal_lm",
+                                    kwargs={"path": str(t.hf_dir)}, teacher_weights=None, batch_size=64)
+            rows.append({"name": t.name, "params": models.num_params(lm.load_causal_lm(t.hf_dir)),
+                         "val_perplexity": evaluation.rates(sums, self.kind)["perplexity"]})
+        return rows, {"teacher_val_perplexity": min(r["val_perplexity"] for r in rows)}
+
+    def model_report(self, loop: train.Loop, weights: Path, kd_sets) -> dict[str, Any]:
+        """Validation and test perplexity, and top-1 agreement with the highest-weighted teacher on val."""
+        weights_for = stages.teacher_weight_list(self.cfg)
+        common = dict(task=self.kind, factory=loop.factory, kwargs=loop.kwargs, weights=weights, batch_size=64)
+        val = evaluation.rates(evaluation.score(kd_sets["val"], teacher_weights=weights_for, **common), self.kind)
+        test = evaluation.rates(evaluation.score(kd_sets["test"], teacher_weights=weights_for, **common), self.kind)
+        return {"params": models.num_params(models.build(loop.factory, loop.kwargs)),
+                "val_perplexity": val["perplexity"], "test_perplexity": test["perplexity"],
+                "top1_agreement": val["top1_agreement"]}
+
+    def summary(self, teacher_rows, reference, srow, lorow, res) -> dict[str, Any]:
+        return {"task": "lm", "teachers": teacher_rows, **reference,
+                "student_val_perplexity": srow["val_perplexity"],
+                "label_only_student_val_perplexity": lorow["val_perplexity"],
+                "top1_agreement": srow["top1_agreement"], "student": srow, "label_only_student": lorow}
+
+    def log_metrics(self, teacher_rows, reference) -> dict[str, float]:
+        return dict(reference)
