@@ -79,18 +79,28 @@ def to_table(inputs: Inputs) -> pa.Table:
     return pa.table(cols)
 
 
-def write_split(inputs: Inputs, out_dir: str | Path, rows_per_file: int = 8192) -> Path:
-    """Write one split as Parquet files of `rows_per_file` rows, published by an atomic rename."""
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir(parents=True)
+def write_split(inputs: Inputs, out_dir: str | Path | Loc, rows_per_file: int = 8192) -> Path | Loc:
+    """Write one split as Parquet files of `rows_per_file` rows. Local: into a hidden directory
+    renamed into place. Object storage (no rename): the old files are deleted first, so callers
+    trust the split only through a marker they write after it (e.g. the data stamp)."""
+    loc = Loc.of(out_dir)
     table = to_table(inputs)
-    for i, start in enumerate(range(0, max(len(table), 1), rows_per_file)):
-        pq.write_table(table.slice(start, rows_per_file), tmp / f"part-{i:05d}.parquet")
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
-    return out_dir
+    parts = [table.slice(s, rows_per_file) for s in range(0, max(len(table), 1), rows_per_file)]
+    if not loc.local:
+        loc.delete()
+        for i, part in enumerate(parts):
+            with (loc / f"part-{i:05d}.parquet").open_output() as f:
+                pq.write_table(part, f)
+        return loc
+    out = Path(loc.path)
+    tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir(parents=True)
+    for i, part in enumerate(parts):
+        pq.write_table(part, tmp / f"part-{i:05d}.parquet")
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out_dir if isinstance(out_dir, Path) else out
 
 
 def parquet_files(where: str | Path | Loc) -> list[Loc]:

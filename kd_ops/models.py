@@ -8,8 +8,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save
 from torch import nn
+
+from kd_ops.fsio import Loc
 
 
 class CNN1D(nn.Module):
@@ -76,24 +78,20 @@ def num_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def save_weights(model: nn.Module, path: str | Path, metadata: dict[str, str] | None = None) -> None:
-    """Write the state dict as safetensors (atomic: a tmp file renamed into place)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+def save_weights(model: nn.Module, path: str | Path | Loc, metadata: dict[str, str] | None = None) -> None:
+    """Write the state dict as safetensors to a local path or URI, whole or not at all."""
     # clone: tied weights (an LM's embedding and head) share storage, which safetensors refuses
     state = {k: v.detach().cpu().clone().contiguous() for k, v in unwrap(model).state_dict().items()}
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    save_file(state, str(tmp), metadata=metadata)
-    tmp.replace(path)
+    Loc.of(path).write_bytes(save(state, metadata=metadata))
 
 
-def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
-    """Load safetensors weights into `model`, strictly. Raises ValueError naming the mismatch."""
-    path = Path(path)
+def load_weights(model: nn.Module, path: str | Path | Loc) -> nn.Module:
+    """Load safetensors weights (local path or URI) into `model`, strictly. Raises ValueError naming the mismatch."""
+    path = Loc.of(path)
     if not path.is_file():
         raise ValueError(f"weights file {path} does not exist")
     try:
-        state = load_file(str(path))
+        state = load(path.read_bytes())
     except Exception as e:  # safetensors raises its own error types for bad headers
         raise ValueError(f"weights file {path} is not a readable safetensors file: {e}") from e
     expected = unwrap(model).state_dict()
@@ -120,9 +118,10 @@ def unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "module", model)
 
 
-def file_sha256(path: str | Path) -> str:
+def file_sha256(path: str | Path | Loc) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    loc = Loc.of(path)
+    with loc.fs.open_input_stream(loc.path) as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()

@@ -20,7 +20,7 @@ import numpy as np
 
 from kd_ops import data, lm, models, store
 from workflows import precompute as pre
-from workflows import ray_session, stages, train
+from workflows import evaluation, ingest, ray_session, stages, tasks, train
 from workflows.config import RunConfig
 
 log = logging.getLogger("kd")
@@ -47,14 +47,14 @@ def bench_store(cfg: RunConfig, run_dir: Path, out: Path, *, train_rows: int, ep
                 big_rows: int = 128) -> dict[str, Any]:
     """`tail` = (k, m): one more store, top-k plus m sampled tail tokens per position."""
     ray_session.init_ray()
-    run = stages.Layout(Path(run_dir).resolve())
-    teacher = cfg.teachers[0].model_copy(update={"hf_dir": cfg.teachers[0].hf_dir or run.teachers / cfg.teachers[0].name,
+    run = Path(run_dir).resolve()
+    teacher = cfg.teachers[0].model_copy(update={"hf_dir": cfg.teachers[0].hf_dir or run / "teachers" / cfg.teachers[0].name,
                                                  "init": None})
     if not (Path(teacher.hf_dir) / "config.json").is_file():
         raise ValueError(f"no teacher at {teacher.hf_dir}: run `kd run {cfg.name} --out {run_dir}` first")
     out = Path(out).resolve()
-    dirs = {"train": _subset(run.data / "train", out / "data" / "train", train_rows),
-            "val": _subset(run.data / "val", out / "data" / "val", 10**9)}
+    dirs = {"train": _subset(run / "data" / "train", out / "data" / "train", train_rows),
+            "val": _subset(run / "data" / "val", out / "data" / "val", 10**9)}
     inputs = {s: data.read_inputs(d, ["x"], dtype=np.int32) for s, d in dirs.items()}
     x_train, x_val = inputs["train"].x, inputs["val"].x
     tokens = sum(inp.x.size for inp in inputs.values())
@@ -62,20 +62,21 @@ def bench_store(cfg: RunConfig, run_dir: Path, out: Path, *, train_rows: int, ep
                                "train_tokens": int(x_train.size), "val_tokens": int(x_val.size), "epochs": epochs}
     student_kwargs = dict(cfg.student.kwargs) | {"teacher_dir": str(teacher.hf_dir)}
     stores = [("full", None, 0)] + [(f"topk_{k}", k, 0) for k in ks] + [(f"topk_{tail[0]}_tail_{tail[1]}", *tail)]
+    task = tasks.LanguageModel(cfg.model_copy(update={"teachers": [teacher]}))
     for key, k, m in stores:
         row = _store_for(teacher, dirs, out / f"store-{key}", k, cfg, tokens, m)
-        soft = {s: store.soft_labels(out / f"store-{key}", [teacher.name], inputs[s].ids) for s in dirs}
-        d = cfg.distill  # the config's own distillation settings, identical for every store
-        loop = stages.fit_spec(cfg.student.factory, student_kwargs, cfg.train.fit.model_copy(update={"epochs": epochs}),
-                               cfg.train.cpus_per_worker, train_rows=len(x_train), task="lm", temperature=d.temperature,
-                               alpha=d.alpha, teacher_weights=[1.0], divergence=d.divergence, tail=d.tail,
-                               beta=d.beta, label=f"bench {key}")
-        res = train.fit(loop, {"train": train.make_dataset(x_train, None, soft["train"]),
-                               "val": train.make_dataset(x_val, None, soft["val"], shuffle_seed=None)},
-                        name=f"bench-{key}", storage=out / "ray", num_workers=cfg.train.num_workers,
+        sets = {s: ingest.dataset({s: d}, feature_columns=["x"], label_column=None, input_dtype="int32",
+                                  store_dir=out / f"store-{key}", teachers=[teacher.name], shuffle=s == "train")[0]
+                for s, d in dirs.items()}
+        # the config's own distillation settings, identical for every store
+        loop = stages.loop(task.cfg, task, cfg.student.factory, student_kwargs,
+                           cfg.train.fit.model_copy(update={"epochs": epochs}), train_rows=len(x_train),
+                           label=f"bench {key}", distill=True)
+        res = train.fit(loop, sets, name=f"bench-{key}", storage=out / "ray", num_workers=cfg.train.num_workers,
                         use_gpu=cfg.train.use_gpu)
-        student = models.load_weights(models.build(loop["factory"], student_kwargs), res.weights)
-        row["student_val_perplexity"] = lm.perplexity(student, x_val)
+        sums = evaluation.score(sets["val"], task="lm", factory=loop.factory, kwargs=loop.kwargs, weights=res.weights,
+                                batch_size=64)
+        row["student_val_perplexity"] = evaluation.rates(sums, "lm")["perplexity"]
         results[key] = row
         log.info("bench store %s: %.1f bytes/token, student val ppl %.3f", key, row["bytes_per_token"],
                  row["student_val_perplexity"])
@@ -86,7 +87,7 @@ def bench_store(cfg: RunConfig, run_dir: Path, out: Path, *, train_rows: int, ep
     return results
 
 
-def _big_vocab_sizes(cfg: RunConfig, run: stages.Layout, out: Path, vocab: int, rows: int, train_rows: int,
+def _big_vocab_sizes(cfg: RunConfig, run: Path, out: Path, vocab: int, rows: int, train_rows: int,
                      tail: tuple[int, int]) -> dict:
     """Bytes per token at a big vocabulary: a 32k BPE tokenizer trained on the same text, a
     teacher of the configured shape trained for one epoch on it, stores written full and top-k."""
@@ -97,12 +98,17 @@ def _big_vocab_sizes(cfg: RunConfig, run: stages.Layout, out: Path, vocab: int, 
     x = lm.tokenize_and_pack(tok, texts["train"], cfg.data.seq_len)[:train_rows]
     shape = cfg.teachers[0].init or {"n_layer": 4, "n_embd": 128, "n_head": 4}
     kwargs = {"vocab_size": len(tok), "n_positions": cfg.data.seq_len, **shape}
-    loop = stages.fit_spec("kd_ops.lm:new_causal_lm", kwargs, cfg.teachers[0].fit.model_copy(update={"epochs": 1}),
-                           cfg.train.cpus_per_worker, train_rows=len(x), task="lm", label=f"bench teacher {len(tok)}")
-    res = train.fit(loop, {"train": train.make_dataset(x), "val": train.make_dataset(x[:rows], shuffle_seed=None)},
-                    name=f"bench-teacher-{len(tok)}", storage=out / "ray", num_workers=1, use_gpu=cfg.train.use_gpu)
+    task = tasks.LanguageModel(cfg)
+    split = data.write_split(data.Inputs(np.arange(len(x), dtype=np.int64), x, None), out / "data" / "big-train")
+    sets = {s: ingest.dataset({"train": split}, feature_columns=["x"], label_column=None, input_dtype="int32",
+                              shuffle=s == "train")[0] for s in ("train", "val")}
+    loop = stages.loop(cfg, task, "kd_ops.lm:new_causal_lm", kwargs,
+                       cfg.teachers[0].fit.model_copy(update={"epochs": 1}), train_rows=len(x),
+                       label=f"bench teacher {len(tok)}")
+    res = train.fit(loop, sets, name=f"bench-teacher-{len(tok)}", storage=out / "ray", num_workers=1,
+                    use_gpu=cfg.train.use_gpu)
     hf_dir = out / f"teacher-{len(tok)}"
-    models.load_weights(models.build(loop["factory"], kwargs), res.weights).hf.save_pretrained(hf_dir)
+    models.load_weights(models.build(loop.factory, kwargs), res.weights).hf.save_pretrained(hf_dir)
     tok.save_pretrained(hf_dir)
     last = x[-rows:]  # at most `rows` sequences (fewer when the training slice is smaller)
     sample = {"sample": data.write_split(data.Inputs(np.arange(len(last), dtype=np.int64), last, None), out / "data" / "big")}

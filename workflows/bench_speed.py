@@ -119,7 +119,7 @@ def bench_precompute(teacher: str, device_name: str, rows: int, batch: int, seq_
             tcfg = TeacherConfig(name="teacher", hf_dir=tmp / "teacher")
         else:
             models.save_weights(model, weights)
-            tcfg = TeacherConfig(name="teacher", weights=weights, **MNIST1D_TEACHER)
+            tcfg = TeacherConfig(name="teacher", weights=str(weights), **MNIST1D_TEACHER)
         with GpuUtilisation(device) as plain_util:
             plain_s = plain_loop(model, x, batch, device, dtype, top_k)
         ray_session.init_ray()
@@ -191,7 +191,7 @@ def bench_train(pair: str, device_name: str, steps: int, batch: int, seq_len: in
 
         def loss_fn(xb, yb, soft):
             kd, ce = tl.lm_distillation_sums(student(xb), xb, soft, w if soft is not None else None)
-            return (0.9 * kd + 0.1 * ce) / xb.numel() if soft is not None else ce / xb.numel()
+            return losses.mix(kd, ce, 0.9) / xb.numel() if soft is not None else ce / xb.numel()
 
         def batch_at(i):
             v, idx, lse = sup[i]

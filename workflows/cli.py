@@ -6,8 +6,8 @@ import json
 import logging
 import sys
 import traceback
-from pathlib import Path
 
+from kd_ops.fsio import Loc
 from workflows.config import ConfigError, load_config
 
 
@@ -52,6 +52,13 @@ def parser() -> argparse.ArgumentParser:
     bp.add_argument("--threads", type=int, help="torch threads per actor (default: CPU cores / actors on cpu, 1 on cuda)")
     bp.add_argument("--calls-per-actor", type=int, default=2, help="batches in flight in one actor")
     bp.add_argument("--json", action="store_true")
+    bi = bsub.add_parser("ingest", help="streaming ingest from a synthetic store vs in-memory tensors, one run")
+    bi.add_argument("--store-gb", type=float, default=4.2, help="size of the synthetic store to build")
+    bi.add_argument("--rows-per-file", type=int, default=16384)
+    bi.add_argument("--batch-size", type=int, default=1024)
+    bi.add_argument("--memory-rows", type=int, default=200_000, help="rows the in-memory loop trains on")
+    bi.add_argument("--keep", metavar="DIR", help="build the store in DIR and keep it (default: a temp dir, removed)")
+    bi.add_argument("--json", action="store_true", help="last line of stdout: one JSON object")
     bt = bsub.add_parser("train", help="student-only vs offline KD vs online KD step rates, one run")
     bt.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     bt.add_argument("--pair", choices=["mnist1d", "lm"], help="default: mnist1d on cpu, the LM pair on cuda")
@@ -102,19 +109,23 @@ def _dispatch(args) -> int:
             from workflows import bench
 
             return bench.main(args)
+        if args.bench == "ingest":
+            from workflows import bench_ingest
+
+            return bench_ingest.main(args)
         from workflows import bench_speed
 
         return bench_speed.main(args)
     if args.command == "report":
         from workflows.report import print_summary
 
-        path = Path(args.out) / "summary.json"
+        path = Loc.of(args.out) / "summary.json"
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found: the run did not finish (or --out is wrong)")
         print_summary(json.loads(path.read_text()))
         return 0
     cfg = load_config(args.config, args.overrides)
-    out = Path(args.out)
+    out = args.out  # a local path or a URI (s3://…): pathlib would mangle the latter
     if args.command == "run":
         from workflows.pipeline import run
 

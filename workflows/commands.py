@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from kd_ops import store
+from kd_ops.fsio import Loc
 from workflows import ray_session, stages, tasks
 from workflows import train as train_mod
 from workflows.config import RunConfig
@@ -20,15 +21,16 @@ def _setup(cfg: RunConfig, out: Path, tracking_uri, ray_address):
     if cfg.task == "lm":
         raise ValueError("kd precompute / train / tune take classification configs for now; "
                          "for task: lm run the whole pipeline with `kd run`")
-    lay = stages.Layout(Path(out).resolve())
-    lay.out.mkdir(parents=True, exist_ok=True)
+    lay = stages.Layout(out)
+    lay.out.mkdir()
     ray_session.init_ray(ray_address, cfg.code, cfg.train.resource_wait_s)
     return lay, Tracker(tracking_uri or cfg.tracking.tracking_uri, cfg.tracking.experiment), tasks.for_config(cfg)
 
 
 def _teachers_with_weights(cfg: RunConfig, lay: stages.Layout):
     teachers = [t.model_copy(update={"weights": stages.teacher_weights_path(t, lay)}) for t in cfg.teachers]
-    missing = [t.name for t in teachers if not Path(t.weights).is_file()]
+    teachers = [t.model_copy(update={"weights": str(t.weights)}) for t in teachers]
+    missing = [t.name for t in teachers if not Loc.of(t.weights).is_file()]
     if missing:
         raise ValueError(f"teachers {missing} have no weights file (looked in teachers[].weights and {lay.teachers}); "
                          "give weights in the config or run `kd run` once to train them")

@@ -75,6 +75,8 @@ class Fit(Strict):
     lr: float = Field(5e-3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
     max_grad_norm: float | None = Field(None, gt=0, description="clip the global gradient norm to this (null: no clipping)")
+    shuffle_buffer: int = Field(8192, ge=1, description="rows in each Train worker's local shuffle buffer (the "
+                                "file order is shuffled every epoch too)")
     seed: int = 0
 
 
@@ -82,7 +84,8 @@ class TeacherConfig(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     factory: str | None = Field(None, description="import path 'package.module:function' returning a torch.nn.Module")
     kwargs: dict[str, Any] = {}
-    weights: Path | None = Field(None, description="safetensors file; if absent, the pipeline trains the teacher")
+    weights: str | None = Field(None, description="safetensors file (local path or URI); if absent, the pipeline "
+                                "trains the teacher")
     hf_dir: Path | None = Field(None, description="LM: a local Hugging Face causal-LM directory (config, weights, tokenizer)")
     init: dict[str, int] | None = Field(None, description="LM: GPT-2 sizes (n_layer, n_embd, n_head) to train a teacher from scratch")
     fit: Fit = Fit(epochs=100, batch_size=128)
@@ -127,6 +130,9 @@ class TrainConfig(Strict):
     num_workers: int = Field(1, ge=1, description="Ray Train workers (DDP, gloo on CPU)")
     cpus_per_worker: int = Field(1, ge=1, description="CPUs (and torch threads) per Train worker")
     use_gpu: bool = False
+    cache_datasets_mb: float = Field(512, ge=0, description="a dataset whose files (inputs + shards) take less "
+                                     "than this is read once into Ray's object store instead of every epoch; 0: "
+                                     "always stream")
     resource_wait_s: float = Field(600, gt=0, description="a fit whose workers cannot get their resources for "
                                    "this long fails, naming the resources (Ray would wait forever)")
 
@@ -279,11 +285,11 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
 
 def _resolve_paths(cfg: RunConfig, base: Path) -> RunConfig:
     fix = lambda p: p if p is None or p.is_absolute() else (base / p).resolve()  # noqa: E731
+    uri = lambda p: p if p is None or "://" in p else str(fix(Path(p)))  # noqa: E731
     for t in cfg.teachers:
-        t.weights, t.hf_dir = fix(t.weights), fix(t.hf_dir)
+        t.weights, t.hf_dir = uri(t.weights), fix(t.hf_dir)
     cfg.code = [fix(Path(c)) for c in cfg.code]
     if cfg.data.parquet is not None:
         pq_cfg = cfg.data.parquet
-        uri = lambda p: p if p is None or "://" in p else str(fix(Path(p)))  # noqa: E731
         pq_cfg.train, pq_cfg.val, pq_cfg.test, pq_cfg.transfer = map(uri, (pq_cfg.train, pq_cfg.val, pq_cfg.test, pq_cfg.transfer))
     return cfg

@@ -55,11 +55,14 @@ class Reader:
 
 def dataset(split_dirs: dict[str, Any], *, feature_columns: list[str], label_column: str | None,
             input_dtype: str = "float32", store_dir=None, teachers: list[str] = (), shuffle: bool = True,
-            batch_rows: int = 4096, read_tasks: int = 2) -> tuple[ray.data.Dataset, int]:
+            batch_rows: int = 4096, read_tasks: int = 2, cache_bytes: int = 0) -> tuple[ray.data.Dataset, int]:
     """(lazy dataset over the files of `split_dirs` joined with `teachers`' shards, its row count).
 
     The row count comes from Parquet footers (for the LR schedule); StoreError if a teacher's
-    manifest is missing or does not cover an input file."""
+    manifest is missing or does not cover an input file. A dataset whose files (inputs + shards)
+    take less than `cache_bytes` on storage is read once into Ray's object store (on the nodes that
+    read it, spilled to disk under pressure; never in the driver) instead of once per epoch:
+    re-reading costs a Ray Data execution per epoch, which dominates sub-second epochs."""
     files, rows = {}, 0
     for split, d in split_dirs.items():
         for f in data.parquet_files(d):
@@ -76,8 +79,12 @@ def dataset(split_dirs: dict[str, Any], *, feature_columns: list[str], label_col
                  else store.open_parquet(f).metadata.num_rows)
     reader = Reader(files, shards, columns, feature_columns, label_column, input_dtype, batch_rows)
     ds = ray.data.from_items([{"unit": u} for u in files], override_num_blocks=max(1, len(files)))
-    if shuffle:
-        ds = ds.randomize_block_order()  # one file per block: a new file order every epoch, no task
     # Read tasks reserve no CPU: Train workers (and, under Tune, other trials' workers) may hold
     # every CPU, and a reader that waits for one would starve them; the pool size bounds them.
-    return ds.map_batches(reader, batch_size=1, num_cpus=0, compute=ray.data.TaskPoolStrategy(size=read_tasks)), rows
+    read = dict(batch_size=1, num_cpus=0, compute=ray.data.TaskPoolStrategy(size=read_tasks))
+    if cache_bytes and sum(f.size() for f in files.values()) + sum(s.size() for ss in shards.values() for s in ss) < cache_bytes:
+        ds = ds.map_batches(reader, **read).materialize()
+        return (ds.randomize_block_order() if shuffle else ds), rows
+    if shuffle:
+        ds = ds.randomize_block_order()  # one file per block: a new file order every epoch, no task
+    return ds.map_batches(reader, **read), rows

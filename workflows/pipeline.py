@@ -25,11 +25,12 @@ log = logging.getLogger("kd")
 def run(cfg: RunConfig, out: Path, *, tracking_uri: str | None = None, ray_address: str | None = None) -> dict[str, Any]:
     start = time.perf_counter()
     task = tasks.for_config(cfg)
-    lay = stages.Layout(Path(out).resolve())
-    lay.out.mkdir(parents=True, exist_ok=True)
-    (lay.out / "summary.json").unlink(missing_ok=True)  # a summary only ever describes a finished run
+    lay = stages.Layout(out)
+    lay.out.mkdir()
+    (lay.out / "summary.json").delete()  # a summary only ever describes a finished run
     ray_session.init_ray(ray_address, cfg.code, cfg.train.resource_wait_s)
-    tracker = Tracker(tracking_uri or cfg.tracking.tracking_uri, cfg.tracking.experiment)
+    tracker = Tracker(tracking_uri or cfg.tracking.tracking_uri, cfg.tracking.experiment,
+                      artifact_root=None if lay.out.local else f"{lay.out}/mlflow")
     names = [t.name for t in cfg.teachers]
     with tracker.parent(cfg.name, cfg.model_dump(mode="json"), {"kd.out": str(lay.out), "kd.task": task.kind}) as parent_id:
         mlflow.log_dict(cfg.model_dump(mode="json"), "config.json")
@@ -69,7 +70,7 @@ def run(cfg: RunConfig, out: Path, *, tracking_uri: str | None = None, ray_addre
                             num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu)
             srow = task.model_report(base, res.weights, kd_sets)
             mlflow.log_metrics({k: v for k, v in srow.items()})
-            mlflow.log_artifact(str(res.weights), "weights")
+            tracker.log_file(res.weights, "weights")
             student = models.load_weights(models.build(base.factory, base.kwargs), res.weights)
             registered = tracker.register(student, cfg.tracking.registered_model,
                                           example.astype("int64") if task.kind == "lm" else example)
@@ -107,10 +108,8 @@ def run(cfg: RunConfig, out: Path, *, tracking_uri: str | None = None, ray_addre
 
 
 def write_summary(summary: dict[str, Any], lay: stages.Layout) -> None:
-    """summary.json appears only when the run finished (tmp file + rename), then the table."""
-    tmp = lay.out / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2, default=str))
-    tmp.replace(lay.out / "summary.json")
+    """summary.json appears only when the run finished (written whole), then the table."""
+    (lay.out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     print_summary(summary)
 
 

@@ -45,17 +45,18 @@ class TeacherSpec:
     name: str
     factory: str
     kwargs: dict[str, Any]
-    weights: Path | None
-    weight_files: list[Path]     # what the fingerprint hashes
+    weights: Loc | None          # a local path or URI
+    weight_files: list[Loc]      # what the fingerprint hashes
 
     @classmethod
     def of(cls, t) -> "TeacherSpec":
         if t.hf_dir is not None:
             files = sorted(Path(t.hf_dir).glob("*.safetensors")) or sorted(Path(t.hf_dir).glob("*.bin"))
-            return cls(t.name, "kd_ops.lm:causal_lm", {"path": str(t.hf_dir)}, None, files)
-        if t.weights is None or not Path(t.weights).is_file():
+            return cls(t.name, "kd_ops.lm:causal_lm", {"path": str(t.hf_dir)}, None, [Loc.of(f) for f in files])
+        weights = Loc.of(t.weights) if t.weights is not None else None
+        if weights is None or not weights.is_file():
             raise ValueError(f"teacher {t.name!r}: weights file {t.weights} does not exist")
-        return cls(t.name, t.factory, t.kwargs, Path(t.weights), [Path(t.weights)])
+        return cls(t.name, t.factory, t.kwargs, weights, [weights])
 
     def build(self) -> torch.nn.Module:
         model = models.build(self.factory, self.kwargs)

@@ -15,6 +15,7 @@ import numpy as np
 import ray
 
 from kd_ops import data, store
+from kd_ops.fsio import Loc
 from workflows import ingest, train
 from workflows import precompute as pre
 from workflows.config import RunConfig, TeacherConfig
@@ -26,20 +27,30 @@ log = logging.getLogger("kd")
 
 @dataclass
 class Layout:
-    """Where a run keeps things under --out."""
-    out: Path
+    """Where a run keeps things under --out: a local path or any pyarrow.fs URI (s3://, gs://)."""
+    out: Loc
+
+    def __post_init__(self):
+        self.out = Loc.of(self.out)
 
     @property
-    def data(self) -> Path: return self.out / "data"
+    def data(self) -> Loc: return self.out / "data"
     @property
-    def teachers(self) -> Path: return self.out / "teachers"
+    def teachers(self) -> Loc: return self.out / "teachers"
     @property
-    def store(self) -> Path: return self.out / "store"
+    def store(self) -> Loc: return self.out / "store"
     @property
-    def ray(self) -> Path: return self.out / "ray"
+    def ray(self) -> Loc: return self.out / "ray"
+
+    def local(self, what: str) -> Path:
+        """--out as a local directory, for the parts that need one (Hugging Face directories)."""
+        if not self.out.local:
+            raise ValueError(f"{what} needs a local --out for now (got {self.out}); the store, checkpoints and "
+                             "summary of classification runs can live on object storage")
+        return Path(self.out.path)
 
 
-def teacher_weights_path(t: TeacherConfig, lay: Layout) -> Path:
+def teacher_weights_path(t: TeacherConfig, lay: Layout) -> str | Loc:
     return t.weights or lay.teachers / f"{t.name}.safetensors"
 
 
@@ -111,7 +122,8 @@ def datasets(cfg: RunConfig, task, dirs: dict[str, Path], lay: Layout, *, teache
         out[name], rows[name] = ingest.dataset({s: dirs[s] for s in parts if s in dirs},
                                                feature_columns=task.feature_columns, label_column=task.label_column,
                                                input_dtype=task.input_dtype, store_dir=lay.store, teachers=names,
-                                               shuffle=name == "train")
+                                               shuffle=name == "train",
+                                               cache_bytes=int(cfg.train.cache_datasets_mb * 1e6))
     return out, rows
 
 

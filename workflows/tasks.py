@@ -10,7 +10,6 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import mlflow
 import numpy as np
 
 from kd_ops import data, lm, models
@@ -27,7 +26,7 @@ def for_config(cfg: RunConfig):
 
 
 def _train_teacher(task, t: TeacherConfig, factory: str, kwargs: dict, dirs, lay: Layout, tracker: Tracker | None):
-    """Train one teacher on the labelled train split (streamed), return its best weights file."""
+    """Train one teacher on the labelled train split (streamed), return its best weights file (a Loc)."""
     cfg = task.cfg
     sets, rows = stages.datasets(cfg, task, dirs, lay, teachers=False, splits={"train": ("train",), "val": ("val",)})
     loop = stages.loop(cfg, task, factory, kwargs, t.fit, train_rows=rows["train"], label=f"teacher {t.name}")
@@ -62,10 +61,11 @@ class Classification:
         stamp = lay.data / "source.json"
         want = m.model_dump()
         dirs = {s: lay.data / s for s in data.SPLITS if s != "transfer" or m.transfer > 0}
-        if stamp.is_file() and json.loads(stamp.read_text()) == want and all(d.is_dir() for d in dirs.values()):
+        if stamp.is_file() and json.loads(stamp.read_text()) == want and all(d.exists() for d in dirs.values()):
             log.info("data: reusing %s", lay.data)
             return dirs
         log.info("data: generating MNIST-1D (%d labelled, %d transfer)", m.labelled, m.transfer)
+        stamp.delete()  # written last: until then the splits are not trusted
         splits = data.mnist1d_splits(m.labelled, m.val, m.test, m.transfer, m.seed, m.transfer_seed)
         for name, inputs in splits.items():
             data.write_split(inputs, lay.data / name, m.rows_per_file)
@@ -82,8 +82,8 @@ class Classification:
                 weights = _train_teacher(self, t, t.factory, t.kwargs, dirs, lay, tracker)
                 models.save_weights(models.load_weights(models.build(t.factory, t.kwargs), weights), path)
                 if tracker:
-                    mlflow.log_artifact(str(path), "weights")
-            resolved.append(t.model_copy(update={"weights": path}))
+                    tracker.log_file(path, "weights")
+            resolved.append(t.model_copy(update={"weights": str(path)}))
         return resolved
 
     def precompute_options(self) -> dict[str, Any]:
@@ -145,10 +145,11 @@ class LanguageModel:
         cfg = self.cfg
         src = self._tokenizer_source()
         want = {"data": cfg.data.model_dump(mode="json"), "tokenizer_from": str(src)}
-        stamp, tok_dir = lay.data / "source.json", lay.out / "tokenizer"
-        dirs = {s: lay.data / s for s in self.SPLIT_OFFSET}
+        out = lay.local("task: lm")
+        stamp, tok_dir = out / "data" / "source.json", out / "tokenizer"
+        dirs = {s: out / "data" / s for s in self.SPLIT_OFFSET}
         if stamp.is_file() and json.loads(stamp.read_text()) == want and all(d.is_dir() for d in dirs.values()):
-            log.info("data: reusing %s", lay.data)
+            log.info("data: reusing %s", out / "data")
             self.tokenizer = lm.load_tokenizer(tok_dir)
             return dirs
         if cfg.data.source == "text":
@@ -188,7 +189,7 @@ class LanguageModel:
         cfg, tokenizer = self.cfg, self.tokenizer
         resolved = []
         for t in cfg.teachers:
-            path = t.hf_dir or lay.teachers / t.name
+            path = t.hf_dir or lay.local("task: lm") / "teachers" / t.name
             if t.init is not None and not (path / "config.json").is_file():
                 kwargs = {"vocab_size": len(tokenizer), "n_positions": cfg.data.seq_len, **t.init}
                 weights = _train_teacher(self, t, "kd_ops.lm:new_causal_lm", kwargs, dirs, lay, tracker)

@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 import platform
 import subprocess
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
 import mlflow
 from mlflow.tracking import MlflowClient
+
+from kd_ops.fsio import Loc
 
 
 def resolve_uri(uri: str | None) -> str:
@@ -57,10 +60,14 @@ def environment_tags() -> dict[str, str]:
 class Tracker:
     """Thin wrapper holding the tracking URI, the experiment and the parent run."""
 
-    def __init__(self, uri: str | None, experiment: str):
+    def __init__(self, uri: str | None, experiment: str, artifact_root: str | None = None):
+        """artifact_root: where a new experiment keeps its artifacts (e.g. s3://bucket/run/mlflow);
+        an existing experiment keeps its own location."""
         self.uri = resolve_uri(uri)
         mlflow.set_tracking_uri(self.uri)
         self.experiment = experiment
+        if artifact_root and mlflow.get_experiment_by_name(experiment) is None:
+            mlflow.create_experiment(experiment, artifact_location=artifact_root)
         self.experiment_id = mlflow.set_experiment(experiment).experiment_id
         self.client = MlflowClient(self.uri)
         self.parent_run_id: str | None = None
@@ -78,6 +85,17 @@ class Tracker:
             if params:
                 mlflow.log_params(flatten(params))
             yield run.info.run_id
+
+    def log_file(self, loc, artifact_path: str) -> None:
+        """Log a file that may live on object storage (through a local copy) as an artifact of the active run."""
+        loc = Loc.of(loc)
+        if loc.local:
+            mlflow.log_artifact(loc.path, artifact_path)
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            local = Path(tmp) / loc.name
+            local.write_bytes(loc.read_bytes())
+            mlflow.log_artifact(str(local), artifact_path)
 
     def register(self, model, name: str, input_example) -> dict[str, str]:
         """Log the student as an MLflow PyTorch model in the active run and register a new version."""

@@ -11,7 +11,6 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -26,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from kd_ops import losses, models, token_losses
+from kd_ops.fsio import Loc
 from workflows import ray_session
 
 WEIGHTS = "model.safetensors"
@@ -171,8 +171,10 @@ def train_loop(config: dict[str, Any]) -> None:
                 sched.step()
             model_loss += float(loss.detach()) * rows
             seen += rows
+        train_seconds = time.perf_counter() - start
         total, count = _all_reduce([model_loss, seen])
-        metrics = {"epoch": epoch, "train_loss": total / max(count, 1),
+        metrics = {"epoch": epoch, "train_loss": total / max(count, 1), "train_rows": count,
+                   "train_seconds": train_seconds,
                    **_evaluate(model, val_shard, device, weights, cfg),
                    "epoch_seconds": time.perf_counter() - start}
         # A checkpoint costs ~1.5 s of Ray Train bookkeeping on this scale of model: only when the
@@ -231,11 +233,16 @@ def _resources_text(res: dict) -> str:
 
 @dataclass
 class Trained:
-    weights: Path          # best checkpoint's safetensors file
+    weights: Loc           # best checkpoint's safetensors file (local or on the run's storage)
     metrics: dict          # that checkpoint's reported metrics
 
 
-def fit(loop: Loop, datasets: dict[str, ray.data.Dataset], *, name: str, storage: Path,
+def storage_args(storage: Loc) -> dict[str, Any]:
+    """RunConfig storage for Train and Tune: a local directory, or a path on a pyarrow filesystem."""
+    return {"storage_path": storage.path} | ({} if storage.local else {"storage_filesystem": storage.fs})
+
+
+def fit(loop: Loop, datasets: dict[str, ray.data.Dataset], *, name: str, storage: Loc,
         num_workers: int, use_gpu: bool, callbacks: list | None = None) -> Trained:
     """Run `train_loop` under a TorchTrainer; keep the checkpoint with the best validation score."""
     cpus = loop.cpus_per_worker
@@ -243,14 +250,14 @@ def fit(loop: Loop, datasets: dict[str, ray.data.Dataset], *, name: str, storage
     # Train V2 reloads the checkpoint bookkeeping it finds under storage/name: a rerun into the same
     # --out would rank its checkpoints against the last run's and could return the old, better one.
     # Every fit here trains from scratch, so it starts from an empty run folder.
-    shutil.rmtree(Path(storage) / name, ignore_errors=True)
+    (Loc.of(storage) / name).delete()
     trainer = ray.train.torch.TorchTrainer(
         train_loop,
         train_loop_config={"loop": loop},
         scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
                                                resources_per_worker={"CPU": cpus, **({"GPU": 1} if use_gpu else {})}),
         run_config=ray.train.RunConfig(
-            name=name, storage_path=str(storage), callbacks=callbacks or [],
+            name=name, **storage_args(Loc.of(storage)), callbacks=callbacks or [],
             # a worker group that cannot be scheduled fails (after RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S,
             # see ray_session) instead of being retried forever
             failure_config=ray.train.FailureConfig(controller_failure_limit=0),
@@ -269,4 +276,4 @@ def fit(loop: Loop, datasets: dict[str, ray.data.Dataset], *, name: str, storage
                 "train.resource_wait_s if resources are on their way") from None
         raise
     checkpoint, metrics = result.best_checkpoints[0]
-    return Trained(Path(checkpoint.path) / WEIGHTS, metrics)
+    return Trained(Loc(checkpoint.filesystem, checkpoint.path) / WEIGHTS, metrics)

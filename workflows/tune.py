@@ -4,7 +4,6 @@ so no teacher runs while tuning."""
 from __future__ import annotations
 
 import threading
-from pathlib import Path
 from typing import Any
 
 import ray
@@ -15,6 +14,7 @@ from ray.air.integrations.mlflow import MLflowLoggerCallback
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
+from kd_ops.fsio import Loc
 from workflows import train
 from workflows.config import Dim, TuneConfig
 
@@ -67,7 +67,7 @@ def _trial(trial: dict[str, Any], *, base, teachers, width_kwarg, datasets, stor
 
     def fit() -> None:
         try:
-            train.fit(cfg, datasets, name=f"train-trial_id={trial_id}", storage=Path(storage),
+            train.fit(cfg, datasets, name=f"train-trial_id={trial_id}", storage=storage,
                       num_workers=num_workers, use_gpu=use_gpu, callbacks=[_ForwardReports(queue)])
         except BaseException as e:  # re-raised in the trial thread below
             outcome["error"] = e
@@ -84,11 +84,11 @@ def _trial(trial: dict[str, Any], *, base, teachers, width_kwarg, datasets, stor
 
 
 def run_tune(tc: TuneConfig, base: train.Loop, teachers: list[str], width_kwarg: str,
-             datasets: dict[str, ray.data.Dataset], *, storage: Path, num_workers: int, use_gpu: bool,
+             datasets: dict[str, ray.data.Dataset], *, storage: Loc, num_workers: int, use_gpu: bool,
              tracking_uri: str | None, experiment: str | None, parent_run_id: str | None):
     """Run the search; returns (best loop config, best metrics, list of per-trial rows)."""
     trainable = tune.with_parameters(_trial, base=base.replace(epochs=tc.epochs), teachers=teachers,
-                                     width_kwarg=width_kwarg, datasets=datasets, storage=str(storage),
+                                     width_kwarg=width_kwarg, datasets=datasets, storage=Loc.of(storage),
                                      num_workers=num_workers, use_gpu=use_gpu)
     # The driver function only waits on its TorchTrainer: it takes no CPU (the Train workers do),
     # but a bundle may not be empty, so it reserves the memory it really uses.
@@ -108,7 +108,7 @@ def run_tune(tc: TuneConfig, base: train.Loop, teachers: list[str], width_kwarg:
             # the concurrency cap goes here: TuneConfig.max_concurrent_trials is ignored with a
             # SearchGenerator such as this one
             search_alg=BasicVariantGenerator(random_state=tc.seed, max_concurrent=tc.max_concurrent_trials)),
-        run_config=tune.RunConfig(name="tune", storage_path=str(storage), callbacks=callbacks, verbose=1),
+        run_config=tune.RunConfig(name="tune", **train.storage_args(Loc.of(storage)), callbacks=callbacks, verbose=1),
     )
     grid = tuner.fit()
     metric, mode = base.objective

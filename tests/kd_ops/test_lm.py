@@ -3,7 +3,6 @@ store round trip and a short distillation whose KL to the teacher falls. No Ray.
 from __future__ import annotations
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 import torch
 

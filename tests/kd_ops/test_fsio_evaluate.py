@@ -1,0 +1,69 @@
+"""Storage locations, input-file keys from metadata, and the per-batch counts metrics are built from."""
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from kd_ops import data, evaluate, losses
+from kd_ops.fsio import Loc
+
+
+def test_loc_writes_whole_files_lists_and_deletes(tmp_path):
+    root = Loc.of(tmp_path / "a")
+    (root / "x" / "one.json").write_text("1")
+    (root / "x" / "two.json").write_bytes(b"2")
+    (root / "x" / "skip.txt").write_text("3")
+    assert [f.name for f in (root / "x").files(".json")] == ["one.json", "two.json"]
+    assert [f.name for f in root.files(".json", recursive=True)] == ["one.json", "two.json"]
+    assert not list((tmp_path / "a" / "x").glob("*.tmp-*"))  # the tmp file was renamed, not left behind
+    assert (root / "x" / "one.json").read_text() == "1" and (root / "x" / "one.json").size() == 1
+    assert (root / "nope").files() == [] and not (root / "nope").exists()
+    (root / "x").delete()
+    assert not (root / "x").exists()
+    assert str(Loc.of("file:///tmp/some/where")) == "/tmp/some/where"
+
+
+def test_file_key_comes_from_metadata_and_follows_the_content(tmp_path):
+    t = pa.table({"id": np.arange(10), "x": np.arange(10.0)})
+    pq.write_table(t, tmp_path / "a.parquet")
+    pq.write_table(t, tmp_path / "b.parquet")
+    key = data.file_key(Loc.of(tmp_path / "a.parquet"), ["id", "x"])
+    assert key["rows"] == 10 and key == data.file_key(Loc.of(tmp_path / "b.parquet"))  # same bytes, same key
+    pq.write_table(t.set_column(1, "x", pa.array(np.arange(10.0) + 1)), tmp_path / "b.parquet")
+    assert data.file_key(Loc.of(tmp_path / "b.parquet"))["footer_sha256"] != key["footer_sha256"]
+    with pytest.raises(data.DataError, match="no `id` column"):
+        data.file_key(_without_id(tmp_path), ["id", "x"])
+    with pytest.raises(data.DataError, match=r"column\(s\) \['z'\] not found"):
+        data.file_key(Loc.of(tmp_path / "a.parquet"), ["id", "z"])
+
+
+def _without_id(tmp_path):
+    pq.write_table(pa.table({"x": [1.0]}), tmp_path / "c.parquet")
+    return Loc.of(tmp_path / "c.parquet")
+
+
+def test_classification_counts_skip_unlabelled_rows_and_weight_the_ensemble():
+    student = torch.tensor([[2.0, 0.0], [0.0, 2.0], [2.0, 0.0], [0.0, 1.0]])
+    labels = torch.tensor([0, 0, 1, -1])
+    # teacher 0 says class 0 everywhere, teacher 1 says class 1 everywhere, weighted 0.2 / 0.8
+    t = torch.tensor([[[3.0, 0.0], [0.0, 3.0]]] * 4)  # [B, M, C]
+    out = evaluate.classification_sums(student, labels, t, torch.tensor([0.2, 0.8]))
+    assert out == {"rows": 3.0, "correct": 1.0, "ensemble_correct": 1.0, "teacher0_correct": 2.0,
+                   "teacher1_correct": 1.0, "agree": 1.0}
+
+
+def test_lm_counts_give_the_perplexity_of_a_uniform_model():
+    logits = torch.zeros(2, 5, 7)  # uniform over 7 tokens: nll per position = log 7
+    ids = torch.randint(0, 7, (2, 5))
+    out = evaluate.lm_sums(logits, ids, ids)
+    assert out["tokens"] == 8 and out["positions"] == 10
+    assert np.exp(out["nll"] / out["tokens"]) == pytest.approx(7.0, rel=1e-5)
+    assert out["agree"] == float((ids == 0).sum())  # argmax of a uniform row is token 0
+
+
+def test_mix_is_the_alpha_weighted_sum_and_checks_alpha():
+    kd, ce = torch.tensor(2.0), torch.tensor(10.0)
+    assert float(losses.mix(kd, ce, 0.25)) == pytest.approx(0.25 * 2 + 0.75 * 10)
+    with pytest.raises(ValueError, match=r"alpha must be in \[0, 1\], got 1.5"):
+        losses.mix(kd, ce, 1.5)
