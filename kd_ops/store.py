@@ -274,8 +274,9 @@ def aligned_batches(inputs: Loc, columns: list[str], shards: list[Loc], batch_ro
                     ) -> Iterator[tuple[pa.RecordBatch, list[pa.RecordBatch]]]:
     """Read an input file and its shards in lockstep, `batch_rows` rows at a time, checking that the
     ids match row for row (a shard holds its input file's rows in the same order)."""
-    readers = [open_parquet(inputs).iter_batches(batch_size=batch_rows, columns=columns)]
-    readers += [open_parquet(s).iter_batches(batch_size=batch_rows) for s in shards]
+    # one decoding thread per reader: the cores belong to the teachers or the Train workers
+    readers = [open_parquet(inputs).iter_batches(batch_size=batch_rows, columns=columns, use_threads=False)]
+    readers += [open_parquet(s).iter_batches(batch_size=batch_rows, use_threads=False) for s in shards]
     for parts in itertools.zip_longest(*readers):
         if any(p is None for p in parts):
             raise StoreError(f"{inputs}: a shard of it has a different row count; recompute the store")

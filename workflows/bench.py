@@ -66,7 +66,7 @@ def bench_store(cfg: RunConfig, run_dir: Path, out: Path, *, train_rows: int, ep
     for key, k, m in stores:
         row = _store_for(teacher, dirs, out / f"store-{key}", k, cfg, tokens, m)
         sets = {s: ingest.dataset({s: d}, feature_columns=["x"], label_column=None, input_dtype="int32",
-                                  store_dir=out / f"store-{key}", teachers=[teacher.name], shuffle=s == "train")[0]
+                                  store_dir=out / f"store-{key}", teachers=[teacher.name], shuffle=s == "train", cache_bytes=int(cfg.train.cache_datasets_mb * 1e6))[0]
                 for s, d in dirs.items()}
         # the config's own distillation settings, identical for every store
         loop = stages.loop(task.cfg, task, cfg.student.factory, student_kwargs,
@@ -101,7 +101,7 @@ def _big_vocab_sizes(cfg: RunConfig, run: Path, out: Path, vocab: int, rows: int
     task = tasks.LanguageModel(cfg)
     split = data.write_split(data.Inputs(np.arange(len(x), dtype=np.int64), x, None), out / "data" / "big-train")
     sets = {s: ingest.dataset({"train": split}, feature_columns=["x"], label_column=None, input_dtype="int32",
-                              shuffle=s == "train")[0] for s in ("train", "val")}
+                              shuffle=s == "train", cache_bytes=int(cfg.train.cache_datasets_mb * 1e6))[0] for s in ("train", "val")}
     loop = stages.loop(cfg, task, "kd_ops.lm:new_causal_lm", kwargs,
                        cfg.teachers[0].fit.model_copy(update={"epochs": 1}), train_rows=len(x),
                        label=f"bench teacher {len(tok)}")

@@ -28,7 +28,7 @@ from kd_ops import data, losses, models, store
 from kd_ops.fsio import Loc
 
 CLASSES, FEATURES = 1000, 40
-STUDENT = {"factory": "kd_ops.models:cnn", "kwargs": {"num_classes": CLASSES, "width": 32}}
+STUDENT = "kd_ops.models:cnn"  # a 1-D CNN with a 1,000-class head; --student-width sets its width
 SETTINGS = {"kind": "full", "top_k": None, "tail_samples": 0, "teacher_dtype": "float32"}
 
 
@@ -71,7 +71,7 @@ def build_store(root: Path, target_bytes: int, rows_per_file: int) -> tuple[int,
 
 
 @ray.remote(num_cpus=1)
-def _in_memory(rows: int, batch: int, seed: int = 0) -> dict[str, float]:
+def _in_memory(rows: int, batch: int, kwargs: dict, seed: int = 0) -> dict[str, float]:
     """The training loop of `workflows.train` on tensors already in memory: same student, same
     Hinton KD loss (T=2, α=0.9), same optimiser, one thread as a Train worker has."""
     torch.set_num_threads(1)
@@ -80,7 +80,7 @@ def _in_memory(rows: int, batch: int, seed: int = 0) -> dict[str, float]:
     x = torch.from_numpy(rng.standard_normal((rows, FEATURES), dtype=np.float32))
     y = torch.from_numpy(rng.integers(0, CLASSES, rows))
     t = torch.from_numpy((rng.standard_normal((rows, 1, CLASSES), dtype=np.float32) * 3).astype(np.float16))
-    model = models.build(STUDENT["factory"], STUDENT["kwargs"])
+    model = models.build(STUDENT, kwargs)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     w = torch.tensor([1.0])
     start = time.perf_counter()
@@ -94,7 +94,8 @@ def _in_memory(rows: int, batch: int, seed: int = 0) -> dict[str, float]:
     return {"rows": rows, "seconds": time.perf_counter() - start}
 
 
-def bench_ingest(target_gb: float, rows_per_file: int, batch: int, memory_rows: int, keep: str | None) -> dict[str, Any]:
+def bench_ingest(target_gb: float, rows_per_file: int, batch: int, memory_rows: int, width: int,
+                 keep: str | None) -> dict[str, Any]:
     from workflows import ingest, ray_session, train
 
     ray_session.init_ray()
@@ -104,26 +105,27 @@ def bench_ingest(target_gb: float, rows_per_file: int, batch: int, memory_rows: 
         store_bytes, rows = build_store(root, int(target_gb * 1e9), rows_per_file)
         build_s = time.perf_counter() - start
         splits = {"train": root / "inputs" / "train"}
-        train_ds, n = ingest.dataset(splits, feature_columns=["x"], label_column="label", store_dir=root / "store",
+        train_ds, n, _ = ingest.dataset(splits, feature_columns=["x"], label_column="label", store_dir=root / "store",
                                      teachers=["t"], shuffle=True)
         # validation: one input file of the same store (the loop validates once per epoch)
         first = sorted((root / "inputs" / "train").glob("*.parquet"))[0]
         val_dir = root / "val"
         val_dir.mkdir(exist_ok=True)
         shutil.copy(first, val_dir / first.name)
-        val_ds, _ = ingest.dataset({"train": val_dir}, feature_columns=["x"], label_column="label",
+        val_ds, _, _ = ingest.dataset({"train": val_dir}, feature_columns=["x"], label_column="label",
                                    store_dir=root / "store", teachers=["t"], shuffle=False)
-        loop = train.Loop(factory=STUDENT["factory"], kwargs=STUDENT["kwargs"], epochs=1, batch_size=batch, lr=1e-3,
+        kwargs = {"num_classes": CLASSES, "width": width}
+        loop = train.Loop(factory=STUDENT, kwargs=kwargs, epochs=1, batch_size=batch, lr=1e-3,
                           weight_decay=0.0, seed=0, train_rows=n, label="bench ingest", temperature=2.0, alpha=0.9,
                           teacher_weights=[1.0])
         res = train.fit(loop, {"train": train_ds, "val": val_ds}, name="bench-ingest", storage=root / "ray",
                         num_workers=1, use_gpu=False)
         store_fed = res.metrics["train_rows"] / res.metrics["train_seconds"]
-        mem = ray.get(_in_memory.remote(memory_rows, batch))
+        mem = ray.get(_in_memory.remote(memory_rows, batch, kwargs))
         in_memory = mem["rows"] / mem["seconds"]
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: kilobytes
         return {"store_bytes": store_bytes, "rows": rows, "rows_per_file": rows_per_file, "classes": CLASSES,
-                "batch_size": batch, "store_build_seconds": build_s,
+                "batch_size": batch, "student_params": models.num_params(models.build(STUDENT, kwargs)), "store_build_seconds": build_s,
                 "driver_peak_rss_bytes": peak, "driver_rss_over_store": peak / store_bytes,
                 "store_fed_per_s": store_fed, "store_fed_rows": res.metrics["train_rows"],
                 "store_fed_seconds": res.metrics["train_seconds"],
@@ -135,7 +137,8 @@ def bench_ingest(target_gb: float, rows_per_file: int, batch: int, memory_rows: 
 
 
 def main(args) -> int:
-    r = bench_ingest(args.store_gb, args.rows_per_file, args.batch_size, args.memory_rows, args.keep)
+    r = bench_ingest(args.store_gb, args.rows_per_file, args.batch_size, args.memory_rows, args.student_width,
+                     args.keep)
     if not args.json:
         for k, v in r.items():
             print(f"{k}: {v:,.3f}" if isinstance(v, float) else f"{k}: {v:,}")

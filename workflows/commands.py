@@ -60,10 +60,10 @@ def _datasets(cfg: RunConfig, lay, task):
     for t in cfg.teachers:
         if store.read_manifest(lay.store, t.name) is None:
             raise ValueError(f"no soft labels for teacher {t.name!r} in {lay.store}; run `kd precompute` first")
-    sets, rows = stages.datasets(cfg, task, dirs, lay, teachers=True,
+    sets, rows, cached = stages.datasets(cfg, task, dirs, lay, teachers=True,
                                  splits={"train": task.train_splits(), "val": ("val",), "test": ("test",)})
     base = stages.loop(cfg, task, cfg.student.factory, task.student_kwargs(cfg.teachers), cfg.train.fit,
-                       train_rows=rows["train"], label="student", distill=True)
+                       train_rows=rows["train"], label="student", distill=True, cached=cached)
     return sets, base
 
 

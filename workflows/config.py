@@ -75,8 +75,9 @@ class Fit(Strict):
     lr: float = Field(5e-3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
     max_grad_norm: float | None = Field(None, gt=0, description="clip the global gradient norm to this (null: no clipping)")
-    shuffle_buffer: int = Field(8192, ge=1, description="rows in each Train worker's local shuffle buffer (the "
-                                "file order is shuffled every epoch too)")
+    shuffle_buffer: int | None = Field(None, ge=0, description="rows in each Train worker's local shuffle buffer; "
+                                       "null = auto: 8192 for datasets cached in the object store, 0 for streamed "
+                                       "ones (their read tasks permute rows; file order is shuffled every epoch)")
     seed: int = 0
 
 

@@ -4,8 +4,8 @@ The store is co-partitioned with the inputs (one shard per input file, same rows
 order), so a dataset is a list of input files, each read by a Ray task in lockstep with its
 shards (`kd_ops.store.aligned_batches`, ids checked row for row): no join, no shuffle of the data,
 nothing on the driver but the file list and the manifests. Per epoch the file order is shuffled
-(a shuffle of the file list only) and Ray Train's local shuffle buffer mixes rows of the files
-in flight.
+(a shuffle of the file list only), the read tasks permute the rows of each chunk they read, and
+Ray Train's local shuffle buffer (`fit.shuffle_buffer`) mixes rows of the chunks in flight.
 
 Rows: `x` (features or token ids), `y` (int64, −1 for unlabelled rows; classification only) and
 each stored column stacked over teachers, [M, ...] per row (e.g. `logits` [M, C]).
@@ -33,6 +33,7 @@ class Reader:
     label_column: str | None               # None: no `y` (LM)
     input_dtype: str
     batch_rows: int = 4096
+    permute: bool = False                  # shuffle rows within each chunk read (in the read task)
 
     def __call__(self, batch: dict[str, np.ndarray]):
         for u in batch["unit"]:
@@ -50,19 +51,25 @@ class Reader:
                             if self.label_column in names else np.full(rb.num_rows, -1, np.int64))
             for k, spec in self.columns.items():
                 out[k] = np.stack([store.decode(p.column(k), spec["dtype"], spec["shape"]) for p in parts], axis=1)
+            if self.permute:  # here, on the reader's CPU, not in the Train worker's process
+                order = np.random.default_rng().permutation(rb.num_rows)
+                out = {k: v[order] for k, v in out.items()}
             yield out
 
 
 def dataset(split_dirs: dict[str, Any], *, feature_columns: list[str], label_column: str | None,
             input_dtype: str = "float32", store_dir=None, teachers: list[str] = (), shuffle: bool = True,
-            batch_rows: int = 4096, read_tasks: int = 2, cache_bytes: int = 0) -> tuple[ray.data.Dataset, int]:
-    """(lazy dataset over the files of `split_dirs` joined with `teachers`' shards, its row count).
+            batch_rows: int = 16384, read_tasks: int = 2, cache_bytes: int = 0) -> tuple[ray.data.Dataset, int, bool]:
+    """(lazy dataset over the files of `split_dirs` joined with `teachers`' shards, its row count,
+    whether it was cached).
 
     The row count comes from Parquet footers (for the LR schedule); StoreError if a teacher's
     manifest is missing or does not cover an input file. A dataset whose files (inputs + shards)
     take less than `cache_bytes` on storage is read once into Ray's object store (on the nodes that
     read it, spilled to disk under pressure; never in the driver) instead of once per epoch:
-    re-reading costs a Ray Data execution per epoch, which dominates sub-second epochs."""
+    re-reading costs a Ray Data execution per epoch, which dominates sub-second epochs. A cached
+    dataset's rows stay in their blocks across epochs, so it wants the Train worker's local
+    shuffle buffer; a streamed one is permuted by its read tasks every epoch."""
     files, rows = {}, 0
     for split, d in split_dirs.items():
         for f in data.parquet_files(d):
@@ -77,14 +84,14 @@ def dataset(split_dirs: dict[str, Any], *, feature_columns: list[str], label_col
     for u, f in files.items():
         rows += (manifests[0]["shards"][u]["rows"] if manifests
                  else store.open_parquet(f).metadata.num_rows)
-    reader = Reader(files, shards, columns, feature_columns, label_column, input_dtype, batch_rows)
+    reader = Reader(files, shards, columns, feature_columns, label_column, input_dtype, batch_rows, permute=shuffle)
     ds = ray.data.from_items([{"unit": u} for u in files], override_num_blocks=max(1, len(files)))
     # Read tasks reserve no CPU: Train workers (and, under Tune, other trials' workers) may hold
     # every CPU, and a reader that waits for one would starve them; the pool size bounds them.
     read = dict(batch_size=1, num_cpus=0, compute=ray.data.TaskPoolStrategy(size=read_tasks))
     if cache_bytes and sum(f.size() for f in files.values()) + sum(s.size() for ss in shards.values() for s in ss) < cache_bytes:
         ds = ds.map_batches(reader, **read).materialize()
-        return (ds.randomize_block_order() if shuffle else ds), rows
+        return (ds.randomize_block_order() if shuffle else ds), rows, True
     if shuffle:
         ds = ds.randomize_block_order()  # one file per block: a new file order every epoch, no task
-    return ds.map_batches(reader, **read), rows
+    return ds.map_batches(reader, **read), rows, False

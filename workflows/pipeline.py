@@ -40,13 +40,13 @@ def run(cfg: RunConfig, out: Path, *, tracking_uri: str | None = None, ray_addre
         teachers = task.teachers(dirs, lay, tracker)
         step("precompute")
         stages.stage_precompute(cfg, task, teachers, dirs, lay, tracker)
-        kd_sets, rows = stages.datasets(cfg, task, dirs, lay, teachers=True,
+        kd_sets, rows, cached = stages.datasets(cfg, task, dirs, lay, teachers=True,
                                         splits={"train": task.train_splits(), "val": ("val",), "test": ("test",)})
         teacher_rows, reference = task.teacher_report(teachers, kd_sets)
         mlflow.log_metrics(task.log_metrics(teacher_rows, reference))
 
         base = stages.loop(cfg, task, cfg.student.factory, task.student_kwargs(teachers), cfg.train.fit,
-                           train_rows=rows["train"], label="student", distill=True)
+                           train_rows=rows["train"], label="student", distill=True, cached=cached)
         tune_rows: list[dict] = []
         if cfg.tune.enabled:
             step("tune")
@@ -76,10 +76,10 @@ def run(cfg: RunConfig, out: Path, *, tracking_uri: str | None = None, ray_addre
                                           example.astype("int64") if task.kind == "lm" else example)
 
         step("label-only student")
-        lo_sets, lo_rows = stages.datasets(cfg, task, dirs, lay, teachers=False,
+        lo_sets, lo_rows, lo_cached = stages.datasets(cfg, task, dirs, lay, teachers=False,
                                            splits={"train": ("train",), "val": ("val",)})
         lo = stages.loop(cfg, task, base.factory, base.kwargs, cfg.train.label_only_fit,
-                         train_rows=lo_rows["train"], label="label-only")
+                         train_rows=lo_rows["train"], label="label-only", cached=lo_cached)
         with tracker.child("label-only-student", {"student_kwargs": chosen["student_kwargs"],
                                                   **cfg.train.label_only_fit.model_dump()}) as run_id:
             res_lo = train.fit(lo.replace(mlflow={"tracking_uri": tracker.uri, "run_id": run_id}), lo_sets,

@@ -28,8 +28,10 @@ def for_config(cfg: RunConfig):
 def _train_teacher(task, t: TeacherConfig, factory: str, kwargs: dict, dirs, lay: Layout, tracker: Tracker | None):
     """Train one teacher on the labelled train split (streamed), return its best weights file (a Loc)."""
     cfg = task.cfg
-    sets, rows = stages.datasets(cfg, task, dirs, lay, teachers=False, splits={"train": ("train",), "val": ("val",)})
-    loop = stages.loop(cfg, task, factory, kwargs, t.fit, train_rows=rows["train"], label=f"teacher {t.name}")
+    sets, rows, cached = stages.datasets(cfg, task, dirs, lay, teachers=False,
+                                         splits={"train": ("train",), "val": ("val",)})
+    loop = stages.loop(cfg, task, factory, kwargs, t.fit, train_rows=rows["train"], label=f"teacher {t.name}",
+                       cached=cached)
     with child_run(tracker, f"teacher-{t.name}", json.loads(json.dumps(vars(loop), default=str))) as run_id:
         loop = loop.replace(mlflow=tracker and {"tracking_uri": tracker.uri, "run_id": run_id})
         res = train.fit(loop, sets, name=f"teacher-{t.name}", storage=lay.ray, num_workers=cfg.train.num_workers,

@@ -45,7 +45,7 @@ class Loop:
     train_rows: int                          # rows per epoch (all workers): sizes the LR schedule
     max_grad_norm: float | None = None
     cpus_per_worker: int = 1
-    shuffle_buffer: int = 8192               # rows in Ray Data's local shuffle buffer per worker
+    shuffle_buffer: int = 0                  # rows in Ray Data's local shuffle buffer per worker (0: none)
     label: str = "model"                     # for log lines
     task: str = "classification"             # or "lm"
     temperature: float = 1.0
@@ -159,7 +159,7 @@ def train_loop(config: dict[str, Any]) -> None:
         start, model_loss, seen = time.perf_counter(), 0.0, 0
         model.train()
         for batch in train_shard.iter_torch_batches(batch_size=cfg.batch_size, device=device,
-                                                    local_shuffle_buffer_size=max(cfg.shuffle_buffer, cfg.batch_size),
+                                                    local_shuffle_buffer_size=max(cfg.shuffle_buffer, cfg.batch_size) if cfg.shuffle_buffer else None,
                                                     local_shuffle_seed=cfg.seed + epoch):
             loss, rows = _losses(model, batch, cfg, weights)
             opt.zero_grad(set_to_none=True)

@@ -49,4 +49,12 @@ def test_relative_paths_resolve_against_the_config_file(tmp_path):
     raw["teachers"][0]["weights"] = "w/a.safetensors"
     p = tmp_path / "c.yaml"
     p.write_text(yaml.safe_dump(raw))
-    assert load_config(p).teachers[0].weights == tmp_path / "w" / "a.safetensors"
+    assert load_config(p).teachers[0].weights == str(tmp_path / "w" / "a.safetensors")
+    raw["teachers"][0]["weights"] = "s3://bucket/w/a.safetensors"  # URIs are kept as given
+    raw["code"] = ["models/user.py"]
+    raw["data"] = {"source": "parquet", "parquet": {"train": "s3://b/train", "val": "v", "test": "gs://b/test"}}
+    p.write_text(yaml.safe_dump(raw))
+    cfg = load_config(p)
+    assert cfg.teachers[0].weights == "s3://bucket/w/a.safetensors" and cfg.code == [tmp_path / "models" / "user.py"]
+    assert (cfg.data.parquet.train, cfg.data.parquet.val, cfg.data.parquet.test) == (
+        "s3://b/train", str(tmp_path / "v"), "gs://b/test")
