@@ -32,11 +32,13 @@ class Scorer:
         x = torch.from_numpy(batch["x"])
         logits = self.model(x) if self.model is not None else None
         if self.task == "lm":
-            top1 = None
-            if "indices" in batch:  # the highest-weighted teacher's top-1 token
-                top1 = torch.from_numpy(batch["indices"][:, int(np.argmax(self.weights)), :, 0].astype(np.int64))
-            elif "logits" in batch:
-                top1 = torch.from_numpy(batch["logits"][:, int(np.argmax(self.weights))]).argmax(-1)
+            top1 = None  # without teacher weights the model is scored on its own (a teacher's perplexity)
+            if self.weights is not None:  # agreement with the highest-weighted teacher's top-1 token
+                best = int(torch.argmax(self.weights))
+                if "indices" in batch:
+                    top1 = torch.from_numpy(batch["indices"][:, best, :, 0].astype(np.int64))
+                elif "logits" in batch:
+                    top1 = torch.from_numpy(batch["logits"][:, best]).argmax(-1)
             sums = evaluate.lm_sums(logits, x, top1)
         else:
             teacher = torch.from_numpy(batch["logits"]) if "logits" in batch else None
