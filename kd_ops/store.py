@@ -270,12 +270,15 @@ def open_parquet(loc: Loc) -> pq.ParquetFile:
     return pq.ParquetFile(loc.fs.open_input_file(loc.path))
 
 
-def aligned_batches(inputs: Loc, columns: list[str], shards: list[Loc], batch_rows: int
+def aligned_batches(inputs: Loc, columns: list[str], shards: list[Loc], batch_rows: int, optional: tuple = ()
                     ) -> Iterator[tuple[pa.RecordBatch, list[pa.RecordBatch]]]:
-    """Read an input file and its shards in lockstep, `batch_rows` rows at a time, checking that the
-    ids match row for row (a shard holds its input file's rows in the same order)."""
+    """Read an input file (`columns`, plus those of `optional` it has) and its shards in lockstep,
+    `batch_rows` rows at a time, checking that the ids match row for row (a shard holds its input
+    file's rows in the same order)."""
+    src = open_parquet(inputs)
+    columns = [*columns, *(c for c in optional if c in src.schema_arrow.names)]
     # one decoding thread per reader: the cores belong to the teachers or the Train workers
-    readers = [open_parquet(inputs).iter_batches(batch_size=batch_rows, columns=columns, use_threads=False)]
+    readers = [src.iter_batches(batch_size=batch_rows, columns=columns, use_threads=False)]
     readers += [open_parquet(s).iter_batches(batch_size=batch_rows, use_threads=False) for s in shards]
     for parts in itertools.zip_longest(*readers):
         if any(p is None for p in parts):

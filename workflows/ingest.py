@@ -41,14 +41,14 @@ class Reader:
 
     def read(self, u: str):
         src = self.files[u]
-        names = store.open_parquet(src).schema_arrow.names
-        wanted = ["id", *self.feature_columns] + ([self.label_column] if self.label_column in names else [])
-        for rb, parts in store.aligned_batches(src, wanted, self.shards[u], self.batch_rows):
+        labels = (self.label_column,) if self.label_column else ()
+        for rb, parts in store.aligned_batches(src, ["id", *self.feature_columns], self.shards[u], self.batch_rows,
+                                               optional=labels):
             table = pa.Table.from_batches([rb])
             out = {"x": data.features(table, self.feature_columns, str(src), np.dtype(self.input_dtype))}
-            if self.label_column is not None:
+            if self.label_column is not None:  # a file without labels (transfer set): −1, soft term only
                 out["y"] = (table.column(self.label_column).fill_null(-1).to_numpy().astype(np.int64)
-                            if self.label_column in names else np.full(rb.num_rows, -1, np.int64))
+                            if self.label_column in table.column_names else np.full(rb.num_rows, -1, np.int64))
             for k, spec in self.columns.items():
                 out[k] = np.stack([store.decode(p.column(k), spec["dtype"], spec["shape"]) for p in parts], axis=1)
             if self.permute:  # here, on the reader's CPU, not in the Train worker's process
