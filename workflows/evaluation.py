@@ -16,8 +16,8 @@ class Scorer:
     """Ray Data callable class: builds the model once per actor (None: score the stored teachers only)."""
 
     def __init__(self, factory: str | None, kwargs: dict[str, Any], weights, task: str,
-                 teacher_weights: list[float] | None, threads: int = 1):
-        torch.set_num_threads(max(1, threads))
+                 teacher_weights: list[float] | None):
+        torch.set_num_threads(1)  # the actor reserves one CPU
         self.model = None
         if factory is not None:
             self.model = models.build(factory, kwargs)
@@ -50,8 +50,7 @@ def score(ds: ray.data.Dataset, *, task: str, factory: str | None = None, kwargs
           weights=None, teacher_weights: list[float] | None = None, actors: int = 1,
           batch_size: int = 1024) -> dict[str, float]:
     """Summed counts of `Scorer` over the whole dataset (see kd_ops.evaluate.*_sums)."""
-    rows = ds.map_batches(Scorer, fn_constructor_kwargs=dict(factory=factory, kwargs=kwargs or {},
-                                                            weights=weights,
+    rows = ds.map_batches(Scorer, fn_constructor_kwargs=dict(factory=factory, kwargs=kwargs or {}, weights=weights,
                                                             task=task, teacher_weights=teacher_weights),
                           batch_size=batch_size, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors),
                           num_cpus=1)

@@ -32,7 +32,7 @@ class Reader:
     feature_columns: list[str]
     label_column: str | None               # None: no `y` (LM)
     input_dtype: str
-    batch_rows: int = 4096
+    batch_rows: int
     permute: bool = False                  # shuffle rows within each chunk read (in the read task)
 
     def __call__(self, batch: dict[str, np.ndarray]):
