@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 import ray
 import torch
 
-from kd_ops import data, losses, models, store
+from kd_ops import data, models, store
 from kd_ops.fsio import Loc
 
 CLASSES, FEATURES = 1000, 40
@@ -71,26 +71,25 @@ def build_store(root: Path, target_bytes: int, rows_per_file: int) -> tuple[int,
 
 
 @ray.remote(num_cpus=1)
-def _in_memory(rows: int, batch: int, kwargs: dict, seed: int = 0) -> dict[str, float]:
-    """The training loop of `workflows.train` on tensors already in memory: same student, same
-    Hinton KD loss (T=2, α=0.9), same optimiser, one thread as a Train worker has."""
+def _in_memory(loop, rows: int, seed: int = 0) -> dict[str, float]:
+    """The training step of `workflows.train` (`train.step`: same student, loss, optimiser and LR
+    schedule) on tensors already in memory, one thread as a Train worker has."""
+    from workflows import train
+
     torch.set_num_threads(1)
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     x = torch.from_numpy(rng.standard_normal((rows, FEATURES), dtype=np.float32))
     y = torch.from_numpy(rng.integers(0, CLASSES, rows))
     t = torch.from_numpy((rng.standard_normal((rows, 1, CLASSES), dtype=np.float32) * 3).astype(np.float16))
-    model = models.build(STUDENT, kwargs)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    w = torch.tensor([1.0])
+    loop = loop.replace(train_rows=rows)
+    model = models.build(loop.factory, loop.kwargs)
+    opt = torch.optim.AdamW(model.parameters(), lr=loop.lr, weight_decay=loop.weight_decay)
+    sched, w = train.schedule(opt, loop, 1), torch.tensor(loop.teacher_weights)
+    b = loop.batch_size
     start = time.perf_counter()
-    for i in range(0, rows, batch):
-        out = model(x[i:i + batch])
-        loss, _ = losses.distillation_loss(out, t[i:i + batch].transpose(0, 1), y[i:i + batch], temperature=2.0,
-                                           alpha=0.9, weights=w)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+    for i in range(0, rows, b):
+        train.step(model, opt, sched, {"x": x[i:i + b], "y": y[i:i + b], "logits": t[i:i + b]}, loop, w)
     return {"rows": rows, "seconds": time.perf_counter() - start}
 
 
@@ -121,7 +120,7 @@ def bench_ingest(target_gb: float, rows_per_file: int, batch: int, memory_rows: 
         res = train.fit(loop, {"train": train_ds, "val": val_ds}, name="bench-ingest", storage=root / "ray",
                         num_workers=1, use_gpu=False)
         store_fed = res.metrics["train_rows"] / res.metrics["train_seconds"]
-        mem = ray.get(_in_memory.remote(memory_rows, batch, kwargs))
+        mem = ray.get(_in_memory.remote(loop, memory_rows))
         in_memory = mem["rows"] / mem["seconds"]
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: kilobytes
         return {"store_bytes": store_bytes, "rows": rows, "rows_per_file": rows_per_file, "classes": CLASSES,

@@ -49,11 +49,17 @@ class Reader:
             if self.label_column is not None:  # a file without labels (transfer set): −1, soft term only
                 out["y"] = (table.column(self.label_column).fill_null(-1).to_numpy().astype(np.int64)
                             if self.label_column in table.column_names else np.full(rb.num_rows, -1, np.int64))
-            for k, spec in self.columns.items():
-                out[k] = np.stack([store.decode(p.column(k), spec["dtype"], spec["shape"]) for p in parts], axis=1)
-            if self.permute:  # here, on the reader's CPU, not in the Train worker's process
-                order = np.random.default_rng().permutation(rb.num_rows)
-                out = {k: v[order] for k, v in out.items()}
+            # here, on the reader's CPU, not in the Train worker's process
+            order = np.random.default_rng().permutation(rb.num_rows) if self.permute else slice(None)
+            out = {k: v[order] for k, v in out.items()}
+            for k, spec in self.columns.items():  # [N, M, ...]: one copy does the stacking and the permutation
+                cols = [store.decode(p.column(k), spec["dtype"], spec["shape"]) for p in parts]
+                out[k] = np.empty((rb.num_rows, len(cols), *spec["shape"]), cols[0].dtype)
+                for m, c in enumerate(cols):
+                    if self.permute:  # mode="clip": no bounds-check buffer, the order is a permutation
+                        np.take(c, order, axis=0, out=out[k][:, m], mode="clip")
+                    else:
+                        out[k][:, m] = c
             yield out
 
 

@@ -100,6 +100,26 @@ def _losses(model, batch, cfg: Loop, weights) -> tuple[torch.Tensor, int]:
     return loss, len(logits)
 
 
+def step(model, opt, sched, batch: dict[str, torch.Tensor], cfg: Loop, weights) -> tuple[float, int]:
+    """One optimisation step on one batch; returns (its loss, its rows). `kd bench ingest` times
+    this same function on in-memory tensors."""
+    loss, rows = _losses(model, batch, cfg, weights)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if cfg.max_grad_norm:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+    opt.step()
+    if sched.last_epoch + 1 < sched.total_steps:
+        sched.step()
+    return float(loss.detach()), rows
+
+
+def schedule(opt, cfg: Loop, world: int):
+    """One-cycle: warm up then anneal; the step count is an upper bound per worker, never overrun."""
+    steps = cfg.epochs * max(1, math.ceil(cfg.train_rows / world / cfg.batch_size))
+    return torch.optim.lr_scheduler.OneCycleLR(opt, cfg.lr, total_steps=steps + world)
+
+
 def _evaluate(model, shard, device, weights: torch.Tensor | None, cfg: Loop) -> dict[str, float]:
     """Classification: val_accuracy and, with teachers, val_agreement (top-1 vs the weighted
     ensemble) and val_kl. LM: val_perplexity and, with teachers, val_agreement (student top-1 vs
@@ -147,9 +167,7 @@ def train_loop(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     model = ray.train.torch.prepare_model(models.build(cfg.factory, cfg.kwargs))
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps = cfg.epochs * max(1, math.ceil(cfg.train_rows / world / cfg.batch_size))
-    # One-cycle: warm up then anneal; steps is an upper bound per worker, so never overrun it.
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.lr, total_steps=steps + world)
+    sched = schedule(opt, cfg, world)
     kd = cfg.teacher_weights is not None
     weights = torch.tensor(cfg.teacher_weights, dtype=torch.float32, device=device) if kd else None
     train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
@@ -161,15 +179,8 @@ def train_loop(config: dict[str, Any]) -> None:
         for batch in train_shard.iter_torch_batches(batch_size=cfg.batch_size, device=device,
                                                     local_shuffle_buffer_size=max(cfg.shuffle_buffer, cfg.batch_size) if cfg.shuffle_buffer else None,
                                                     local_shuffle_seed=cfg.seed + epoch):
-            loss, rows = _losses(model, batch, cfg, weights)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-            opt.step()
-            if sched.last_epoch + 1 < sched.total_steps:
-                sched.step()
-            model_loss += float(loss.detach()) * rows
+            loss, rows = step(model, opt, sched, batch, cfg, weights)
+            model_loss += loss * rows
             seen += rows
         train_seconds = time.perf_counter() - start
         total, count = _all_reduce([model_loss, seen])
