@@ -76,7 +76,7 @@ def train(cfg: RunConfig, out: Path, *, tracking_uri=None, ray_address=None) -> 
         with tracker.child("student", params) as rid:
             res = train_mod.fit(spec.replace(mlflow={"tracking_uri": tracker.uri, "run_id": rid}),
                                 {k: sets[k] for k in ("train", "val")}, name="student", storage=lay.ray,
-                                num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu)
+                                **stages.workers(cfg))
             row = task.model_report(spec, res.weights, sets)
     print(json.dumps({"student": row, "weights": str(res.weights)}, indent=2))
     return 0
@@ -86,9 +86,8 @@ def tune(cfg: RunConfig, out: Path, *, tracking_uri=None, ray_address=None) -> i
     lay, tracker, task = _setup(cfg, out, tracking_uri, ray_address)
     with tracker.parent(f"{cfg.name}-tune", cfg.model_dump(mode="json"), {"kd.out": str(lay.out)}) as parent_id:
         sets, spec = _datasets(cfg, lay, task)
-        _, best, rows = run_tune(cfg.tune, spec, [t.name for t in cfg.teachers], cfg.student.width_kwarg,
-                                 {k: sets[k] for k in ("train", "val")}, storage=lay.ray,
-                                 num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
+        _, best, rows, failed = run_tune(cfg.tune, spec, [t.name for t in cfg.teachers], cfg.student.width_kwarg,
+                                 {k: sets[k] for k in ("train", "val")}, storage=lay.ray, workers=stages.workers(cfg),
                                  tracking_uri=tracker.uri, experiment=tracker.experiment, parent_run_id=parent_id)
-    print(json.dumps({"best": best, "trials": rows}, indent=2, default=str))
+    print(json.dumps({"best": best, "trials": rows, "failed_trials": failed}, indent=2, default=str))
     return 0

@@ -136,6 +136,13 @@ class TrainConfig(Strict):
                                      "always stream")
     resource_wait_s: float = Field(600, gt=0, description="a fit whose workers cannot get their resources for "
                                    "this long fails, naming the resources (Ray would wait forever)")
+    max_failures: int = Field(3, ge=-1, description="times a fit's worker group is restarted from its latest "
+                              "checkpoint after a worker or node is lost (-1: no limit)")
+    checkpoint_interval_s: float = Field(60, ge=0, description="at most this long between checkpoints (one is "
+                                         "always written after the last epoch); 0: every epoch")
+    resources: dict[str, float] = Field({}, description="custom resources (e.g. {student_node: 1}) or accelerator "
+                                        "types (e.g. {'accelerator_type:A10G': 0.001}) each Train worker needs: "
+                                        "places students on a node group")
 
 
 class PrecomputeConfig(Strict):
@@ -151,6 +158,8 @@ class PrecomputeConfig(Strict):
     calls_per_actor: int = Field(2, ge=1, description="batches in flight in one actor, so reading, host copies "
                                  "and encoding overlap the teacher's forward")
     use_gpu: bool = False
+    resources: dict[str, float] = Field({}, description="custom resources (e.g. {teacher_node: 1}) or accelerator "
+                                        "types each teacher actor needs: places teachers on a node group")
 
 
 class Dim(Strict):
@@ -187,6 +196,8 @@ class TuneConfig(Strict):
     student_width: Dim | None = Dim(choice=[12, 16])
     teacher_weights: Dim | None = Dim(uniform=(0.1, 1.0))
     seed: int = 0
+    max_failures: int = Field(1, ge=0, description="retries of a trial that raised, before it counts as failed "
+                              "(the search goes on with the others)")
 
     @model_validator(mode="after")
     def _ranges(self) -> "TuneConfig":

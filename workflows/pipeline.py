@@ -48,12 +48,12 @@ def run(cfg: RunConfig, out: Path, *, tracking_uri: str | None = None, ray_addre
         base = stages.loop(cfg, task, cfg.student.factory, task.student_kwargs(teachers), cfg.train.fit,
                            train_rows=rows["train"], label="student", distill=True, cached=cached)
         tune_rows: list[dict] = []
+        tune_failed: list[dict] = []
         if cfg.tune.enabled:
             step("tune")
-            base, best, tune_rows = run_tune(cfg.tune, base, names, cfg.student.width_kwarg,
+            base, best, tune_rows, tune_failed = run_tune(cfg.tune, base, names, cfg.student.width_kwarg,
                                              {k: kd_sets[k] for k in ("train", "val")}, storage=lay.ray,
-                                             num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
-                                             tracking_uri=tracker.uri, experiment=tracker.experiment,
+                                             workers=stages.workers(cfg), tracking_uri=tracker.uri, experiment=tracker.experiment,
                                              parent_run_id=parent_id)
             log.info("tune: best %s", best)
         base = base.replace(epochs=cfg.train.fit.epochs, label="student")
@@ -67,7 +67,7 @@ def run(cfg: RunConfig, out: Path, *, tracking_uri: str | None = None, ray_addre
         with tracker.child("student", chosen | {"epochs": base.epochs}) as run_id:
             res = train.fit(base.replace(mlflow={"tracking_uri": tracker.uri, "run_id": run_id}),
                             {k: kd_sets[k] for k in ("train", "val")}, name="student", storage=lay.ray,
-                            num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu)
+                            **stages.workers(cfg))
             srow = task.model_report(base, res.weights, kd_sets)
             mlflow.log_metrics({k: v for k, v in srow.items()})
             tracker.log_file(res.weights, "weights")
@@ -83,8 +83,7 @@ def run(cfg: RunConfig, out: Path, *, tracking_uri: str | None = None, ray_addre
         with tracker.child("label-only-student", {"student_kwargs": chosen["student_kwargs"],
                                                   **cfg.train.label_only_fit.model_dump()}) as run_id:
             res_lo = train.fit(lo.replace(mlflow={"tracking_uri": tracker.uri, "run_id": run_id}), lo_sets,
-                               name="label-only", storage=lay.ray, num_workers=cfg.train.num_workers,
-                               use_gpu=cfg.train.use_gpu)
+                               name="label-only", storage=lay.ray, **stages.workers(cfg))
             lorow = task.model_report(lo, res_lo.weights, kd_sets)
             mlflow.log_metrics(lorow)
 
@@ -96,6 +95,7 @@ def run(cfg: RunConfig, out: Path, *, tracking_uri: str | None = None, ray_addre
             summary["store_bytes_per_token"] = store_bytes / tokens
         summary |= {
             "tune_trials": tune_rows,
+            "tune_failed_trials": tune_failed,
             "store_bytes": store_bytes,
             "wall_seconds": time.perf_counter() - start,
             "mlflow": {"tracking_uri": tracker.uri, "experiment": tracker.experiment, "parent_run_id": parent_id,

@@ -172,7 +172,7 @@ def actor_threads(threads: int | None, num_actors: int, use_gpu: bool) -> int:
 def options(pc) -> dict[str, Any]:
     """`precompute` keyword arguments from a PrecomputeConfig."""
     return dict(batch_size=pc.batch_size, num_actors=pc.num_actors, use_gpu=pc.use_gpu, teacher_dtype=pc.teacher_dtype,
-                threads=pc.threads_per_actor, calls_per_actor=pc.calls_per_actor)
+                threads=pc.threads_per_actor, calls_per_actor=pc.calls_per_actor, resources=pc.resources)
 
 
 @dataclass
@@ -236,15 +236,17 @@ def precompute(teachers, split_dirs: dict[str, Any], store_dir, *, feature_colum
                batch_size: int, num_actors: int, use_gpu: bool, top_k: int | None = None,
                input_dtype: str = "float32", teacher_dtype: str = "float32", threads: int | None = None,
                calls_per_actor: int = 2, tail_samples: int = 0, extra: dict[str, Any] | None = None,
-               progress=None) -> list[TeacherResult]:
+               progress=None, resources: dict[str, float] | None = None) -> list[TeacherResult]:
     """Run every teacher over every input file in `split_dirs` into the store; returns one result
     per teacher. Shard-level and resumable: a file whose shard is committed for this teacher,
     these settings and the file as it is now is not computed again, so a rerun after a crash
     runs only the missing files. All teachers that need a file run on it in one read.
 
     The actor pool reserves one CPU per actor for Ray's scheduler and runs the teachers with
-    `actor_threads(threads, …)` torch threads. `progress(done_rows, total_rows)` is called as
-    shards finish."""
+    `actor_threads(threads, …)` torch threads, on nodes that have `resources` (custom resources
+    or accelerator types: teachers on one node group). A lost actor or node costs only the files
+    in flight: Ray Data restarts the actor and reruns their calls, which rewrite the same shards.
+    `progress(done_rows, total_rows)` is called as shards finish."""
     root = Loc.of(store_dir)
     files, inputs = input_files(split_dirs, ["id", *feature_columns])
     kind = "full" if top_k is None else "topk"
@@ -299,7 +301,7 @@ def precompute(teachers, split_dirs: dict[str, Any], store_dir, *, feature_colum
                 # GPU: calls overlap inside the UDF (each on its own stream); CPU: the teachers
                 # already use every core
                 enable_true_multi_threading=use_gpu),
-            num_gpus=1 if use_gpu else 0, num_cpus=1)
+            num_gpus=1 if use_gpu else 0, num_cpus=1, **({"resources": resources} if resources else {}))
         done_rows = resumed
         for row in ds.iter_rows():  # one tiny row per finished file: progress, not data
             done_rows += int(row["rows"])

@@ -48,7 +48,13 @@ def _print_lm(s: dict[str, Any], console: Console) -> None:
 
 
 def _footer(s: dict[str, Any], store_text: str) -> str:
+    failed = s.get("tune_failed_trials") or []
+    tune = ""
+    if s.get("tune_trials") or failed:
+        tune = f"tune {len(s.get('tune_trials') or [])} trials ok, {len(failed)} failed"
+        tune += f" (first: {failed[0]['error']})" if failed else ""
+        tune += " · "
     m = s["mlflow"]
     reg = m["registered_model"]
-    return (f"{store_text} · wall {s['wall_seconds']:.0f} s · MLflow {m['tracking_uri']} "
+    return (f"{tune}{store_text} · wall {s['wall_seconds']:.0f} s · MLflow {m['tracking_uri']} "
             f"parent run {m['parent_run_id']} · registered {reg['name']} v{reg['version']}")

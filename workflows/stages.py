@@ -95,6 +95,12 @@ def _progress(label: str, unit: str):
     return show
 
 
+def workers(cfg: RunConfig) -> dict:
+    """How every fit of a run gets its Train workers (train.fit's keyword arguments)."""
+    t = cfg.train
+    return dict(num_workers=t.num_workers, use_gpu=t.use_gpu, max_failures=t.max_failures, resources=t.resources)
+
+
 def teacher_weight_list(cfg: RunConfig) -> list[float]:
     names = [t.name for t in cfg.teachers]
     raw = [cfg.distill.teacher_weights.get(n, 0.0) for n in names] if cfg.distill.teacher_weights else [1.0] * len(names)
@@ -113,7 +119,8 @@ def loop(cfg: RunConfig, task, factory: str, kwargs: dict, fit, *, train_rows: i
     if settings["shuffle_buffer"] is None:  # auto
         settings["shuffle_buffer"] = CACHED_SHUFFLE_BUFFER if cached else 0
     return train.Loop(factory=factory, kwargs=kwargs, train_rows=train_rows, label=label, task=task.kind,
-                      cpus_per_worker=cfg.train.cpus_per_worker, **settings, **kd)
+                      cpus_per_worker=cfg.train.cpus_per_worker,
+                      checkpoint_interval_s=cfg.train.checkpoint_interval_s, **settings, **kd)
 
 
 # Rows in a Train worker's local shuffle buffer for a dataset cached in the object store (its rows

@@ -34,8 +34,7 @@ def _train_teacher(task, t: TeacherConfig, factory: str, kwargs: dict, dirs, lay
                        cached=cached)
     with child_run(tracker, f"teacher-{t.name}", json.loads(json.dumps(vars(loop), default=str))) as run_id:
         loop = loop.replace(mlflow=tracker and {"tracking_uri": tracker.uri, "run_id": run_id})
-        res = train.fit(loop, sets, name=f"teacher-{t.name}", storage=lay.ray, num_workers=cfg.train.num_workers,
-                        use_gpu=cfg.train.use_gpu)
+        res = train.fit(loop, sets, name=f"teacher-{t.name}", storage=lay.ray, **stages.workers(cfg))
         return res.weights
 
 

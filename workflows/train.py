@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import ray
@@ -24,11 +24,13 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
+from kd_ops import checkpoint as ckpt
 from kd_ops import losses, models, token_losses
 from kd_ops.fsio import Loc
 from workflows import ray_session
 
-WEIGHTS = "model.safetensors"
+log = logging.getLogger("kd")
+
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,7 @@ class Loop:
     max_grad_norm: float | None = None
     cpus_per_worker: int = 1
     shuffle_buffer: int = 0                  # rows in Ray Data's local shuffle buffer per worker (0: none)
+    checkpoint_interval_s: float = 60.0      # at most this long between checkpoints (and one at the end)
     label: str = "model"                     # for log lines
     task: str = "classification"             # or "lm"
     temperature: float = 1.0
@@ -158,7 +161,8 @@ def _evaluate(model, shard, device, weights: torch.Tensor | None, cfg: Loop) -> 
 
 def train_loop(config: dict[str, Any]) -> None:
     """Ray Train worker function; config = {"loop": Loop}. Rank 0 logs per-epoch metrics to
-    MLflow when `loop.mlflow` names a run."""
+    MLflow when `loop.mlflow` names a run. A restarted worker group (a lost worker or node, a
+    rerun after the driver died) continues from the latest checkpoint (`kd_ops.checkpoint`)."""
     cfg: Loop = config["loop"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -168,12 +172,20 @@ def train_loop(config: dict[str, Any]) -> None:
     model = ray.train.torch.prepare_model(models.build(cfg.factory, cfg.kwargs))
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = schedule(opt, cfg, world)
+    metric, mode = cfg.objective
+    progress, best_weights = ckpt.Progress(0, -math.inf, {}), None
+    if (resume := ray.train.get_checkpoint()) is not None:
+        with resume.as_directory() as d:
+            progress, best_weights = ckpt.restore(d, model=model, optimizer=opt, scheduler=sched)
+        if rank == 0:
+            _say(f"[{cfg.label}] resumed from the checkpoint of epoch {progress.epoch}")
+    resumed_from = progress.epoch
     kd = cfg.teacher_weights is not None
     weights = torch.tensor(cfg.teacher_weights, dtype=torch.float32, device=device) if kd else None
     train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
     client = _mlflow_client(cfg) if rank == 0 else None
-    best, (metric, mode) = -math.inf, cfg.objective
-    for epoch in range(1, cfg.epochs + 1):
+    last_checkpoint = time.monotonic()
+    for epoch in range(progress.epoch + 1, cfg.epochs + 1):
         start, model_loss, seen = time.perf_counter(), 0.0, 0
         model.train()
         for batch in train_shard.iter_torch_batches(batch_size=cfg.batch_size, device=device,
@@ -187,25 +199,34 @@ def train_loop(config: dict[str, Any]) -> None:
         metrics = {"epoch": epoch, "train_loss": total / max(count, 1), "train_rows": count,
                    "train_seconds": train_seconds,
                    **_evaluate(model, val_shard, device, weights, cfg),
-                   "epoch_seconds": time.perf_counter() - start}
-        # A checkpoint costs ~1.5 s of Ray Train bookkeeping on this scale of model: only when the
-        # validation score improves (the first epoch always does), so the kept checkpoint is the best.
+                   "epoch_seconds": time.perf_counter() - start, "resumed_from": resumed_from}
         score = metrics[metric] if mode == "max" else -metrics[metric]
-        improved = score > best
-        best = max(best, score)
+        if score > progress.best_score:
+            progress.best_score, progress.best_metrics = score, metrics
+            best_weights = ckpt.weights_of(model)
+        progress.epoch = epoch
+        # A checkpoint costs ~1.5 s of Ray Train bookkeeping at this scale: one every
+        # checkpoint_interval_s and one at the end; a restart repeats at most that much work.
+        due = epoch == cfg.epochs or time.monotonic() - last_checkpoint >= cfg.checkpoint_interval_s
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
-            if rank == 0 and improved:
-                models.save_weights(model, Path(tmp) / WEIGHTS)
-                (Path(tmp) / "model.json").write_text(json.dumps({"factory": cfg.factory, "kwargs": cfg.kwargs}))
+            if rank == 0 and due:
+                ckpt.save(tmp, model=model, optimizer=opt, scheduler=sched, progress=progress,
+                          best_weights=best_weights, spec={"factory": cfg.factory, "kwargs": cfg.kwargs})
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
             if rank == 0:
-                # straight to stdout: Train V2 patches print() into a logger that echoes it twice
-                sys.stdout.write(_epoch_line(cfg.label, epoch, cfg.epochs, metrics) + "\n")
-                sys.stdout.flush()
+                _say(_epoch_line(cfg.label, epoch, cfg.epochs, metrics))
                 if client is not None:
                     client.log_batch(cfg.mlflow["run_id"], metrics=_mlflow_metrics(metrics, epoch))
             ray.train.report(metrics, checkpoint=checkpoint)
+        if due:
+            last_checkpoint = time.monotonic()
+
+
+def _say(line: str) -> None:
+    # straight to stdout: Train V2 patches print() into a logger that echoes it twice
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 def _epoch_line(label: str, epoch: int, epochs: int, m: dict[str, float]) -> str:
@@ -233,8 +254,9 @@ class ResourceWaitError(ValueError):
     """A fit could not get the resources it asked for within train.resource_wait_s."""
 
 
-def _resources(cpus: int, use_gpu: bool) -> str:
-    return f"{{CPU: {cpus}{', GPU: 1' if use_gpu else ''}}}"
+def _resources(cpus: int, use_gpu: bool, extra: dict[str, float] | None = None) -> str:
+    extra_text = "".join(f", {k}: {v:g}" for k, v in (extra or {}).items())
+    return f"{{CPU: {cpus}{', GPU: 1' if use_gpu else ''}{extra_text}}}"
 
 
 def _resources_text(res: dict) -> str:
@@ -253,27 +275,47 @@ def storage_args(storage: Loc) -> dict[str, Any]:
     return {"storage_path": storage.path} | ({} if storage.local else {"storage_filesystem": storage.fs})
 
 
+DONE, LOOP_KEY = "kd-done.json", "kd-loop.json"
+
+
+def _loop_key(loop: Loop) -> str:
+    """What makes two fits the same fit (not the MLflow run they log to, nor their label)."""
+    settings = {k: v for k, v in dataclasses.asdict(loop).items() if k not in ("mlflow", "label")}
+    return json.dumps(settings, sort_keys=True, default=str)
+
+
 def fit(loop: Loop, datasets: dict[str, ray.data.Dataset], *, name: str, storage: Loc,
-        num_workers: int, use_gpu: bool, callbacks: list | None = None) -> Trained:
-    """Run `train_loop` under a TorchTrainer; keep the checkpoint with the best validation score."""
+        num_workers: int, use_gpu: bool, callbacks: list | None = None, max_failures: int = 0,
+        resources: dict[str, float] | None = None) -> Trained:
+    """Run `train_loop` under a TorchTrainer; returns the best model so far and its metrics.
+
+    Resumable: the run lives in storage/name. A fit of the same loop settings that finished
+    before returns at once; one that was interrupted (the driver died) continues from its latest
+    checkpoint, as does a worker group restarted after a worker or node was lost (up to
+    `max_failures` times). Other settings under the same name start over. `resources`: custom
+    resources (or accelerator types) each worker needs, to place students on a node group."""
     cpus = loop.cpus_per_worker
-    metric, mode = loop.objective
-    # Train V2 reloads the checkpoint bookkeeping it finds under storage/name: a rerun into the same
-    # --out would rank its checkpoints against the last run's and could return the old, better one.
-    # Every fit here trains from scratch, so it starts from an empty run folder.
-    (Loc.of(storage) / name).delete()
+    run, key = Loc.of(storage) / name, _loop_key(loop)
+    if (run / LOOP_KEY).is_file() and (run / LOOP_KEY).read_text() != key:
+        run.delete()  # Train V2 would resume another fit's checkpoints
+    if (run / DONE).is_file():
+        done = json.loads((run / DONE).read_text())
+        log.info("%s: finished before with these settings, reusing it", name)
+        return Trained(run / done["checkpoint"] / ckpt.BEST, done["metrics"])
+    (run / LOOP_KEY).write_text(key)
     trainer = ray.train.torch.TorchTrainer(
         train_loop,
         train_loop_config={"loop": loop},
-        scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
-                                               resources_per_worker={"CPU": cpus, **({"GPU": 1} if use_gpu else {})}),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=num_workers, use_gpu=use_gpu,
+            resources_per_worker={"CPU": cpus, **({"GPU": 1} if use_gpu else {}), **(resources or {})}),
         run_config=ray.train.RunConfig(
             name=name, **storage_args(Loc.of(storage)), callbacks=callbacks or [],
+            # worker errors (a lost worker or node) restart the group from the latest checkpoint;
             # a worker group that cannot be scheduled fails (after RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S,
             # see ray_session) instead of being retried forever
-            failure_config=ray.train.FailureConfig(controller_failure_limit=0),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=metric,
-                                                         checkpoint_score_order=mode)),
+            failure_config=ray.train.FailureConfig(max_failures=max_failures, controller_failure_limit=0),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1)),  # the latest; it holds the best model
         datasets=datasets,
     )
     try:
@@ -281,10 +323,12 @@ def fit(loop: Loop, datasets: dict[str, ray.data.Dataset], *, name: str, storage
     except ray.train.TrainingFailedError as e:
         if "worker group startup timed out" in str(e):
             raise ResourceWaitError(
-                f"{name}: gave up waiting for {num_workers} Train worker(s) of {_resources(cpus, use_gpu)} each "
-                f"after {os.environ.get(ray_session.WAIT_ENV, '?')} s; the cluster has {_resources_text(ray.cluster_resources())} "
-                f"in all. Lower train.num_workers / train.cpus_per_worker, add nodes, or raise "
-                "train.resource_wait_s if resources are on their way") from None
+                f"{name}: gave up waiting for {num_workers} Train worker(s) of {_resources(cpus, use_gpu, resources)} "
+                f"each after {os.environ.get(ray_session.WAIT_ENV, '?')} s; the cluster has "
+                f"{_resources_text(ray.cluster_resources())} in all. Lower train.num_workers / train.cpus_per_worker "
+                "/ train.resources, add nodes, or raise train.resource_wait_s if resources are on their way") from None
         raise
-    checkpoint, metrics = result.best_checkpoints[0]
-    return Trained(Loc(checkpoint.filesystem, checkpoint.path) / WEIGHTS, metrics)
+    latest = Loc(result.checkpoint.filesystem, result.checkpoint.path)
+    metrics = json.loads((latest / ckpt.PROGRESS).read_text())["best_metrics"]
+    (run / DONE).write_text(json.dumps({"checkpoint": latest.name, "metrics": metrics}))  # Train keeps it under run/
+    return Trained(latest / ckpt.BEST, metrics)

@@ -3,6 +3,8 @@ driver function that trains through Ray Train; every trial reads the same soft-l
 so no teacher runs while tuning."""
 from __future__ import annotations
 
+import json
+import logging
 import threading
 from typing import Any
 
@@ -17,6 +19,8 @@ from ray.tune.search.basic_variant import BasicVariantGenerator
 from kd_ops.fsio import Loc
 from workflows import train
 from workflows.config import Dim, TuneConfig
+
+log = logging.getLogger("kd")
 
 
 def _dim(d: Dim):
@@ -56,7 +60,7 @@ class _ForwardReports(ray.train.UserCallback):
         self.queue.put(dict(metrics[0]))
 
 
-def _trial(trial: dict[str, Any], *, base, teachers, width_kwarg, datasets, storage, num_workers, use_gpu):
+def _trial(trial: dict[str, Any], *, base, teachers, width_kwarg, datasets, storage, workers):
     """One Tune trial: a TorchTrainer whose per-epoch metrics reach Tune through tune.report from
     this (the trial's own) thread. Ray 2.60's TuneReportCallback reports from the trial actor's main
     thread instead, and a trial whose fit ends as its last report arrives can then block forever
@@ -67,8 +71,8 @@ def _trial(trial: dict[str, Any], *, base, teachers, width_kwarg, datasets, stor
 
     def fit() -> None:
         try:
-            train.fit(cfg, datasets, name=f"train-trial_id={trial_id}", storage=storage,
-                      num_workers=num_workers, use_gpu=use_gpu, callbacks=[_ForwardReports(queue)])
+            train.fit(cfg, datasets, name=f"train-trial_id={trial_id}", storage=storage, **workers,
+                      callbacks=[_ForwardReports(queue)])
         except BaseException as e:  # re-raised in the trial thread below
             outcome["error"] = e
         finally:
@@ -84,12 +88,12 @@ def _trial(trial: dict[str, Any], *, base, teachers, width_kwarg, datasets, stor
 
 
 def run_tune(tc: TuneConfig, base: train.Loop, teachers: list[str], width_kwarg: str,
-             datasets: dict[str, ray.data.Dataset], *, storage: Loc, num_workers: int, use_gpu: bool,
+             datasets: dict[str, ray.data.Dataset], *, storage: Loc, workers: dict[str, Any],
              tracking_uri: str | None, experiment: str | None, parent_run_id: str | None):
     """Run the search; returns (best loop config, best metrics, list of per-trial rows)."""
     trainable = tune.with_parameters(_trial, base=base.replace(epochs=tc.epochs), teachers=teachers,
                                      width_kwarg=width_kwarg, datasets=datasets, storage=Loc.of(storage),
-                                     num_workers=num_workers, use_gpu=use_gpu)
+                                     workers=workers)
     # The driver function only waits on its TorchTrainer: it takes no CPU (the Train workers do),
     # but a bundle may not be empty, so it reserves the memory it really uses.
     trainable = tune.with_resources(trainable, {"cpu": 0, "memory": 256 * 1024**2})
@@ -98,30 +102,62 @@ def run_tune(tc: TuneConfig, base: train.Loop, teachers: list[str], width_kwarg:
         callbacks.append(MLflowLoggerCallback(tracking_uri=tracking_uri, experiment_name=experiment,
                                               tags={"mlflow.parentRunId": parent_run_id, "kd.stage": "trial"},
                                               save_artifact=False))
-    tuner = tune.Tuner(
-        trainable,
-        param_space=search_space(tc, teachers),
-        tune_config=tune.TuneConfig(
-            metric=base.objective[0], mode=base.objective[1], num_samples=tc.num_samples,
-            scheduler=ASHAScheduler(time_attr="training_iteration", max_t=tc.epochs,
-                                    grace_period=tc.grace_period, reduction_factor=tc.reduction_factor),
-            # the concurrency cap goes here: TuneConfig.max_concurrent_trials is ignored with a
-            # SearchGenerator such as this one
-            search_alg=BasicVariantGenerator(random_state=tc.seed, max_concurrent=tc.max_concurrent_trials)),
-        run_config=tune.RunConfig(name="tune", **train.storage_args(Loc.of(storage)), callbacks=callbacks, verbose=1),
-    )
+    space = search_space(tc, teachers)
+    run = Loc.of(storage) / NAME
+    key = json.dumps({"search": tc.model_dump(mode="json"), "base": train._loop_key(base)}, sort_keys=True)
+    fs = {} if run.local else {"storage_filesystem": run.fs}
+    if (run / SEARCH_KEY).is_file() and (run / SEARCH_KEY).read_text() == key and tune.Tuner.can_restore(run.path, **fs):
+        # the driver died during this search: finished trials keep their results, the others run
+        # (again); each trial's fit continues from its own latest checkpoint
+        log.info("tune: resuming the search in %s", run)
+        tuner = tune.Tuner.restore(run.path, trainable, resume_unfinished=True, restart_errored=True,
+                                   param_space=space, **fs)
+    else:
+        run.delete()
+        tuner = tune.Tuner(
+            trainable,
+            param_space=space,
+            tune_config=tune.TuneConfig(
+                metric=base.objective[0], mode=base.objective[1], num_samples=tc.num_samples,
+                scheduler=ASHAScheduler(time_attr="training_iteration", max_t=tc.epochs,
+                                        grace_period=tc.grace_period, reduction_factor=tc.reduction_factor),
+                # the concurrency cap goes here: TuneConfig.max_concurrent_trials is ignored with a
+                # SearchGenerator such as this one
+                search_alg=BasicVariantGenerator(random_state=tc.seed, max_concurrent=tc.max_concurrent_trials)),
+            run_config=tune.RunConfig(name=NAME, **train.storage_args(Loc.of(storage)), callbacks=callbacks,
+                                      verbose=1, failure_config=tune.FailureConfig(max_failures=tc.max_failures)),
+        )
+        (run / SEARCH_KEY).write_text(key)
     grid = tuner.fit()
     metric, mode = base.objective
-    errors = [r.error for r in grid if r.error is not None]
-    if len(errors) == len(grid):
-        raise RuntimeError(f"all {len(grid)} tune trials failed; first error: {errors[0]}")
+    failed = [{"trial_id": r.path.rsplit("/", 1)[-1] if r.path else None, **r.config,
+               "error": _first_line(r.error)} for r in grid if r.error is not None]
+    if len(failed) == len(grid):
+        raise RuntimeError(f"all {len(grid)} tune trials failed (each tried {tc.max_failures + 1} times); "
+                           f"first error: {failed[0]['error']}")
+    for f in failed:
+        log.warning("tune: trial %s failed after %d attempt(s): %s", f["trial_id"], tc.max_failures + 1, f["error"])
     best = grid.get_best_result(metric=metric, mode=mode, scope="all")
     rows = []
     for r in grid:
-        if r.metrics:
+        if r.metrics and r.error is None:
             rows.append({"trial_id": r.metrics.get("trial_id"), **{k: v for k, v in r.config.items()},
                          "epochs": r.metrics.get("training_iteration"),
                          metric: r.metrics.get(metric), "val_agreement": r.metrics.get("val_agreement")})
     pick = max if mode == "max" else min
     best_val = pick(best.metrics_dataframe[metric]) if best.metrics_dataframe is not None else best.metrics[metric]
-    return apply_trial(base, best.config, teachers, width_kwarg), {metric: float(best_val), **best.config}, rows
+    return (apply_trial(base, best.config, teachers, width_kwarg), {metric: float(best_val), **best.config},
+            rows, failed)
+
+
+NAME, SEARCH_KEY = "tune", "kd-search.json"
+
+
+def _first_line(error: BaseException) -> str:
+    """The innermost error of a trial failure (Ray wraps it in its own exceptions), on one line."""
+    seen = set()
+    while id(error) not in seen and (inner := getattr(error, "cause", None) or error.__cause__) is not None:
+        seen.add(id(error))
+        error = inner
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[-1] if text else ''}"

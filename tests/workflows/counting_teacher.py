@@ -8,10 +8,14 @@ from kd_ops.models import CNN1D
 
 
 def _tick(what: str) -> None:
+    """One line: what, pid, Ray node id (`-` outside Ray)."""
     path = os.environ.get("KD_TEST_COUNTER")
     if path:
+        import ray
+
+        node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else "-"
         with open(path, "a") as f:
-            f.write(f"{what} {os.getpid()}\n")
+            f.write(f"{what} {os.getpid()} {node}\n")
 
 
 class CountingCNN(CNN1D):
@@ -33,6 +37,14 @@ def make(**kwargs) -> CountingCNN:
 
 def count(path) -> int:
     return len(open(path).read().splitlines()) if os.path.exists(path) else 0
+
+
+def nodes(path, what: str = "forward", not_pid: int | None = None) -> list[str]:
+    """The Ray node id of every `what` line recorded so far (except those of process `not_pid`)."""
+    if not os.path.exists(path):
+        return []
+    lines = [line.split() for line in open(path).read().splitlines() if line.startswith(what)]
+    return [p[-1] for p in lines if int(p[-2]) != not_pid]
 
 
 def rows(path) -> list[int]:

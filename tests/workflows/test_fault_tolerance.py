@@ -1,0 +1,144 @@
+"""Failures cost minutes, not the run: a Train worker SIGKILLed mid-fit resumes from its latest
+checkpoint; a fit that finished is not run again; a worker node lost mid-precompute loses and
+duplicates no rows, and teachers pinned to a custom resource run only where it is."""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import ray.train
+
+from kd_ops import data
+from workflows import ingest, train
+
+
+class _Record(ray.train.UserCallback):
+    """Runs in the TrainController (same machine): one line per report, `epoch resumed_from`."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def after_report(self, run_context, metrics, checkpoint):
+        with open(self.path, "a") as f:
+            f.write(f"{int(metrics[0]['epoch'])} {int(metrics[0]['resumed_from'])} {checkpoint is not None}\n")
+
+
+def _lines(path: Path) -> list[tuple[int, int, bool]]:
+    if not path.exists():
+        return []
+    return [(int(a), int(b), c == "True") for a, b, c in (line.split() for line in path.read_text().splitlines())]
+
+
+def _train_workers() -> list[int]:
+    """Pids of Ray Train worker processes (Ray titles them `ray::RayTrainWorker...`; Linux /proc)."""
+    out = []
+    for d in Path("/proc").iterdir():
+        try:
+            if d.name.isdigit() and (d / "cmdline").read_bytes().startswith(b"ray::RayTrainWorker"):
+                out.append(int(d.name))
+        except OSError:  # the process ended while we looked
+            pass
+    return out
+
+
+def _setup(tmp_path: Path):
+    s = data.mnist1d_splits(1500, 300, 0, 0, seed=0, transfer_seed=1)
+    # one file per split, not shuffled: with the seeded local shuffle buffer every epoch sees
+    # the same batches in both runs, so the resumed run can be compared with the uninterrupted one
+    dirs = {n: data.write_split(s[n], tmp_path / "in" / n, rows_per_file=10_000) for n in ("train", "val")}
+    sets = {n: ingest.dataset({n: d}, feature_columns=["x"], label_column="label", shuffle=False,
+                              cache_bytes=10**9)[0] for n, d in dirs.items()}
+    loop = train.Loop(factory="kd_ops.models:cnn", kwargs={"width": 8}, epochs=6, batch_size=64, lr=0.01,
+                      weight_decay=0.0, seed=0, train_rows=1500, shuffle_buffer=512, checkpoint_interval_s=0)
+    return sets, loop
+
+
+def test_a_killed_train_worker_resumes_from_its_last_checkpoint(ray_session, tmp_path):
+    sets, loop = _setup(tmp_path)
+    record = tmp_path / "reports.txt"
+    killed: list[int] = []
+
+    def kill_after_epoch_2() -> None:
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            if any(epoch >= 2 for epoch, _, _ in _lines(record)) and (workers := _train_workers()):
+                killed.append(max(e for e, _, _ in _lines(record)))
+                os.kill(workers[0], signal.SIGKILL)
+                return
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_after_epoch_2, daemon=True)
+    killer.start()
+    res = train.fit(loop, sets, name="killed", storage=tmp_path / "ray", num_workers=1, use_gpu=False,
+                    max_failures=2, callbacks=[_Record(str(record))])
+    killer.join()
+    assert killed, "the Train worker was never killed"
+    reports = _lines(record)
+    first_life = [r for r in reports if r[1] == 0]
+    second_life = [r for r in reports if r[1] > 0]
+    assert second_life, f"the fit never restarted from a checkpoint: {reports}"
+    resumed_from = second_life[0][1]
+    # every report carried a checkpoint (interval 0); the restart began at the latest of them
+    assert resumed_from == max(e for e, _, _ in first_life) >= 2
+    assert [e for e, _, _ in second_life] == list(range(resumed_from + 1, loop.epochs + 1))
+    assert {e for e, _, _ in reports} == set(range(1, loop.epochs + 1))
+
+    clean = train.fit(loop, sets, name="clean", storage=tmp_path / "ray", num_workers=1, use_gpu=False)
+    assert abs(res.metrics["val_accuracy"] - clean.metrics["val_accuracy"]) <= 0.01, (res.metrics, clean.metrics)
+    assert res.weights.is_file() and res.weights.name == "best.safetensors"
+
+    # the same fit again: it finished, so it returns at once with the same result, no Train run
+    again_record = tmp_path / "again.txt"
+    again = train.fit(loop, sets, name="clean", storage=tmp_path / "ray", num_workers=1, use_gpu=False,
+                      callbacks=[_Record(str(again_record))])
+    assert not again_record.exists()  # no epoch was trained
+    assert again.metrics == clean.metrics and str(again.weights) == str(clean.weights)
+
+
+def test_losing_a_worker_node_mid_precompute_loses_and_duplicates_no_rows(tmp_path, monkeypatch):
+    """3 nodes: a head that runs everything but teachers, and two worker nodes that have the
+    `teacher_node` resource the config pins teachers to. One worker node is removed while the
+    teachers run on both; the run completes and the store holds every input id exactly once."""
+    from ray.cluster_utils import Cluster
+
+    import counting_teacher
+    from kd_ops import store
+    from conftest import HERE
+    from test_data_plane import _config, _env, _kd
+
+    counter = tmp_path / "counter.txt"
+    monkeypatch.setenv("KD_TEST_COUNTER", str(counter))  # the nodes' processes inherit it
+    cfg = _config(tmp_path, {"width": 8, "delay": 0.5}, code=[str(HERE / "counting_teacher.py")],
+                  precompute={"batch_size": 50, "num_actors": 2, "resources": {"teacher_node": 0.5}})
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
+    try:
+        workers = [cluster.add_node(num_cpus=2, resources={"teacher_node": 1}) for _ in range(2)]
+        cluster.wait_for_nodes()
+        teacher_nodes = {w.node_id for w in workers}
+        p = _kd("precompute", cfg, "--out", tmp_path / "out", "--ray-address", cluster.address,
+                "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", env=_env(counter))
+        deadline = time.time() + 240
+        while len(set(counting_teacher.nodes(counter, not_pid=p.pid))) < 2 and time.time() < deadline and p.poll() is None:
+            time.sleep(0.1)
+        assert p.poll() is None, p.communicate()[0][-3000:]
+        before = counting_teacher.nodes(counter, not_pid=p.pid)  # the driver probes the teacher once
+        assert set(before) == teacher_nodes, before  # the teachers ran on both worker nodes, nowhere else
+        lost = workers[1]
+        cluster.remove_node(lost, allow_graceful=False)
+        log, _ = p.communicate(timeout=300)
+    finally:
+        cluster.shutdown()
+    assert p.returncode == 0, log[-3000:]
+    after = counting_teacher.nodes(counter, not_pid=p.pid)[len(before):]
+    assert after and set(counting_teacher.nodes(counter, "init", not_pid=p.pid)) <= teacher_nodes
+    m = store.read_manifest(tmp_path / "out" / "store", "t")
+    ids = np.concatenate([store.open_parquet(store.shard_of(tmp_path / "out" / "store", m, u)).read(columns=["id"])
+                          .column("id").to_numpy() for u in sorted(m["shards"])])
+    inputs = np.concatenate([pq.read_table(f, columns=["id"]).column("id").to_numpy()
+                             for f in sorted((tmp_path / "in").rglob("*.parquet"))])
+    assert len(ids) == len(inputs) == m["rows"] and np.array_equal(np.sort(ids), np.sort(inputs))
