@@ -29,7 +29,12 @@ def parser() -> argparse.ArgumentParser:
                        ("precompute", "run the teachers over the inputs into the soft-label store"),
                        ("train", "train one student with the config's distillation settings (no tuning)"),
                        ("tune", "search temperature, alpha, width and teacher weights over the store")):
-        _common(sub.add_parser(name, help=text))
+        sp = sub.add_parser(name, help=text)
+        _common(sp)
+        if name == "run":
+            sp.add_argument("--restart", action="store_true", help="start over: ignore (and delete) the checkpoints, "
+                            "search, store and trained teachers a previous run left under --out (the default "
+                            "continues a run whose driver died where it stopped)")
     rep = sub.add_parser("report", help="print the summary table of a finished run")
     rep.add_argument("out", help="the run's --out directory")
     bench = sub.add_parser("bench", help="benchmarks that time or size both sides of a comparison in one run")
@@ -130,7 +135,7 @@ def _dispatch(args) -> int:
     if args.command == "run":
         from workflows.pipeline import run
 
-        run(cfg, out, tracking_uri=args.tracking_uri, ray_address=args.ray_address)
+        run(cfg, out, tracking_uri=args.tracking_uri, ray_address=args.ray_address, restart=args.restart)
         return 0
     from workflows import commands
 

@@ -22,17 +22,24 @@ from workflows.tune import run_tune
 log = logging.getLogger("kd")
 
 
-def run(cfg: RunConfig, out: Path, *, tracking_uri: str | None = None, ray_address: str | None = None) -> dict[str, Any]:
+def run(cfg: RunConfig, out: Path, *, tracking_uri: str | None = None, ray_address: str | None = None,
+        restart: bool = False) -> dict[str, Any]:
+    """The whole pipeline. Rerunning it after its driver died continues where it stopped: the same
+    MLflow parent run, finished stages and fits reused, an interrupted search or fit resumed from
+    its checkpoints. `restart`: start over instead (everything under --out but the data)."""
     start = time.perf_counter()
     task = tasks.for_config(cfg)
     lay = stages.Layout(out)
     lay.out.mkdir()
     (lay.out / "summary.json").delete()  # a summary only ever describes a finished run
-    ray_session.init_ray(ray_address, cfg.code, cfg.train.resource_wait_s)
     tracker = Tracker(tracking_uri or cfg.tracking.tracking_uri, cfg.tracking.experiment,
                       artifact_root=None if lay.out.local else f"{lay.out}/mlflow")
+    resume = _previous_run(cfg, lay, tracker, restart)
+    ray_session.init_ray(ray_address, cfg.code, cfg.train.resource_wait_s)
     names = [t.name for t in cfg.teachers]
-    with tracker.parent(cfg.name, cfg.model_dump(mode="json"), {"kd.out": str(lay.out), "kd.task": task.kind}) as parent_id:
+    with tracker.parent(cfg.name, cfg.model_dump(mode="json"), {"kd.out": str(lay.out), "kd.task": task.kind},
+                        resume=resume) as parent_id:
+        (lay.out / RUN_STATE).write_text(json.dumps({"parent_run_id": parent_id, "config": _config_key(cfg)}))
         mlflow.log_dict(cfg.model_dump(mode="json"), "config.json")
         step("data")
         dirs = task.data(lay)
@@ -105,6 +112,31 @@ def run(cfg: RunConfig, out: Path, *, tracking_uri: str | None = None, ray_addre
         mlflow.log_dict(summary, "summary.json")
     write_summary(summary, lay)
     return summary
+
+
+RUN_STATE = "run.json"  # {parent_run_id, config}: lets a rerun find the run its dead driver left
+
+
+def _config_key(cfg: RunConfig) -> str:
+    return json.dumps(cfg.model_dump(mode="json"), sort_keys=True, default=str)
+
+
+def _previous_run(cfg: RunConfig, lay: stages.Layout, tracker: Tracker, restart: bool) -> str | None:
+    """The parent run id to continue, if the last run into this --out (same config) never finished.
+    A restart, or another config, closes such a run as KILLED and starts a new one."""
+    state_file = lay.out / RUN_STATE
+    state = json.loads(state_file.read_text()) if state_file.is_file() else {}
+    previous = state.get("parent_run_id")
+    unfinished = tracker.unfinished(previous)
+    if unfinished and not restart and state.get("config") == _config_key(cfg):
+        log.info("continuing run %s (its driver stopped before the end); --restart starts over", previous)
+        return previous
+    if unfinished:
+        tracker.close_unfinished(previous)
+    if restart:
+        for d in (lay.ray, lay.store, lay.teachers, state_file):
+            d.delete()
+    return None
 
 
 def write_summary(summary: dict[str, Any], lay: stages.Layout) -> None:

@@ -73,18 +73,46 @@ class Tracker:
         self.parent_run_id: str | None = None
 
     @contextmanager
-    def parent(self, name: str, params: dict[str, Any], tags: dict[str, str]) -> Iterator[str]:
-        with mlflow.start_run(run_name=name, tags={**environment_tags(), **tags}) as run:
+    def parent(self, name: str, params: dict[str, Any], tags: dict[str, str], resume: str | None = None) -> Iterator[str]:
+        """The run's parent MLflow run. `resume`: the id of an unfinished parent run of the same run
+        (its driver died) to continue: its stages' child runs are reopened by name, not repeated."""
+        self.resuming = resume is not None
+        with mlflow.start_run(run_id=resume, run_name=None if resume else name,
+                              tags=None if resume else {**environment_tags(), **tags}) as run:
             self.parent_run_id = run.info.run_id
-            mlflow.log_params(flatten(params))
+            if not resume:
+                mlflow.log_params(flatten(params))
             yield run.info.run_id
 
     @contextmanager
     def child(self, name: str, params: dict[str, Any] | None = None) -> Iterator[str]:
-        with mlflow.start_run(run_name=name, nested=True) as run:
-            if params:
+        previous = self._child_id(name) if getattr(self, "resuming", False) else None
+        with mlflow.start_run(run_id=previous, run_name=None if previous else name, nested=True) as run:
+            if params and not previous:
                 mlflow.log_params(flatten(params))
             yield run.info.run_id
+
+    def _child_id(self, name: str) -> str | None:
+        found = self.client.search_runs([self.experiment_id], max_results=1, filter_string=(
+            f"tags.mlflow.parentRunId = '{self.parent_run_id}' and tags.mlflow.runName = '{name}'"))
+        return found[0].info.run_id if found else None
+
+    def unfinished(self, run_id: str | None) -> bool:
+        """Whether `run_id` is a parent run of this experiment that never finished (its driver died)."""
+        if not run_id:
+            return False
+        try:
+            run = self.client.get_run(run_id)
+        except Exception:  # deleted, or another tracking server
+            return False
+        return run.info.experiment_id == self.experiment_id and run.info.status in ("RUNNING", "FAILED", "KILLED")
+
+    def close_unfinished(self, run_id: str) -> None:
+        """Mark a dead driver's parent run and its still-RUNNING children KILLED (a restart)."""
+        runs = self.client.search_runs([self.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{run_id}'")
+        for r in [*runs, self.client.get_run(run_id)]:
+            if r.info.status == "RUNNING":
+                self.client.set_terminated(r.info.run_id, "KILLED")
 
     def log_file(self, loc, artifact_path: str) -> None:
         """Log a file that may live on object storage (through a local copy) as an artifact of the active run."""

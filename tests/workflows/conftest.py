@@ -15,6 +15,7 @@ import yaml
 
 HERE = Path(__file__).parent
 COUNTER = Path(os.environ.setdefault("KD_TEST_COUNTER", f"/tmp/kd-test-counter-{os.getpid()}.txt"))
+FLAKY = Path(os.environ.setdefault("KD_TEST_FLAKY", f"/tmp/kd-test-flaky-{os.getpid()}.txt"))  # flaky_student
 
 
 @pytest.fixture(scope="session")
@@ -23,6 +24,7 @@ def ray_session():
     # module path and counter file must be set before init.
     os.environ["PYTHONPATH"] = f"{HERE}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
     COUNTER.unlink(missing_ok=True)
+    FLAKY.unlink(missing_ok=True)
     import ray
 
     from workflows.ray_session import init_ray
@@ -31,6 +33,7 @@ def ray_session():
     yield ray
     ray.shutdown()
     COUNTER.unlink(missing_ok=True)
+    FLAKY.unlink(missing_ok=True)
 
 
 def _free_port() -> int:

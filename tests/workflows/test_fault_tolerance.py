@@ -142,3 +142,26 @@ def test_losing_a_worker_node_mid_precompute_loses_and_duplicates_no_rows(tmp_pa
     inputs = np.concatenate([pq.read_table(f, columns=["id"]).column("id").to_numpy()
                              for f in sorted((tmp_path / "in").rglob("*.parquet"))])
     assert len(ids) == len(inputs) == m["rows"] and np.array_equal(np.sort(ids), np.sort(inputs))
+
+
+def test_a_trial_that_fails_once_is_retried_and_one_that_always_fails_is_reported(ray_session, tmp_path):
+    from conftest import FLAKY
+    from workflows.config import TuneConfig
+    from workflows.tune import run_tune
+
+    sets, loop = _setup(tmp_path)
+    base = loop.replace(factory="flaky_student:make", epochs=1, checkpoint_interval_s=60)
+    tc = TuneConfig(num_samples=3, max_concurrent_trials=2, epochs=1, grace_period=1, temperature=None, alpha=None,
+                    teacher_weights=None, student_width={"choice": [4, 5]}, seed=SEED, max_failures=1)
+    # Train's own retries off: here the trial (Tune) retries
+    workers = dict(num_workers=1, use_gpu=False, max_failures=0, resources={})
+    _, best, rows, failed = run_tune(tc, base, [], "width", sets, storage=tmp_path / "ray", workers=workers,
+                                     tracking_uri=None, experiment=None, parent_run_id=None)
+    assert FLAKY.exists()  # some trial's first attempt failed...
+    assert [r["student_width"] for r in rows] and all(r["student_width"] == 4 for r in rows)  # ...and succeeded
+    assert len(rows) + len(failed) == 3 and failed
+    assert all(f["student_width"] == 5 and "width 5 always fails" in f["error"] for f in failed), failed
+    assert best["student_width"] == 4 and 0 <= best["val_accuracy"] <= 1
+
+
+SEED = 1  # samples width 4 and width 5 among the 3 trials
