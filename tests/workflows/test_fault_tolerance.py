@@ -3,8 +3,11 @@ checkpoint; a fit that finished is not run again; a worker node lost mid-precomp
 duplicates no rows, and teachers pinned to a custom resource run only where it is."""
 from __future__ import annotations
 
+import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -165,3 +168,57 @@ def test_a_trial_that_fails_once_is_retried_and_one_that_always_fails_is_reporte
 
 
 SEED = 1  # samples width 4 and width 5 among the 3 trials
+
+
+def _finished_trials(out: Path, epochs: int = 2) -> dict[str, str]:
+    """Tune trials that reported their last epoch: trial folder → its result.json."""
+    found = {}
+    for f in out.glob("ray/tune/*/result.json"):
+        text = f.read_text()
+        if any(json.loads(line)["training_iteration"] == epochs for line in text.splitlines() if line.strip()):
+            found[f.parent.name] = text
+    return found
+
+
+def test_a_kd_run_killed_during_tune_continues_where_it_stopped(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from conftest import tiny_config
+    from test_data_plane import ROOT, _env, _kd
+
+    cfg = tiny_config(tmp_path, tune={"num_samples": 4, "max_concurrent_trials": 1, "epochs": 2, "grace_period": 2,
+                                      "student_width": {"choice": [4, 6]}},
+                      train={"fit": {"epochs": 1}, "label_only_fit": {"epochs": 1}})
+    out, db = tmp_path / "out", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    argv = ("run", cfg, "--out", out, "--tracking-uri", db)
+    first_log = tmp_path / "first.log"
+    with open(first_log, "w") as f:  # not a pipe: nobody reads it while we wait, and a full pipe blocks the run
+        p = subprocess.Popen([sys.executable, "-m", "workflows.cli", *map(str, argv)], env=_env(tmp_path / "c.txt"),
+                             cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 600
+    while not _finished_trials(out) and time.time() < deadline:
+        assert p.poll() is None, first_log.read_text()[-3000:]
+        time.sleep(0.2)
+    os.killpg(p.pid, signal.SIGKILL)  # the driver and the Ray cluster it started
+    p.wait()
+    before = _finished_trials(out)
+    assert 1 <= len(before) < 4 and not (out / "summary.json").exists()
+
+    p = _kd(*argv, env=_env(tmp_path / "c.txt"))
+    log, _ = p.communicate(timeout=900)
+    assert p.returncode == 0, log[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(summary["tune_trials"]) == 4 and not summary["tune_failed_trials"]
+    after = _finished_trials(out)
+    assert len(after) == 4
+    assert {k: after[k] for k in before} == before  # the trials finished before the kill did not run again
+    client = MlflowClient(db)
+    exp = client.get_experiment_by_name("tiny")
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert [r.info.run_id for r in parents] == [summary["mlflow"]["parent_run_id"]]
+    assert parents[0].info.status == "FINISHED"
+    stages = [r.data.tags["mlflow.runName"] for r in runs
+              if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id and r.data.tags.get("kd.stage") != "trial"]
+    assert sorted(stages) == sorted(set(stages))  # each stage's child run once, reopened not repeated
+    assert all(r.info.status == "FINISHED" for r in runs if r.data.tags.get("kd.stage") != "trial")
