@@ -1,0 +1,79 @@
+"""`ray job submit` for real: a local head (`ray start --head` on 127.0.0.1 in a temp dir, stopped by
+the test), a small `kd run` submitted with a working directory holding its config and user code."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+from conftest import HERE, _free_port, tiny_config
+from test_data_plane import _env
+
+RAY = str(Path(sys.executable).parent / "ray")
+
+
+def _stop_cluster(temp: str) -> None:
+    """Stop only this head's processes (`ray stop` would stop every Ray on the machine)."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for d in Path("/proc").iterdir():
+            try:
+                if d.name.isdigit() and temp.encode() in (d / "cmdline").read_bytes():
+                    os.kill(int(d.name), sig)
+            except OSError:
+                pass
+        time.sleep(2)
+
+
+def test_ray_job_submit_runs_a_kd_run_with_working_dir_and_user_code(tmp_path):
+    temp = tempfile.mkdtemp(prefix="kdjob-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    dashboard = _free_port()
+    env = _env()
+    env.pop("PYTHONPATH")  # the job gets its code from its working dir and the config's `code`, nothing else
+    env["PYTHONPATH"] = str(HERE.parent.parent)
+    start = subprocess.run([RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={_free_port()}",
+                            "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--temp-dir={temp}",
+                            "--num-cpus=2", "--disable-usage-stats"], env=env, capture_output=True, text=True,
+                           timeout=180)
+    try:
+        assert start.returncode == 0, start.stdout + start.stderr
+        work = tmp_path / "job"
+        work.mkdir()
+        shutil.copy(HERE / "counting_teacher.py", work / "user_teachers.py")
+        cfg = yaml.safe_load(tiny_config(tmp_path).read_text())
+        for t in cfg["teachers"]:
+            t["factory"] = "user_teachers:make"
+        cfg |= {"code": ["user_teachers.py"], "tune": {"enabled": False}}
+        (work / "job.yaml").write_text(yaml.safe_dump(cfg))
+        out, db = tmp_path / "out", tmp_path / "mlflow.db"
+        submit = subprocess.run(
+            [RAY, "job", "submit", f"--address=http://127.0.0.1:{dashboard}", "--submission-id", "kd-test-job",
+             "--working-dir", str(work), "--no-wait", "--runtime-env-json",
+             json.dumps({"env_vars": {"RAY_AUTH_MODE": "disabled"}}), "--",
+             sys.executable, "-m", "workflows.cli", "run", "job.yaml", "--out", str(out),
+             "--tracking-uri", f"sqlite:///{db}", "--ray-address", "auto"],
+            env=env, capture_output=True, text=True, timeout=120)
+        assert submit.returncode == 0, submit.stdout + submit.stderr
+        from ray.job_submission import JobStatus, JobSubmissionClient
+
+        client = JobSubmissionClient(f"http://127.0.0.1:{dashboard}")
+        deadline = time.time() + 600
+        while (status := client.get_job_status("kd-test-job")) not in (JobStatus.SUCCEEDED, JobStatus.FAILED,
+                                                                      JobStatus.STOPPED) and time.time() < deadline:
+            time.sleep(2)
+        logs = client.get_job_logs("kd-test-job")
+        assert status == JobStatus.SUCCEEDED, logs[-4000:]
+    finally:
+        _stop_cluster(temp)
+        shutil.rmtree(temp, ignore_errors=True)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["name"] == "tiny" and [t["name"] for t in summary["teachers"]] == ["t1", "t2"]
+    assert 0 <= summary["student"]["test_accuracy"] <= 1 and summary["student"]["params"] > 0
+    assert "==> student" in logs
