@@ -8,6 +8,7 @@ import sys
 import traceback
 
 from kd_ops.fsio import Loc
+from workflows import console
 from workflows.config import ConfigError, load_config
 
 
@@ -18,6 +19,8 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="override a config field, e.g. --set tune.num_samples=4 (repeatable)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite mlflow.db in the current directory)")
     p.add_argument("--ray-address", help="join an existing Ray cluster (default: start a local one)")
+    p.add_argument("--verbose", action="store_true", help="stream Ray, Train and Tune output to the terminal "
+                   "(default: into <out>/logs/kd.log)")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -81,16 +84,23 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _dispatch(args)
     except KeyboardInterrupt:
-        print("kd: interrupted", file=sys.stderr)
+        print("kd: interrupted", file=console.err())
         return 130
     except Exception as e:
         root = _root_cause(e)
         if root is None:
+            traceback.print_exc(file=console.err())
             raise
         if args.debug:
-            traceback.print_exc()
-        print(f"kd: error: {root}", file=sys.stderr)
+            traceback.print_exc(file=console.err())
+        print(f"kd: error: {root}", file=console.err())
         return 2
+    finally:
+        if "ray" in sys.modules:
+            from workflows import ray_session
+
+            ray_session.shutdown()
+        console.restore()
 
 
 USER_ERRORS = (ConfigError, ValueError, FileNotFoundError)
@@ -132,6 +142,7 @@ def _dispatch(args) -> int:
         return 0
     cfg = load_config(args.config, args.overrides)
     out = args.out  # a local path or a URI (s3://…): pathlib would mangle the latter
+    console.setup(out, args.verbose)
     if args.command == "run":
         from workflows.pipeline import run
 

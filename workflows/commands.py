@@ -10,7 +10,7 @@ from rich.table import Table
 
 from kd_ops import store
 from kd_ops.fsio import Loc
-from workflows import ray_session, stages, tasks
+from workflows import console, ray_session, stages, tasks
 from workflows import train as train_mod
 from workflows.config import RunConfig
 from workflows.tracking import Tracker
@@ -50,8 +50,8 @@ def precompute(cfg: RunConfig, out: Path, *, tracking_uri=None, ray_address=None
         status = "reused" if r.reused else f"computed {r.shards_computed} shards"
         t.add_row(r.name, str(r.manifest["rows"]), str(len(r.manifest["shards"])), r.manifest["kind"], cols,
                   status, f"{r.seconds:.1f}")
-    Console().print(t)
-    print(f"store size: {store.size_bytes(lay.store):,} bytes")
+    Console(file=console.out()).print(t)
+    console.say(f"store size: {store.size_bytes(lay.store):,} bytes")
     return 0
 
 
@@ -76,9 +76,9 @@ def train(cfg: RunConfig, out: Path, *, tracking_uri=None, ray_address=None) -> 
         with tracker.child("student", params) as rid:
             res = train_mod.fit(spec.replace(mlflow={"tracking_uri": tracker.uri, "run_id": rid}),
                                 {k: sets[k] for k in ("train", "val")}, name="student", storage=lay.ray,
-                                **stages.workers(cfg))
+                                **stages.workers(cfg), progress=stages.epoch_progress(spec))
             row = task.model_report(spec, res.weights, sets)
-    print(json.dumps({"student": row, "weights": str(res.weights)}, indent=2))
+    console.say(json.dumps({"student": row, "weights": str(res.weights)}, indent=2))
     return 0
 
 
@@ -89,5 +89,5 @@ def tune(cfg: RunConfig, out: Path, *, tracking_uri=None, ray_address=None) -> i
         _, best, rows, failed = run_tune(cfg.tune, spec, [t.name for t in cfg.teachers], cfg.student.width_kwarg,
                                  {k: sets[k] for k in ("train", "val")}, storage=lay.ray, workers=stages.workers(cfg),
                                  tracking_uri=tracker.uri, experiment=tracker.experiment, parent_run_id=parent_id)
-    print(json.dumps({"best": best, "trials": rows, "failed_trials": failed}, indent=2, default=str))
+    console.say(json.dumps({"best": best, "trials": rows, "failed_trials": failed}, indent=2, default=str))
     return 0

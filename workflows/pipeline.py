@@ -13,7 +13,9 @@ from typing import Any
 import mlflow
 
 from kd_ops import models, store
-from workflows import ray_session, stages, tasks, train
+from rich.console import Console
+
+from workflows import console, ray_session, stages, tasks, train
 from workflows.config import RunConfig
 from workflows.report import print_summary
 from workflows.tracking import Tracker
@@ -74,7 +76,7 @@ def run(cfg: RunConfig, out: Path, *, tracking_uri: str | None = None, ray_addre
         with tracker.child("student", chosen | {"epochs": base.epochs}) as run_id:
             res = train.fit(base.replace(mlflow={"tracking_uri": tracker.uri, "run_id": run_id}),
                             {k: kd_sets[k] for k in ("train", "val")}, name="student", storage=lay.ray,
-                            **stages.workers(cfg))
+                            **stages.workers(cfg), progress=stages.epoch_progress(base))
             srow = task.model_report(base, res.weights, kd_sets)
             mlflow.log_metrics({k: v for k, v in srow.items()})
             tracker.log_file(res.weights, "weights")
@@ -90,7 +92,8 @@ def run(cfg: RunConfig, out: Path, *, tracking_uri: str | None = None, ray_addre
         with tracker.child("label-only-student", {"student_kwargs": chosen["student_kwargs"],
                                                   **cfg.train.label_only_fit.model_dump()}) as run_id:
             res_lo = train.fit(lo.replace(mlflow={"tracking_uri": tracker.uri, "run_id": run_id}), lo_sets,
-                               name="label-only", storage=lay.ray, **stages.workers(cfg))
+                               name="label-only", storage=lay.ray, **stages.workers(cfg),
+                               progress=stages.epoch_progress(lo))
             lorow = task.model_report(lo, res_lo.weights, kd_sets)
             mlflow.log_metrics(lorow)
 
@@ -142,8 +145,8 @@ def _previous_run(cfg: RunConfig, lay: stages.Layout, tracker: Tracker, restart:
 def write_summary(summary: dict[str, Any], lay: stages.Layout) -> None:
     """summary.json appears only when the run finished (written whole), then the table."""
     (lay.out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-    print_summary(summary)
+    print_summary(summary, Console(file=console.out()))
 
 
 def step(name: str) -> None:
-    print(f"\n==> {name}", flush=True)
+    console.say(f"==> {name}")

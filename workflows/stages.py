@@ -6,7 +6,6 @@ Orchestration only: the maths lives in kd_ops; Ray does the work; MLflow records
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import ray
 
 from kd_ops import data, store
 from kd_ops.fsio import Loc
-from workflows import ingest, train
+from workflows import console, ingest, train
 from workflows import precompute as pre
 from workflows.config import RunConfig, TeacherConfig
 from workflows.ray_session import progress_bars
@@ -69,7 +68,7 @@ def stage_precompute(cfg: RunConfig, task, teachers: list[TeacherConfig], dirs: 
     pc = cfg.precompute
     with child_run(tracker, "precompute", pc.model_dump()), progress_bars():
         results = pre.precompute(teachers, dirs, lay.store, feature_columns=task.feature_columns, **pre.options(pc),
-                                 **task.precompute_options(), progress=_progress("precompute", "rows"))
+                                 **task.precompute_options(), progress=console.progress("precompute", "rows"))
         if tracker:
             for r in results:
                 mlflow.log_dict(r.manifest, f"manifests/{r.name}.json")
@@ -80,19 +79,10 @@ def stage_precompute(cfg: RunConfig, task, teachers: list[TeacherConfig], dirs: 
     return results
 
 
-def _progress(label: str, unit: str):
-    """A callback printing `label: done/total unit (pct, ETA)` at most every 2 s."""
-    start, last = time.perf_counter(), [0.0]
-
-    def show(done: int, total: int) -> None:
-        now = time.perf_counter()
-        if now - last[0] < 2 and done < total:
-            return
-        last[0] = now
-        rate = done / max(now - start, 1e-9)
-        eta = (total - done) / rate if rate > 0 else float("nan")
-        print(f"{label}: {done:,}/{total:,} {unit} ({100 * done / max(total, 1):.0f}%, ETA {eta:.0f} s)", flush=True)
-    return show
+def epoch_progress(loop: train.Loop):
+    """A fit's `progress`: `label: epoch/epochs epochs (…, ETA)` on the console."""
+    bar = console.progress(loop.label, "epochs")
+    return lambda epoch: bar(epoch, loop.epochs)
 
 
 def workers(cfg: RunConfig) -> dict:

@@ -34,7 +34,8 @@ def _train_teacher(task, t: TeacherConfig, factory: str, kwargs: dict, dirs, lay
                        cached=cached)
     with child_run(tracker, f"teacher-{t.name}", json.loads(json.dumps(vars(loop), default=str))) as run_id:
         loop = loop.replace(mlflow=tracker and {"tracking_uri": tracker.uri, "run_id": run_id})
-        res = train.fit(loop, sets, name=f"teacher-{t.name}", storage=lay.ray, **stages.workers(cfg))
+        res = train.fit(loop, sets, name=f"teacher-{t.name}", storage=lay.ray, **stages.workers(cfg),
+                        progress=stages.epoch_progress(loop))
         return res.weights
 
 

@@ -14,7 +14,9 @@ import math
 import os
 import sys
 import tempfile
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -278,6 +280,40 @@ def storage_args(storage: Loc) -> dict[str, Any]:
 DONE, LOOP_KEY = "kd-done.json", "kd-loop.json"
 
 
+class ForwardReports(ray.train.UserCallback):
+    """Runs in the TrainController: hands each epoch's rank-0 metrics to a queue the caller reads."""
+
+    def __init__(self, queue):
+        self.queue = queue
+
+    def after_report(self, run_context, metrics, checkpoint):
+        self.queue.put(dict(metrics[0]))
+
+
+@contextmanager
+def _epoch_progress(progress, callbacks: list):
+    """With `progress(done_epochs, epochs)`, a callback that forwards each report to this process."""
+    if progress is None:
+        yield callbacks
+        return
+    from ray.util.queue import Queue
+
+    queue = Queue(actor_options={"num_cpus": 0})
+
+    def consume() -> None:
+        while (m := queue.get()) is not None:
+            progress(int(m["epoch"]))
+
+    reader = threading.Thread(target=consume, daemon=True)
+    reader.start()
+    try:
+        yield [*callbacks, ForwardReports(queue)]
+    finally:
+        queue.put(None)
+        reader.join(timeout=30)
+        queue.shutdown()
+
+
 def _loop_key(loop: Loop) -> str:
     """What makes two fits the same fit (not the MLflow run they log to, nor their label)."""
     settings = {k: v for k, v in dataclasses.asdict(loop).items() if k not in ("mlflow", "label")}
@@ -286,15 +322,15 @@ def _loop_key(loop: Loop) -> str:
 
 def fit(loop: Loop, datasets: dict[str, ray.data.Dataset], *, name: str, storage: Loc,
         num_workers: int, use_gpu: bool, callbacks: list | None = None, max_failures: int = 0,
-        resources: dict[str, float] | None = None) -> Trained:
+        resources: dict[str, float] | None = None, progress=None) -> Trained:
     """Run `train_loop` under a TorchTrainer; returns the best model so far and its metrics.
 
     Resumable: the run lives in storage/name. A fit of the same loop settings that finished
     before returns at once; one that was interrupted (the driver died) continues from its latest
     checkpoint, as does a worker group restarted after a worker or node was lost (up to
     `max_failures` times). Other settings under the same name start over. `resources`: custom
-    resources (or accelerator types) each worker needs, to place students on a node group."""
-    cpus = loop.cpus_per_worker
+    resources (or accelerator types) each worker needs, to place students on a node group.
+    `progress(epoch)` is called in this process as each epoch is reported."""
     run, key = Loc.of(storage) / name, _loop_key(loop)
     if (run / LOOP_KEY).is_file() and (run / LOOP_KEY).read_text() != key:
         run.delete()  # Train V2 would resume another fit's checkpoints
@@ -303,6 +339,16 @@ def fit(loop: Loop, datasets: dict[str, ray.data.Dataset], *, name: str, storage
         log.info("%s: finished before with these settings, reusing it", name)
         return Trained(run / done["checkpoint"] / ckpt.BEST, done["metrics"])
     (run / LOOP_KEY).write_text(key)
+    with _epoch_progress(progress, callbacks or []) as callbacks:
+        result = _fit(loop, datasets, name, storage, num_workers, use_gpu, callbacks, max_failures, resources)
+    latest = Loc(result.checkpoint.filesystem, result.checkpoint.path)
+    metrics = json.loads((latest / ckpt.PROGRESS).read_text())["best_metrics"]
+    (run / DONE).write_text(json.dumps({"checkpoint": latest.name, "metrics": metrics}))  # Train keeps it under run/
+    return Trained(latest / ckpt.BEST, metrics)
+
+
+def _fit(loop: Loop, datasets, name, storage, num_workers, use_gpu, callbacks, max_failures, resources):
+    cpus = loop.cpus_per_worker
     trainer = ray.train.torch.TorchTrainer(
         train_loop,
         train_loop_config={"loop": loop},
@@ -310,7 +356,7 @@ def fit(loop: Loop, datasets: dict[str, ray.data.Dataset], *, name: str, storage
             num_workers=num_workers, use_gpu=use_gpu,
             resources_per_worker={"CPU": cpus, **({"GPU": 1} if use_gpu else {}), **(resources or {})}),
         run_config=ray.train.RunConfig(
-            name=name, **storage_args(Loc.of(storage)), callbacks=callbacks or [],
+            name=name, **storage_args(Loc.of(storage)), callbacks=callbacks,
             # worker errors (a lost worker or node) restart the group from the latest checkpoint;
             # a worker group that cannot be scheduled fails (after RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S,
             # see ray_session) instead of being retried forever
@@ -319,7 +365,7 @@ def fit(loop: Loop, datasets: dict[str, ray.data.Dataset], *, name: str, storage
         datasets=datasets,
     )
     try:
-        result = trainer.fit()
+        return trainer.fit()
     except ray.train.TrainingFailedError as e:
         if "worker group startup timed out" in str(e):
             raise ResourceWaitError(
@@ -328,7 +374,3 @@ def fit(loop: Loop, datasets: dict[str, ray.data.Dataset], *, name: str, storage
                 f"{_resources_text(ray.cluster_resources())} in all. Lower train.num_workers / train.cpus_per_worker "
                 "/ train.resources, add nodes, or raise train.resource_wait_s if resources are on their way") from None
         raise
-    latest = Loc(result.checkpoint.filesystem, result.checkpoint.path)
-    metrics = json.loads((latest / ckpt.PROGRESS).read_text())["best_metrics"]
-    (run / DONE).write_text(json.dumps({"checkpoint": latest.name, "metrics": metrics}))  # Train keeps it under run/
-    return Trained(latest / ckpt.BEST, metrics)

@@ -17,7 +17,7 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from kd_ops.fsio import Loc
-from workflows import train
+from workflows import console, train
 from workflows.config import Dim, TuneConfig
 
 log = logging.getLogger("kd")
@@ -50,16 +50,6 @@ def apply_trial(base: train.Loop, trial: dict[str, Any], teachers: list[str], wi
     return base.replace(**changes)
 
 
-class _ForwardReports(ray.train.UserCallback):
-    """Runs in the TrainController: hands each epoch's rank-0 metrics to the trial's queue."""
-
-    def __init__(self, queue: Queue):
-        self.queue = queue
-
-    def after_report(self, run_context, metrics, checkpoint):
-        self.queue.put(dict(metrics[0]))
-
-
 def _trial(trial: dict[str, Any], *, base, teachers, width_kwarg, datasets, storage, workers):
     """One Tune trial: a TorchTrainer whose per-epoch metrics reach Tune through tune.report from
     this (the trial's own) thread. Ray 2.60's TuneReportCallback reports from the trial actor's main
@@ -72,7 +62,7 @@ def _trial(trial: dict[str, Any], *, base, teachers, width_kwarg, datasets, stor
     def fit() -> None:
         try:
             train.fit(cfg, datasets, name=f"train-trial_id={trial_id}", storage=storage, **workers,
-                      callbacks=[_ForwardReports(queue)])
+                      callbacks=[train.ForwardReports(queue)])
         except BaseException as e:  # re-raised in the trial thread below
             outcome["error"] = e
         finally:
@@ -124,8 +114,9 @@ def run_tune(tc: TuneConfig, base: train.Loop, teachers: list[str], width_kwarg:
                 # the concurrency cap goes here: TuneConfig.max_concurrent_trials is ignored with a
                 # SearchGenerator such as this one
                 search_alg=BasicVariantGenerator(random_state=tc.seed, max_concurrent=tc.max_concurrent_trials)),
-            run_config=tune.RunConfig(name=NAME, **train.storage_args(Loc.of(storage)), callbacks=callbacks,
-                                      verbose=1, failure_config=tune.FailureConfig(max_failures=tc.max_failures)),
+            run_config=tune.RunConfig(name=NAME, **train.storage_args(Loc.of(storage)),
+                                      callbacks=[*callbacks, _TrialProgress(tc.num_samples)], verbose=0,
+                                      failure_config=tune.FailureConfig(max_failures=tc.max_failures)),
         )
         (run / SEARCH_KEY).write_text(key)
     grid = tuner.fit()
@@ -151,6 +142,28 @@ def run_tune(tc: TuneConfig, base: train.Loop, teachers: list[str], width_kwarg:
 
 
 NAME, SEARCH_KEY = "tune", "kd-search.json"
+
+
+class _TrialProgress(tune.Callback):
+    """`tune: done/total trials (…, ETA)` on the console, from the driver's Tune loop."""
+
+    def __init__(self, total: int):
+        self.total, self.bar = total, None
+
+    def setup(self, **info):
+        self.bar = console.progress("tune", "trials")
+
+    def _tick(self, trials) -> None:
+        # counted from the trials' states, so a restored search starts at the trials already done
+        done = sum(t.status in ("TERMINATED", "ERROR") for t in trials) + 1  # this one's state is not set yet
+        self.bar = self.bar or console.progress("tune", "trials")
+        self.bar(min(done, self.total), self.total)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._tick([t for t in trials if t is not trial])
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._tick([t for t in trials if t is not trial])
 
 
 def _first_line(error: BaseException) -> str:

@@ -209,6 +209,12 @@ def test_a_kd_run_killed_during_tune_continues_where_it_stopped(tmp_path):
     assert p.returncode == 0, log[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert len(summary["tune_trials"]) == 4 and not summary["tune_failed_trials"]
+    # a quiet console: kd-ops' own lines only; Ray's output (worker epoch lines included) in the run's log
+    lines = log.splitlines()
+    assert len(lines) <= 60 and "==> tune" in lines and any(line.startswith("tune: 4/4 trials") for line in lines)
+    assert not [line for line in lines if "RayTrainWorker" in line or "pid=" in line], log
+    ray_log = (out / "logs" / "kd.log").read_text()
+    assert "RayTrainWorker" in ray_log and "[student] epoch 1/1" in ray_log
     after = _finished_trials(out)
     assert len(after) == 4
     assert {k: after[k] for k in before} == before  # the trials finished before the kill did not run again
