@@ -129,7 +129,10 @@ def file_key(f: Loc, columns: list[str] = ()) -> dict:
         h.seek(size - 8 - n)
         footer = h.read(n)
         h.seek(0)
-        meta = pq.ParquetFile(h)
+        try:
+            meta = pq.ParquetFile(h)
+        except (pa.ArrowException, OSError) as e:
+            raise DataError(f"{f}: not a readable Parquet file ({e}); replace or remove it") from None
         rows, names = meta.metadata.num_rows, meta.schema_arrow.names
     missing = [c for c in columns if c not in names]
     if "id" in missing:

@@ -37,6 +37,7 @@ import itertools
 import json
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -45,6 +46,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from kd_ops.data import file_key
 from kd_ops.fsio import Loc
 
 FORMAT = "kd-ops/soft-labels"
@@ -162,6 +164,31 @@ def is_current(store: str | Path | Loc, teacher: str, teacher_fp: str, inputs: d
                 and m.get("inputs") == inputs and all(m.get(k) == v for k, v in (settings or {}).items()))
 
 
+def damaged(store: str | Path | Loc, manifest: dict[str, Any]) -> list[str]:
+    """Units whose shard is missing or no longer the file that was committed (truncated, rewritten):
+    its size, row count or footer hash differs from the key recorded at commit. Footers only."""
+    tdir = teacher_loc(store, manifest["teacher"])
+
+    def bad(s: dict) -> bool:
+        try:
+            return file_key(tdir / s["file"]) != s["key"]
+        except Exception:  # missing or unreadable: damaged
+            return True
+    items = sorted(manifest["shards"].items())
+    with ThreadPoolExecutor(16) as pool:
+        flags = list(pool.map(bad, [s for _, s in items]))
+    return [u for (u, _), b in zip(items, flags) if b]
+
+
+def forget(store: str | Path | Loc, teacher: str, units: list[str]) -> None:
+    """Unpublish a teacher and drop the commits of `units`, so the next precompute recomputes them."""
+    tdir = teacher_loc(store, teacher)
+    (tdir / MANIFEST).delete()
+    for u in units:
+        split, name = u.split("/", 1)
+        (tdir / COMMITS / split / f"{name}.json").delete()
+
+
 def unit(split: str, file_name: str) -> str:
     """The store's name for one input file: `<split>/<file name>`."""
     return f"{split}/{file_name}"
@@ -176,7 +203,8 @@ def commit(store: str | Path | Loc, teacher: str, split: str, file_name: str, sh
            input_key: dict, teacher_fp: str, settings: dict[str, Any]) -> None:
     """Record a finished shard (written whole, after the shard itself)."""
     tdir = teacher_loc(store, teacher)
-    record = {"shard": shard.path[len(tdir.path) + 1:], "rows": rows, "input": input_key,
+    # the shard's own key (size, rows, footer hash): reuse checks the file is still the one written
+    record = {"shard": shard.path[len(tdir.path) + 1:], "rows": rows, "input": input_key, "key": file_key(shard),
               "teacher_fingerprint": teacher_fp, "settings": settings}
     (tdir / COMMITS / split / f"{file_name}.json").write_text(json.dumps(record))
 
@@ -229,7 +257,7 @@ def publish(store: str | Path | Loc, teacher: str, *, kind: str, columns: dict[s
                 raise StoreError(f"teacher {teacher!r}: shard for {unit(split, name)} has {rec['rows']} rows, "
                                  f"the input file {key['rows']}; store not published")
             else:
-                shards[unit(split, name)] = {"file": rec["shard"], "rows": rec["rows"]}
+                shards[unit(split, name)] = {"file": rec["shard"], "rows": rec["rows"], "key": rec.get("key")}
     if missing:
         raise StoreError(f"teacher {teacher!r}: {len(missing)} input files have no committed shard, e.g. "
                          f"{missing[:3]}; store not published (rerun to compute them)")

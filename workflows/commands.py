@@ -22,9 +22,10 @@ def _setup(cfg: RunConfig, out: Path, tracking_uri, ray_address):
         raise ValueError("kd precompute / train / tune take classification configs for now; "
                          "for task: lm run the whole pipeline with `kd run`")
     lay = stages.Layout(out)
-    lay.out.mkdir()
+    lay.make()
+    tracker = Tracker(tracking_uri or cfg.tracking.tracking_uri, cfg.tracking.experiment)  # reachable before Ray starts
     ray_session.init_ray(ray_address, cfg.code, cfg.train.resource_wait_s)
-    return lay, Tracker(tracking_uri or cfg.tracking.tracking_uri, cfg.tracking.experiment), tasks.for_config(cfg)
+    return lay, tracker, tasks.for_config(cfg)
 
 
 def _teachers_with_weights(cfg: RunConfig, lay: stages.Layout):

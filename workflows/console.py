@@ -58,9 +58,8 @@ def setup(out_dir: Loc | str | None, verbose: bool) -> Path | None:
         path = Path(out_loc.path) / "logs" / "kd.log"
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise ValueError(f"--out {out_loc}: cannot create {path.parent} ({e.strerror}); give a directory "
-                             "that can be created") from None
+        except OSError:
+            return None  # --out itself is bad: the command reports it (stages.Layout.make)
     else:
         path = Path(tempfile.mkdtemp(prefix="kd-logs-")) / "kd.log"
         _state["upload"] = (out_loc / "logs" / "kd.log") if out_loc is not None else None

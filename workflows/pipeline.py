@@ -5,6 +5,7 @@ datasets are streamed to the Train workers and metrics are computed on the clust
 from __future__ import annotations
 
 import json
+import math
 import logging
 import time
 from pathlib import Path
@@ -32,7 +33,7 @@ def run(cfg: RunConfig, out: Path, *, tracking_uri: str | None = None, ray_addre
     start = time.perf_counter()
     task = tasks.for_config(cfg)
     lay = stages.Layout(out)
-    lay.out.mkdir()
+    lay.make()
     (lay.out / "summary.json").delete()  # a summary only ever describes a finished run
     tracker = Tracker(tracking_uri or cfg.tracking.tracking_uri, cfg.tracking.experiment,
                       artifact_root=None if lay.out.local else f"{lay.out}/mlflow")
@@ -45,6 +46,7 @@ def run(cfg: RunConfig, out: Path, *, tracking_uri: str | None = None, ray_addre
         mlflow.log_dict(cfg.model_dump(mode="json"), "config.json")
         step("data")
         dirs = task.data(lay)
+        stages.check_inputs(cfg, task, dirs, lay)
         step("teachers")
         teachers = task.teachers(dirs, lay, tracker)
         step("precompute")
@@ -77,6 +79,9 @@ def run(cfg: RunConfig, out: Path, *, tracking_uri: str | None = None, ray_addre
             res = train.fit(base.replace(mlflow={"tracking_uri": tracker.uri, "run_id": run_id}),
                             {k: kd_sets[k] for k in ("train", "val")}, name="student", storage=lay.ray,
                             **stages.workers(cfg), progress=stages.epoch_progress(base))
+            if not all(math.isfinite(v) for v in res.metrics.values() if isinstance(v, float)):
+                raise ValueError(f"the student's training diverged (metrics {res.metrics}); not registered. Lower "
+                                 "train.fit.lr or set train.fit.max_grad_norm")
             srow = task.model_report(base, res.weights, kd_sets)
             mlflow.log_metrics({k: v for k, v in srow.items()})
             tracker.log_file(res.weights, "weights")

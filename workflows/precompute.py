@@ -11,8 +11,8 @@ files, so it cannot give a store with one shard per input file in the same row o
 commit protocol here is the one the manifest needs anyway. A killed driver or node loses at most
 the files in flight; the rerun computes only the files without a matching commit.
 
-Before any teacher runs: input files are identified by metadata (size, rows, footer hash), and
-ids are checked on the cluster (no nulls, none twice). A teacher whose manifest matches its
+Input files are identified by metadata (size, rows, footer hash); the inputs themselves (ids
+unique, values finite, labels in range) are checked before by `workflows.validate`. A teacher whose manifest matches its
 weights, the input files and the settings is reused without being built.
 """
 from __future__ import annotations
@@ -133,7 +133,9 @@ class ShardWriter:
                 x = data.features(table, self.feature_columns, str(src), self.input_dtype)
                 ids = table.column("id").combine_chunks()
                 for t in teachers:
-                    shard = store.shard_table(ids, self._kept(self.models[t], x, ids))
+                    kept = self._kept(self.models[t], x, ids)
+                    _check_finite(t, kept, ids, str(src))
+                    shard = store.shard_table(ids, kept)
                     if t not in writers:
                         sinks[t] = shards[t].open_output()
                         writers[t] = pq.ParquetWriter(sinks[t], shard.schema, **store.parquet_options(p.columns))
@@ -188,8 +190,30 @@ def probe(spec: TeacherSpec, sample: np.ndarray, top_k: int | None, tail_samples
     """Build the teacher on the driver and run it on a sample: a bad factory, weights file or input
     fails here with a clear message instead of inside a Ray actor. Returns the store column spec."""
     model = spec.build().eval()
-    with torch.inference_mode():
-        return store.column_spec(store.teacher_arrays(model(torch.from_numpy(sample)), top_k, tail_samples))
+    arrays = store.teacher_arrays(forward(spec.name, model, sample), top_k, tail_samples)
+    _check_finite(spec.name, arrays, None, "the first input rows")
+    return store.column_spec(arrays)
+
+
+def forward(name: str, model: torch.nn.Module, sample: np.ndarray) -> torch.Tensor:
+    """The model on a few input rows; a shape mismatch becomes one clear error naming both sides."""
+    try:
+        with torch.inference_mode():
+            return model(torch.from_numpy(sample))
+    except (RuntimeError, ValueError, IndexError) as e:
+        raise ValueError(f"{name}: cannot run on the input rows (shape {list(sample.shape)}, {sample.dtype}): "
+                         f"{str(e).splitlines()[0]}. Check data.feature_columns against what the model "
+                         "takes (e.g. its kwargs)") from None
+
+
+def _check_finite(teacher: str, arrays: dict[str, np.ndarray], ids, where: str) -> None:
+    for k, a in arrays.items():
+        if a.dtype.kind == "f" and not np.isfinite(a).all():
+            bad = ~np.isfinite(a.reshape(len(a), -1)).all(axis=1)
+            example = f", e.g. ids {np.asarray(ids)[bad][:5].tolist()}" if ids is not None else ""
+            raise ValueError(f"teacher {teacher!r} returned NaN or infinite {k} for {int(bad.sum())} rows of "
+                             f"{where}{example}; nothing was stored for them. Check the teacher's weights and "
+                             "precompute.teacher_dtype")
 
 
 def check_ids(files: dict[str, Loc]) -> None:
@@ -204,7 +228,10 @@ def check_ids(files: dict[str, Loc]) -> None:
     examples = [r["id"] for r in dup.take(5)]
     if examples:
         n = dup.count()
-        raise data.DataError(f"inputs ({_dirs(files)}): {n} duplicate ids, e.g. {examples}; ids must be unique "
+        where = ds.map_batches(_where_ids, fn_kwargs={"files": files, "ids": examples}, batch_size=1).take_all()
+        places = {i: sorted(r["unit"] for r in where if r["id"] == i) for i in examples}
+        text = "; ".join(f"id {i} in {' and '.join(u)}" for i, u in places.items())
+        raise data.DataError(f"inputs ({_dirs(files)}): {n} duplicate ids, e.g. [{text}]; ids must be unique "
                              "across every split and file")
 
 
@@ -215,6 +242,18 @@ def _dirs(files: dict[str, Loc]) -> str:
 def _null_count(batch: dict[str, np.ndarray], files: dict[str, Loc]) -> dict[str, np.ndarray]:
     return {"nulls": np.array([store.open_parquet(files[str(u)]).read(columns=["id"]).column("id").null_count
                                for u in batch["unit"]], np.int64)}
+
+
+def _where_ids(batch: dict[str, np.ndarray], files: dict[str, Loc], ids: list) -> pa.Table:
+    """(unit, id) rows for the given ids in these files: where duplicates live."""
+    import pyarrow.compute as pc
+
+    parts = []
+    for u in batch["unit"]:
+        got = store.open_parquet(files[str(u)]).read(columns=["id"]).column("id")
+        hit = pc.filter(got, pc.is_in(got, value_set=pa.array(ids, got.type)))
+        parts.append(pa.table({"unit": pa.array([str(u)] * len(hit)), "id": hit.combine_chunks()}))
+    return pa.concat_tables(parts)
 
 
 def _ids(batch: dict[str, np.ndarray], files: dict[str, Loc]) -> pa.Table:
@@ -258,14 +297,20 @@ def precompute(teachers, split_dirs: dict[str, Any], store_dir, *, feature_colum
     results, todo = {}, []
     for n in specs:
         if store.is_current(root, n, fps[n], inputs, settings):  # reused without building the teacher
+            manifest = store.read_manifest(root, n)
+            if bad := store.damaged(root, manifest):
+                log.warning("precompute %s: %d shard(s) no longer match the store's manifest (truncated or changed), "
+                            "e.g. %s; recomputing them", n, len(bad), bad[:3])
+                store.forget(root, n, bad)
+                todo.append(n)
+                continue
             log.info("precompute %s: store is current (same weights, input files and settings), reusing it", n)
-            results[n] = TeacherResult(n, True, store.read_manifest(root, n), 0.0)
+            results[n] = TeacherResult(n, True, manifest, 0.0)
         else:
             todo.append(n)
     if not todo:
         return [results[t.name] for t in teachers]
     start = time.perf_counter()
-    check_ids(files)
     first = store.open_parquet(next(iter(files.values()))).read(columns=feature_columns).slice(0, 2)
     sample = data.features(first, feature_columns, "input", np.dtype(input_dtype))
     columns = None

@@ -15,7 +15,7 @@ import ray
 
 from kd_ops import data, store
 from kd_ops.fsio import Loc
-from workflows import console, ingest, train
+from workflows import console, ingest, train, validate
 from workflows import precompute as pre
 from workflows.config import RunConfig, TeacherConfig
 from workflows.ray_session import progress_bars
@@ -41,6 +41,16 @@ class Layout:
     @property
     def ray(self) -> Loc: return self.out / "ray"
 
+    def make(self) -> None:
+        """Create --out, or one clear error (a path under a regular file, a file, no permission)."""
+        try:
+            if self.out.is_file():
+                raise ValueError(f"--out {self.out} is a file; give a directory (it is created if missing)")
+            self.out.mkdir()
+        except OSError as e:
+            raise ValueError(f"--out {self.out}: cannot create the directory ({e.strerror or e}); give a "
+                             "directory that can be created") from None
+
     def local(self, what: str) -> Path:
         """--out as a local directory, for the parts that need one (Hugging Face directories)."""
         if not self.out.local:
@@ -63,9 +73,17 @@ def child_run(tracker: Tracker | None, name: str, params: dict | None = None):
     return tracker.child(name, params) if tracker else _NullRun()
 
 
+def check_inputs(cfg: RunConfig, task, dirs: dict[str, Path], lay: Layout) -> None:
+    """`workflows.validate.check_inputs` for this run's inputs (remembered under --out/checks)."""
+    validate.check_inputs(dirs, feature_columns=task.feature_columns, label_column=task.label_column,
+                          num_classes=cfg.data.num_classes if task.kind == "classification" else None,
+                          remember=lay.out / "checks")
+
+
 def stage_precompute(cfg: RunConfig, task, teachers: list[TeacherConfig], dirs: dict[str, Path], lay: Layout,
                      tracker: Tracker | None) -> list[pre.TeacherResult]:
     pc = cfg.precompute
+    check_inputs(cfg, task, dirs, lay)
     with child_run(tracker, "precompute", pc.model_dump()), progress_bars():
         results = pre.precompute(teachers, dirs, lay.store, feature_columns=task.feature_columns, **pre.options(pc),
                                  **task.precompute_options(), progress=console.progress("precompute", "rows"))

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from kd_ops import data, lm, models
+from workflows import precompute as pre
 from workflows import evaluation, stages, train
 from workflows.config import RunConfig, TeacherConfig
 from workflows.stages import Layout, child_run
@@ -80,7 +81,9 @@ class Classification:
         for t in self.cfg.teachers:
             path = stages.teacher_weights_path(t, lay)
             if t.weights is None and not path.is_file():
-                models.build(t.factory, t.kwargs)  # fail fast on a bad factory, before Ray Train starts
+                # fail fast on a bad factory or a model that cannot take the inputs, before Ray Train starts
+                pre.forward(f"teacher {t.name!r}", models.build(t.factory, t.kwargs),
+                            stages.first_rows(dirs["train"], self.feature_columns, self.input_dtype))
                 weights = _train_teacher(self, t, t.factory, t.kwargs, dirs, lay, tracker)
                 models.save_weights(models.load_weights(models.build(t.factory, t.kwargs), weights), path)
                 if tracker:

@@ -57,6 +57,23 @@ def environment_tags() -> dict[str, str]:
     return tags
 
 
+def check_reachable(uri: str, timeout_s: float = 10.0) -> None:
+    """A tracking server must answer before anything starts (MLflow itself retries for minutes)."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s).close()
+    except urllib.error.HTTPError:
+        return  # it answered (a proxy or an older server without /health): reachable
+    except OSError as e:
+        reason = getattr(e, "reason", e)
+        raise ValueError(f"MLflow tracking server {uri} does not answer ({reason}); start it, or pass another "
+                         "--tracking-uri (e.g. sqlite:///mlflow.db for a local store)") from None
+
+
 class Tracker:
     """Thin wrapper holding the tracking URI, the experiment and the parent run."""
 
@@ -64,6 +81,7 @@ class Tracker:
         """artifact_root: where a new experiment keeps its artifacts (e.g. s3://bucket/run/mlflow);
         an existing experiment keeps its own location."""
         self.uri = resolve_uri(uri)
+        check_reachable(self.uri)
         mlflow.set_tracking_uri(self.uri)
         self.experiment = experiment
         if artifact_root and mlflow.get_experiment_by_name(experiment) is None:

@@ -1,6 +1,8 @@
 """Bad input: one clear error naming the problem, a non-zero exit, nothing marked complete."""
 from __future__ import annotations
 
+import time
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -85,3 +87,134 @@ def test_bad_inputs_and_teachers_fail_clearly_and_publish_nothing(ray_session, c
     assert rc == 2, err
     assert message in err and err.count("kd: error:") == 1
     _nothing_complete(tmp_path, uri)
+
+
+def _nan_features(d):
+    f = sorted(d.glob("*.parquet"))[0]
+    t = pq.read_table(f)
+    x = t.column("x").to_pylist()
+    for i in range(10):
+        x[i][3] = float("nan")
+    pq.write_table(t.set_column(t.schema.get_field_index("x"), "x", pa.array(x, t.schema.field("x").type)), f)
+
+
+def _ragged_features(d):
+    f = sorted(d.glob("*.parquet"))[0]
+    t = pq.read_table(f)
+    x = [row[:39] if i % 2 else row + [0.0] for i, row in enumerate(t.column("x").to_pylist())]  # 39 and 41
+    pq.write_table(t.set_column(t.schema.get_field_index("x"), "x", pa.array(x, pa.list_(pa.float32()))), f)
+
+
+def _label_12(d):
+    f = sorted(d.glob("*.parquet"))[0]
+    t = pq.read_table(f)
+    y = t.column("label").to_numpy().copy()
+    y[5] = 12
+    pq.write_table(t.set_column(t.schema.get_field_index("label"), "label", pa.array(y)), f)
+
+
+def _corrupt_file(d):
+    f = sorted(d.glob("*.parquet"))[0]
+    raw = bytearray(f.read_bytes())
+    raw[4:68] = b"\xff" * 64  # the first page header (right after the PAR1 magic); the footer stays readable
+    f.write_bytes(bytes(raw))
+
+
+def _nan_teacher(tmp_path):
+    w = tmp_path / "nan.safetensors"
+    m = models.cnn(width=8)
+    for p in m.parameters():
+        p.data.fill_(float("nan"))
+    models.save_weights(m, w)
+    return {"weights": str(w)}
+
+
+def _wider_teacher(tmp_path):
+    """A teacher (with its weights) built for 50 features; the inputs have 40."""
+    w = tmp_path / "wide.safetensors"
+    models.save_weights(models.cnn(width=8, length=50), w)
+    return {"weights": str(w), "kwargs": {"width": 8, "length": 50}}
+
+
+@pytest.mark.parametrize("mutate, teacher_over, message", [
+    (_nan_features, {}, "column 'x': 10 rows hold NaN or infinite values, e.g. ids ["),
+    (_ragged_features, {}, "column 'x': lists of different lengths (39 to 41)"),
+    (_label_12, {}, "1 labels outside [0, 10) (values [12], e.g. ids ["),
+    (_corrupt_file, {}, "cannot be read as Parquet"),
+    (None, _nan_teacher, "teacher 't' returned NaN or infinite logits"),
+    (None, _wider_teacher, "cannot run on the input rows (shape [2, 40]"),
+])
+def test_bad_data_and_teachers_stop_before_compute_naming_file_column_and_ids(ray_session, capsys, tmp_path,
+                                                                              mutate, teacher_over, message):
+    import yaml
+
+    over = teacher_over(tmp_path) if callable(teacher_over) else teacher_over
+    cfg = {"name": "bad", "data": _parquet_source(tmp_path, mutate), "tracking": {"experiment": "bad"},
+           "teachers": _teacher(tmp_path, **over)}
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    rc, err, uri = _run(capsys, tmp_path, "precompute", str(path))
+    assert rc == 2, err
+    assert message in err and err.count("kd: error:") == 1, err
+    if mutate is not None:
+        assert "train/part-" in err or "/train/" in err  # the file is named
+    _nothing_complete(tmp_path, uri)
+
+
+def test_empty_validation_split_and_ids_shared_by_two_splits(ray_session, capsys, tmp_path):
+    import yaml
+
+    src = _parquet_source(tmp_path)
+    val = tmp_path / "in" / "val"
+    for f in val.glob("*.parquet"):
+        pq.write_table(pq.read_table(f).slice(0, 0), f)
+    cfg = {"name": "bad", "data": src, "teachers": _teacher(tmp_path), "tracking": {"experiment": "bad"}}
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(cfg))
+    rc, err, uri = _run(capsys, tmp_path, "precompute", str(tmp_path / "bad.yaml"))
+    assert rc == 2 and "split 'val'" in err and "has no rows" in err, err
+
+    src = _parquet_source(tmp_path / "b")
+    test_file = sorted((tmp_path / "b" / "in" / "test").glob("*.parquet"))[0]
+    train_file = sorted((tmp_path / "b" / "in" / "train").glob("*.parquet"))[0]
+    t = pq.read_table(test_file)
+    shared = pq.read_table(train_file).column("id")[0].as_py()
+    ids = t.column("id").to_numpy().copy()
+    ids[0] = shared
+    pq.write_table(t.set_column(0, "id", pa.array(ids)), test_file)
+    cfg["data"] = src
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(cfg))
+    rc, err, uri = _run(capsys, tmp_path, "precompute", str(tmp_path / "bad.yaml"))
+    assert rc == 2 and f"id {shared} in test/{test_file.name} and train/{train_file.name}" in err, err
+    _nothing_complete(tmp_path, uri)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("out_under_file", "cannot create the directory"),
+    ("out_is_file", "is a file; give a directory"),
+    ("config_dir", "is a directory; give the YAML file"),
+    ("config_latin1", "not UTF-8 text"),
+    ("server_down", "does not answer"),
+])
+def test_bad_paths_and_an_unreachable_tracking_server_fail_before_ray(capsys, tmp_path, case, message):
+    cfg = tiny_config(tmp_path)
+    out = tmp_path / "out"
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    if case == "out_under_file":
+        (tmp_path / "f").write_text("x")
+        out = tmp_path / "f" / "out"
+    elif case == "out_is_file":
+        out = tmp_path / "f"
+        out.write_text("x")
+    elif case == "config_dir":
+        cfg = tmp_path
+    elif case == "config_latin1":
+        cfg.write_bytes(cfg.read_bytes() + "# caf\xe9\n".encode("latin-1"))
+    elif case == "server_down":
+        from conftest import _free_port
+
+        uri = f"http://127.0.0.1:{_free_port()}"
+    started = time.monotonic()
+    rc = cli.main(["run", str(cfg), "--out", str(out), "--tracking-uri", uri])
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err and err.count("kd: error:") == 1, err
+    assert time.monotonic() - started < 60  # refused up front: no Ray start, no MLflow retry loop
