@@ -33,6 +33,7 @@ hash: metadata, never the data bytes), so a rerun with the same teacher and inpu
 """
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import time
@@ -164,19 +165,26 @@ def is_current(store: str | Path | Loc, teacher: str, teacher_fp: str, inputs: d
                 and m.get("inputs") == inputs and all(m.get(k) == v for k, v in (settings or {}).items()))
 
 
-def damaged(store: str | Path | Loc, manifest: dict[str, Any]) -> list[str]:
-    """Units whose shard is missing or no longer the file that was committed (truncated, rewritten):
-    its size, row count or footer hash differs from the key recorded at commit. Footers only."""
-    tdir = teacher_loc(store, manifest["teacher"])
-
-    def bad(s: dict) -> bool:
-        try:
-            return file_key(tdir / s["file"]) != s["key"]
-        except Exception:  # missing or unreadable: damaged
+def shard_damaged(store: str | Path | Loc, teacher: str, entry: dict[str, Any]) -> bool:
+    """Whether a published shard is missing or no longer the file that was committed: its size,
+    rows or footer hash (truncated, rewritten) or the digest of its ids (rows swapped) differ."""
+    loc = teacher_loc(store, teacher) / entry["file"]
+    try:
+        if file_key(loc) != entry["key"]:
             return True
+        if entry.get("ids_sha256"):
+            return ids_digest(open_parquet(loc).read(columns=["id"]).column("id")).hexdigest() != entry["ids_sha256"]
+        return False
+    except Exception:  # missing or unreadable
+        return True
+
+
+def damaged(store: str | Path | Loc, manifest: dict[str, Any]) -> list[str]:
+    """Units whose shard is damaged (`shard_damaged`), checked here with threads; the pipeline
+    runs `shard_damaged` on the cluster instead."""
     items = sorted(manifest["shards"].items())
     with ThreadPoolExecutor(16) as pool:
-        flags = list(pool.map(bad, [s for _, s in items]))
+        flags = list(pool.map(lambda e: shard_damaged(store, manifest["teacher"], e), [s for _, s in items]))
     return [u for (u, _), b in zip(items, flags) if b]
 
 
@@ -199,13 +207,23 @@ def new_shard(store: str | Path | Loc, teacher: str, split: str, file_name: str)
     return teacher_loc(store, teacher) / split / f"{Path(file_name).stem}-{uuid.uuid4().hex[:8]}.parquet"
 
 
+def ids_digest(ids: pa.Array | pa.ChunkedArray, h=None):
+    """sha256 over a shard's ids in row order (update `h` batch by batch while writing)."""
+    h = h or hashlib.sha256()
+    if pa.types.is_integer(ids.type):
+        h.update(np.ascontiguousarray(ids.to_numpy(zero_copy_only=False), dtype="<i8").tobytes())
+    else:
+        h.update("\0".join(map(str, ids.to_pylist())).encode() + b"\0")
+    return h
+
+
 def commit(store: str | Path | Loc, teacher: str, split: str, file_name: str, shard: Loc, rows: int,
-           input_key: dict, teacher_fp: str, settings: dict[str, Any]) -> None:
-    """Record a finished shard (written whole, after the shard itself)."""
+           input_key: dict, teacher_fp: str, settings: dict[str, Any], ids_sha256: str | None = None) -> None:
+    """Record a finished shard (written whole, after the shard itself): its own key (size, rows,
+    footer hash) and the digest of its ids, which reuse checks (`damaged`)."""
     tdir = teacher_loc(store, teacher)
-    # the shard's own key (size, rows, footer hash): reuse checks the file is still the one written
     record = {"shard": shard.path[len(tdir.path) + 1:], "rows": rows, "input": input_key, "key": file_key(shard),
-              "teacher_fingerprint": teacher_fp, "settings": settings}
+              "ids_sha256": ids_sha256, "teacher_fingerprint": teacher_fp, "settings": settings}
     (tdir / COMMITS / split / f"{file_name}.json").write_text(json.dumps(record))
 
 
@@ -216,7 +234,8 @@ def write_shard(store: str | Path | Loc, teacher: str, split: str, file_name: st
     loc = new_shard(store, teacher, split, file_name)
     with loc.open_output() as f:
         pq.write_table(table, f, **parquet_options(columns))
-    commit(store, teacher, split, file_name, loc, table.num_rows, input_key, teacher_fp, settings)
+    commit(store, teacher, split, file_name, loc, table.num_rows, input_key, teacher_fp, settings,
+           ids_digest(table.column("id")).hexdigest())
     return loc
 
 
@@ -257,7 +276,8 @@ def publish(store: str | Path | Loc, teacher: str, *, kind: str, columns: dict[s
                 raise StoreError(f"teacher {teacher!r}: shard for {unit(split, name)} has {rec['rows']} rows, "
                                  f"the input file {key['rows']}; store not published")
             else:
-                shards[unit(split, name)] = {"file": rec["shard"], "rows": rec["rows"], "key": rec.get("key")}
+                shards[unit(split, name)] = {"file": rec["shard"], "rows": rec["rows"], "key": rec.get("key"),
+                                             "ids_sha256": rec.get("ids_sha256")}
     if missing:
         raise StoreError(f"teacher {teacher!r}: {len(missing)} input files have no committed shard, e.g. "
                          f"{missing[:3]}; store not published (rerun to compute them)")

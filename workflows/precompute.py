@@ -124,7 +124,7 @@ class ShardWriter:
         split, name = u.split("/", 1)
         src = p.files[u]
         shards = {t: store.new_shard(p.store, t, split, name) for t in teachers}
-        writers, sinks, n = {}, {}, 0
+        writers, sinks, n, digest = {}, {}, 0, hashlib.sha256()
         reader = store.open_parquet(src)
         try:
             for rb in reader.iter_batches(batch_size=self.batch_size,
@@ -132,6 +132,7 @@ class ShardWriter:
                 table = pa.Table.from_batches([rb])
                 x = data.features(table, self.feature_columns, str(src), self.input_dtype)
                 ids = table.column("id").combine_chunks()
+                store.ids_digest(ids, digest)
                 for t in teachers:
                     kept = self._kept(self.models[t], x, ids)
                     _check_finite(t, kept, ids, str(src))
@@ -148,7 +149,8 @@ class ShardWriter:
         for t in teachers:  # the shard is whole: now (and only now) commit it
             if t not in writers:  # an empty input file still gets an (empty) shard
                 store.write_empty_shard(shards[t], reader.schema_arrow.field("id").type, p.columns)
-            store.commit(p.store, t, split, name, shards[t], n, p.inputs[split][name], p.fps[t], p.settings)
+            store.commit(p.store, t, split, name, shards[t], n, p.inputs[split][name], p.fps[t], p.settings,
+                         digest.hexdigest())
         return n
 
 
@@ -235,6 +237,22 @@ def check_ids(files: dict[str, Loc]) -> None:
                              "across every split and file")
 
 
+def damaged_shards(root: Loc, manifest: dict[str, Any]) -> list[str]:
+    """`store.shard_damaged` for every shard of a published teacher, on the cluster (each task
+    reads one shard's footer and id column); the driver gets the damaged units' names."""
+    items = [{"unit": u} for u in sorted(manifest["shards"])]
+    if not items:
+        return []
+    ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 64)))
+    bad = ds.map_batches(_damaged, fn_kwargs={"root": root, "manifest": manifest}, batch_size=1)
+    return sorted(r["unit"] for r in bad.take_all())
+
+
+def _damaged(batch: dict[str, np.ndarray], root: Loc, manifest: dict[str, Any]) -> dict[str, np.ndarray]:
+    units = [str(u) for u in batch["unit"] if store.shard_damaged(root, manifest["teacher"], manifest["shards"][str(u)])]
+    return {"unit": np.array(units, dtype=object)}
+
+
 def _dirs(files: dict[str, Loc]) -> str:
     return ", ".join(sorted({str(f)[:-len(f.name) - 1] for f in files.values()}))
 
@@ -298,7 +316,7 @@ def precompute(teachers, split_dirs: dict[str, Any], store_dir, *, feature_colum
     for n in specs:
         if store.is_current(root, n, fps[n], inputs, settings):  # reused without building the teacher
             manifest = store.read_manifest(root, n)
-            if bad := store.damaged(root, manifest):
+            if bad := damaged_shards(root, manifest):
                 log.warning("precompute %s: %d shard(s) no longer match the store's manifest (truncated or changed), "
                             "e.g. %s; recomputing them", n, len(bad), bad[:3])
                 store.forget(root, n, bad)

@@ -157,3 +157,25 @@ def test_shards_keep_statistics_for_ids_only_and_read_back_exactly(tmp_path):
     back = pq.read_table(path)
     assert np.array_equal(store.decode(back.column("values"), "float16", [16, 32]), cols["values"])
     assert np.array_equal(store.decode(back.column("indices"), "uint16", [16, 32]), cols["indices"])
+
+
+def test_damaged_shards_are_found_from_their_footers_and_forgotten(tmp_path):
+    ids = np.arange(300, dtype=np.int64)
+    logits = np.random.default_rng(0).standard_normal((300, 3))
+    inputs = _write(tmp_path, "t", ids, logits, files=3)
+    m = _publish(tmp_path, "t", inputs)
+    assert store.damaged(tmp_path, m) == []
+    shards = {u: store.shard_of(tmp_path, m, u) for u in sorted(m["shards"])}
+    first, second, _ = shards
+    path = shards[first].path
+    raw = open(path, "rb").read()
+    open(path, "wb").write(raw[: len(raw) // 2])  # truncated
+    t = pq.read_table(shards[second].path)
+    swapped = t.column("id").to_numpy().copy()
+    swapped[[0, 1]] = swapped[[1, 0]]  # two ids swapped, same values otherwise
+    pq.write_table(t.set_column(0, "id", pa.array(swapped)), shards[second].path, **store.parquet_options(SPEC3))
+    assert store.damaged(tmp_path, m) == [first, second]
+    store.forget(tmp_path, "t", [first, second])
+    assert store.read_manifest(tmp_path, "t") is None
+    left = store.committed(tmp_path, "t", "fp", SETTINGS, inputs)
+    assert sorted(left) == sorted(set(shards) - {first, second})  # only those two will be recomputed

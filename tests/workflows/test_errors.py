@@ -218,3 +218,41 @@ def test_bad_paths_and_an_unreachable_tracking_server_fail_before_ray(capsys, tm
     err = capsys.readouterr().err
     assert rc == 2 and message in err and err.count("kd: error:") == 1, err
     assert time.monotonic() - started < 60  # refused up front: no Ray start, no MLflow retry loop
+
+
+def test_a_damaged_store_shard_is_recomputed_on_reuse_not_trusted(ray_session, capsys, tmp_path):
+    """A truncated shard and a shard with two ids swapped: the next run recomputes exactly those
+    two files (counted by the teacher) and the store reads back whole."""
+    import yaml
+
+    import counting_teacher
+    from conftest import COUNTER
+    from kd_ops import store
+
+    w = tmp_path / "t.safetensors"
+    models.save_weights(models.cnn(width=8), w)
+    cfg = {"name": "dmg", "data": _parquet_source(tmp_path), "tracking": {"experiment": "dmg"},
+           "teachers": [{"name": "t", "factory": "counting_teacher:make", "kwargs": {"width": 8}, "weights": str(w)}],
+           "precompute": {"batch_size": 100, "num_actors": 1}}
+    path = tmp_path / "dmg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    rc, err, _ = _run(capsys, tmp_path, "precompute", str(path))
+    assert rc == 0, err
+    root = tmp_path / "out" / "store"
+    m = store.read_manifest(root, "t")
+    units = sorted(m["shards"])
+    a, b = units[0], units[1]
+    pa_path = store.shard_of(root, m, a).path
+    raw = open(pa_path, "rb").read()
+    open(pa_path, "wb").write(raw[: len(raw) // 2])
+    t = pq.read_table(store.shard_of(root, m, b).path)
+    ids = t.column("id").to_numpy().copy()
+    ids[[0, 1]] = ids[[1, 0]]
+    pq.write_table(t.set_column(0, "id", pa.array(ids)), store.shard_of(root, m, b).path)
+    before = len(counting_teacher.rows(COUNTER))
+    rc, err, _ = _run(capsys, tmp_path, "precompute", str(path))
+    assert rc == 0, err
+    recomputed = sum(counting_teacher.rows(COUNTER)[before:]) - 2  # minus the driver's 2-row probe
+    assert recomputed == m["shards"][a]["rows"] + m["shards"][b]["rows"]
+    m2 = store.read_manifest(root, "t")
+    assert store.damaged(root, m2) == [] and m2["rows"] == m["rows"]
