@@ -13,7 +13,7 @@ from typing import Any
 
 import mlflow
 
-from kd_ops import models, store
+from kd_ops import store
 from rich.console import Console
 
 from workflows import console, ray_session, stages, tasks, train
@@ -85,9 +85,9 @@ def run(cfg: RunConfig, out: Path, *, tracking_uri: str | None = None, ray_addre
             srow = task.model_report(base, res.weights, kd_sets)
             mlflow.log_metrics({k: v for k, v in srow.items()})
             tracker.log_file(res.weights, "weights")
-            student = models.load_weights(models.build(base.factory, base.kwargs), res.weights)
-            registered = tracker.register(student, cfg.tracking.registered_model,
-                                          example.astype("int64") if task.kind == "lm" else example)
+            registered = tracker.register(res.weights, {"factory": base.factory, "kwargs": base.kwargs},
+                                          cfg.tracking.registered_model,
+                                          example.astype("int64") if task.kind == "lm" else example, cfg.code)
 
         step("label-only student")
         lo_sets, lo_rows, lo_cached = stages.datasets(cfg, task, dirs, lay, teachers=False,

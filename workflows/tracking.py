@@ -143,14 +143,20 @@ class Tracker:
             local.write_bytes(loc.read_bytes())
             mlflow.log_artifact(str(local), artifact_path)
 
-    def register(self, model, name: str, input_example) -> dict[str, str]:
-        """Log the student as an MLflow PyTorch model in the active run and register a new version."""
-        import mlflow.pytorch
+    def register(self, weights, spec: dict[str, Any], name: str, input_example, code: list | None = None) -> dict[str, str]:
+        """Log the student in the active run as an MLflow model from code (`workflows/mlflow_student.py`
+        + its safetensors weights + {factory, kwargs}: loading it unpickles nothing) and register a
+        new version, aliased `champion`. `code`: the config's user modules, for user factories."""
+        import mlflow.pyfunc
 
-        # pickle serialization so load_model returns the user's nn.Module class (the default pt2
-        # export loads back a GraphModule); the same weights are also logged as safetensors.
-        info = mlflow.pytorch.log_model(model, name="student", serialization_format="pickle",
-                                        input_example=input_example, registered_model_name=name)
+        with tempfile.TemporaryDirectory() as tmp:
+            w, s = Path(tmp) / "model.safetensors", Path(tmp) / "model.json"
+            w.write_bytes(Loc.of(weights).read_bytes())
+            s.write_text(json.dumps(spec, default=str))
+            info = mlflow.pyfunc.log_model(
+                name="student", python_model=str(Path(__file__).with_name("mlflow_student.py")),
+                artifacts={"weights": str(w), "spec": str(s)}, input_example=input_example,
+                code_paths=[str(c) for c in code or []] or None, registered_model_name=name)
         version = str(info.registered_model_version)
         self.client.set_registered_model_alias(name, "champion", version)
         return {"name": name, "version": version, "model_uri": f"models:/{name}/{version}"}

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from kd_ops import data, store
+from kd_ops import store
 from kd_ops.data import DataError
 from kd_ops.fsio import Loc
 from workflows import precompute as pre
