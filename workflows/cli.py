@@ -68,6 +68,13 @@ def parser() -> argparse.ArgumentParser:
     bi.add_argument("--student-width", type=int, default=64, help="the student CNN's width (1,000-class head)")
     bi.add_argument("--keep", metavar="DIR", help="build the store in DIR and keep it (default: a temp dir, removed)")
     bi.add_argument("--json", action="store_true", help="last line of stdout: one JSON object")
+    bsc = bsub.add_parser("scale", help="precompute throughput on N local nodes of equal CPUs, as a ratio to one node")
+    bsc.add_argument("--nodes", default="1,2,4", help="node counts to compare (comma-separated)")
+    bsc.add_argument("--cpus-per-node", type=int, help="default: machine cores / the largest node count")
+    bsc.add_argument("--rows", type=int, default=200_000)
+    bsc.add_argument("--rows-per-file", type=int, default=4096)
+    bsc.add_argument("--batch-size", type=int, default=1024)
+    bsc.add_argument("--json", action="store_true", help="last line of stdout: one JSON object")
     bt = bsub.add_parser("train", help="student-only vs offline KD vs online KD step rates, one run")
     bt.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     bt.add_argument("--pair", choices=["mnist1d", "lm"], help="default: mnist1d on cpu, the LM pair on cuda")
@@ -125,6 +132,10 @@ def _dispatch(args) -> int:
             from workflows import bench
 
             return bench.main(args)
+        if args.bench == "scale":
+            from workflows import bench_scale
+
+            return bench_scale.main(args)
         if args.bench == "ingest":
             from workflows import bench_ingest
 
