@@ -27,7 +27,9 @@ if __name__ == "__main__":
     ap.add_argument("--student-nodes", type=int, default=1)
     ap.add_argument("--cpus-per-node", type=int, default=1)
     args, rest = ap.parse_known_args()
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    # the dashboard serves the state API that Ray Train uses to free a stopped Tune trial's placement group
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": True,
+                                                            "dashboard_host": "127.0.0.1"})
     for _ in range(args.teacher_nodes):
         cluster.add_node(num_cpus=args.cpus_per_node, resources={"teacher_node": 1})
     for _ in range(args.student_nodes):
