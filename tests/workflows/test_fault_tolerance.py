@@ -92,6 +92,8 @@ def test_a_killed_train_worker_resumes_from_its_last_checkpoint(ray_session, tmp
     assert {e for e, _, _ in reports} == set(range(1, loop.epochs + 1))
 
     clean = train.fit(loop, sets, name="clean", storage=tmp_path / "ray", num_workers=1, use_gpu=False)
+    print(f"killed after epoch {killed[0]}, resumed from {resumed_from}: val_accuracy {res.metrics['val_accuracy']:.4f} "
+          f"vs uninterrupted {clean.metrics['val_accuracy']:.4f}")
     assert abs(res.metrics["val_accuracy"] - clean.metrics["val_accuracy"]) <= 0.01, (res.metrics, clean.metrics)
     assert res.weights.is_file() and res.weights.name == "best.safetensors"
 
