@@ -47,7 +47,6 @@ def _one(nodes: int, cpus: int, batch: int, tmp: Path) -> float:
         return time.perf_counter() - start
     finally:
         ray.shutdown()
-        ray_session.STARTED = False
         cluster.shutdown()
 
 

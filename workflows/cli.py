@@ -87,6 +87,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    ray_was_up = "ray" in sys.modules and sys.modules["ray"].is_initialized()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         return _dispatch(args)
@@ -103,10 +104,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kd: error: {root}", file=console.err())
         return 2
     finally:
-        if "ray" in sys.modules:
-            from workflows import ray_session
-
-            ray_session.shutdown()
+        # end the Ray session this command started (not one its caller, e.g. a test, owns), so its
+        # last worker logs are flushed while the console still sends them to the log file
+        if not ray_was_up and "ray" in sys.modules and sys.modules["ray"].is_initialized():
+            sys.modules["ray"].shutdown()
         console.restore()
 
 

@@ -46,26 +46,12 @@ def code_paths(code: list) -> list[str]:
     return out
 
 
-STARTED = False  # whether this process called ray.init (then `shutdown` ends it)
-
-
-def shutdown() -> None:
-    """End the Ray session this process started (not one a caller, such as a test, owns), so its
-    last worker logs are flushed while the console still sends them to the log file."""
-    global STARTED
-    if STARTED and ray.is_initialized():
-        ray.shutdown()
-    STARTED = False
-
-
 def init_ray(address: str | None = None, code: list | None = None, resource_wait_s: float = 600.0) -> None:
     """Start (or join) Ray. Local runs get a fresh cluster with the dashboard on 127.0.0.1 (Tune's
     ASHA needs the state API it serves to clean up stopped trials) on a GCS port chosen here, so
     its address is known before any process starts and can be pinned in every process's env."""
     if ray.is_initialized():
         return
-    global STARTED
-    STARTED = True
     modules = code_paths(code)
     for m in modules:  # the driver imports them too (the probe builds teachers here)
         parent = str(Path(m).parent)

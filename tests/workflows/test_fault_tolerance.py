@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
+import ray
 import ray.train
 
 from kd_ops import data
@@ -38,13 +39,18 @@ def _lines(path: Path) -> list[tuple[int, int, bool]]:
 
 
 def _train_workers() -> list[int]:
-    """Pids of Ray Train worker processes (Ray titles them `ray::RayTrainWorker...`; Linux /proc)."""
+    """Pids of this session's Ray Train worker processes: children of its raylet that Ray titled
+    `ray::RayTrainWorker...` (Linux /proc; other Ray clusters on the machine are left alone)."""
+    raylet = ray._private.worker._global_node.all_processes["raylet"][0].process.pid
     out = []
     for d in Path("/proc").iterdir():
         try:
-            if d.name.isdigit() and (d / "cmdline").read_bytes().startswith(b"ray::RayTrainWorker"):
+            if not d.name.isdigit() or not (d / "cmdline").read_bytes().startswith(b"ray::RayTrainWorker"):
+                continue
+            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            if ppid == raylet:
                 out.append(int(d.name))
-        except OSError:  # the process ended while we looked
+        except (OSError, ValueError, IndexError):  # the process ended while we looked
             pass
     return out
 
