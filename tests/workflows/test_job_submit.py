@@ -53,13 +53,18 @@ def test_ray_job_submit_runs_a_kd_run_with_working_dir_and_user_code(tmp_path):
         cfg |= {"code": ["user_teachers.py"], "tune": {"enabled": False}}
         (work / "job.yaml").write_text(yaml.safe_dump(cfg))
         out, db = tmp_path / "out", tmp_path / "mlflow.db"
-        submit = subprocess.run(
-            [RAY, "job", "submit", f"--address=http://127.0.0.1:{dashboard}", "--submission-id", "kd-test-job",
-             "--working-dir", str(work), "--no-wait", "--runtime-env-json",
-             json.dumps({"env_vars": {"RAY_AUTH_MODE": "disabled"}}), "--",
-             sys.executable, "-m", "workflows.cli", "run", "job.yaml", "--out", str(out),
-             "--tracking-uri", f"sqlite:///{db}", "--ray-address", "auto"],
-            env=env, capture_output=True, text=True, timeout=120)
+        argv = [RAY, "job", "submit", f"--address=http://127.0.0.1:{dashboard}", "--submission-id", "kd-test-job",
+                "--working-dir", str(work), "--no-wait", "--runtime-env-json",
+                json.dumps({"env_vars": {"RAY_AUTH_MODE": "disabled"}}), "--",
+                sys.executable, "-m", "workflows.cli", "run", "job.yaml", "--out", str(out),
+                "--tracking-uri", f"sqlite:///{db}", "--ray-address", "auto"]
+        deadline = time.time() + 180
+        while True:  # the head's job agent starts a little after `ray start` returns (longer on a loaded machine)
+            submit = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120)
+            if submit.returncode == 0 or "No available agent" not in submit.stderr + submit.stdout \
+                    or time.time() > deadline:
+                break
+            time.sleep(3)
         assert submit.returncode == 0, submit.stdout + submit.stderr
         from ray.job_submission import JobStatus, JobSubmissionClient
 
