@@ -84,7 +84,7 @@ def run(cfg: RunConfig, out: Path, *, tracking_uri: str | None = None, ray_addre
                                  "train.fit.lr or set train.fit.max_grad_norm")
             srow = task.model_report(base, res.weights, kd_sets)
             mlflow.log_metrics({k: v for k, v in srow.items()})
-            tracker.log_file(res.weights, "weights")
+            tracker.log_file(res.weights, "weights", "model.safetensors")
             registered = tracker.register(res.weights, {"factory": base.factory, "kwargs": base.kwargs},
                                           cfg.tracking.registered_model,
                                           example.astype("int64") if task.kind == "lm" else example, cfg.code)

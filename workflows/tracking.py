@@ -132,14 +132,15 @@ class Tracker:
             if r.info.status == "RUNNING":
                 self.client.set_terminated(r.info.run_id, "KILLED")
 
-    def log_file(self, loc, artifact_path: str) -> None:
-        """Log a file that may live on object storage (through a local copy) as an artifact of the active run."""
+    def log_file(self, loc, artifact_path: str, name: str | None = None) -> None:
+        """Log a file that may live on object storage (through a local copy) as an artifact of the
+        active run, under its own name or `name`."""
         loc = Loc.of(loc)
-        if loc.local:
+        if loc.local and name in (None, loc.name):
             mlflow.log_artifact(loc.path, artifact_path)
             return
         with tempfile.TemporaryDirectory() as tmp:
-            local = Path(tmp) / loc.name
+            local = Path(tmp) / (name or loc.name)
             local.write_bytes(loc.read_bytes())
             mlflow.log_artifact(str(local), artifact_path)
 

@@ -38,7 +38,12 @@ def test_ray_job_submit_runs_a_kd_run_with_working_dir_and_user_code(tmp_path):
     env = _env()
     env.pop("PYTHONPATH")  # the job gets its code from its working dir and the config's `code`, nothing else
     env["PYTHONPATH"] = str(HERE.parent.parent)
-    start = subprocess.run([RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={_free_port()}",
+    # every port of its own: the session's Ray (and others) already hold the defaults, and a job agent
+    # that cannot bind its port leaves the head answering "No available agent to submit job"
+    ports = [f"--{name}={_free_port()}" for name in ("port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                                     "metrics-export-port", "runtime-env-agent-port",
+                                                     "node-manager-port", "object-manager-port")]
+    start = subprocess.run([RAY, "start", "--head", "--node-ip-address=127.0.0.1", *ports,
                             "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--temp-dir={temp}",
                             "--num-cpus=2", "--disable-usage-stats"], env=env, capture_output=True, text=True,
                            timeout=180)
@@ -66,15 +71,21 @@ def test_ray_job_submit_runs_a_kd_run_with_working_dir_and_user_code(tmp_path):
                 break
             time.sleep(3)
         assert submit.returncode == 0, submit.stdout + submit.stderr
-        from ray.job_submission import JobStatus, JobSubmissionClient
-
-        client = JobSubmissionClient(f"http://127.0.0.1:{dashboard}")
-        deadline = time.time() + 600
-        while (status := client.get_job_status("kd-test-job")) not in (JobStatus.SUCCEEDED, JobStatus.FAILED,
-                                                                      JobStatus.STOPPED) and time.time() < deadline:
-            time.sleep(2)
-        logs = client.get_job_logs("kd-test-job")
-        assert status == JobStatus.SUCCEEDED, logs[-4000:]
+        # the CLI, in processes of their own: this test process is connected to the session's Ray
+        job = ["job", f"--address=http://127.0.0.1:{dashboard}"]
+        deadline, status = time.time() + 600, ""
+        while time.time() < deadline:
+            q = subprocess.run([RAY, job[0], "status", job[1], "kd-test-job"], env=env, capture_output=True,
+                               text=True, timeout=60)
+            out_ = q.stdout + q.stderr  # the CLI logs its answer to stderr
+            status = next((w for w in ("SUCCEEDED", "FAILED", "STOPPED") if f": {w}" in out_), "")
+            if status:
+                break
+            time.sleep(3)
+        q = subprocess.run([RAY, job[0], "logs", job[1], "kd-test-job"], env=env, capture_output=True, text=True,
+                           timeout=60)
+        logs = q.stdout + q.stderr
+        assert status == "SUCCEEDED", logs[-4000:]
     finally:
         _stop_cluster(temp)
         shutil.rmtree(temp, ignore_errors=True)
