@@ -37,8 +37,10 @@ def _file_stats(batch: dict[str, np.ndarray], files: dict[str, Loc], feature_col
     for u in batch["unit"]:
         f = files[str(u)]
         problems = []
-        try:
-            t = store.open_parquet(f).read()
+        try:  # only the columns checked here: other columns of the file are not ours to read
+            src = store.open_parquet(f)
+            names = src.schema_arrow.names
+            t = src.read(columns=[c for c in ("id", *feature_columns, label_column) if c and c in names])
         except Exception as e:  # pyarrow raises several types for a damaged file
             out.append(json.dumps([f"cannot be read as Parquet ({type(e).__name__}: {e}); replace or remove the file"]))
             continue
