@@ -75,6 +75,16 @@ def parser() -> argparse.ArgumentParser:
     bsc.add_argument("--rows-per-file", type=int, default=4096)
     bsc.add_argument("--batch-size", type=int, default=1024)
     bsc.add_argument("--json", action="store_true", help="last line of stdout: one JSON object")
+    bm = bsub.add_parser("methods", help="labels only, Hinton KD, feature/attention/relation KD, DKD, a temperature "
+                         "schedule, TAKD and born-again: same student and budget, mean ± std over seeds")
+    bm.add_argument("--config", default="workflows/configs/mnist1d.yaml")
+    bm.add_argument("--out", default="runs/bench-methods", help="data, teachers and store (reused when current)")
+    bm.add_argument("--seeds", type=int, default=3)
+    bm.add_argument("--method", action="append", help="only this method (repeatable; default: all)")
+    bm.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="config overrides for every method, e.g. --set train.fit.epochs=10")
+    bm.add_argument("--verbose", action="store_true")
+    bm.add_argument("--json", action="store_true", help="last line of stdout: one JSON object")
     bt = bsub.add_parser("train", help="student-only vs offline KD vs online KD step rates, one run")
     bt.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     bt.add_argument("--pair", choices=["mnist1d", "lm"], help="default: mnist1d on cpu, the LM pair on cuda")
@@ -137,6 +147,11 @@ def _dispatch(args) -> int:
             from workflows import bench_scale
 
             return bench_scale.main(args)
+        if args.bench == "methods":
+            from workflows import bench_methods
+
+            console.setup(args.out, args.verbose)
+            return bench_methods.main(args)
         if args.bench == "ingest":
             from workflows import bench_ingest
 

@@ -105,6 +105,38 @@ class StudentConfig(Strict):
     width_kwarg: str = Field("width", description="the kwarg that tune.student_width sets")
 
 
+class FeatureKD(Strict):
+    """Feature distillation from one teacher's named layer (see kd_ops.feature_kd)."""
+    kind: Literal["hint", "attention"] = Field("hint", description="hint: FitNets alignment through a learned "
+                                               "projection; attention: attention transfer (no projection)")
+    student_layer: str = Field(description="module name in the student (model.named_modules()), e.g. features.5")
+    teacher_layer: str = Field(description="module name in the teacher, e.g. features.5")
+    teacher: str | None = Field(None, description="whose features (a teacher's name); default: the first teacher")
+    source: Literal["store", "online"] = Field("store", description="store: precompute writes the layer's output "
+                                               "per id (fp16) into the store; online: each Train worker runs the "
+                                               "teacher on its batches")
+    pool: int | None = Field(None, ge=1, description="average-pool the teacher's positions to this many (smaller store)")
+    loss: Literal["mse", "cosine"] = Field("mse", description="hint loss")
+    weight: float = Field(1.0, ge=0, description="weight of the feature term in the student's loss")
+
+
+class RelationKD(Strict):
+    """Relational KD (Park et al. 2019) on the feature layers' outputs, or the logits without them."""
+    distance: float = Field(0.0, ge=0, description="weight of the RKD distance loss (paper: 25)")
+    angle: float = Field(0.0, ge=0, description="weight of the RKD angle loss (paper: 50)")
+
+
+class DKD(Strict):
+    alpha: float = Field(1.0, ge=0, description="weight of the target-class term (TCKD)")
+    beta: float = Field(8.0, ge=0, description="weight of the non-target-class term (NCKD)")
+
+
+class Assistant(Strict):
+    """One teacher assistant of a TAKD chain: the student's factory with these kwargs."""
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    kwargs: dict[str, Any]
+
+
 class DistillConfig(Strict):
     temperature: float = Field(1.0, gt=0, description="softmax temperature T applied to stored raw logits")
     divergence: Literal["forward_kl", "reverse_kl", "jsd"] = Field("forward_kl", description="LM token-level divergence")
@@ -112,6 +144,23 @@ class DistillConfig(Strict):
     tail: bool = Field(True, description="LM top-k: add a bucket for the teacher mass outside the top-k")
     alpha: float = Field(0.9, ge=0, le=1, description="weight of the soft (KD) term; 1 − α goes to labels")
     teacher_weights: dict[str, float] | None = Field(None, description="per-teacher weights, normalised to sum 1; default uniform")
+    response: Literal["hinton", "dkd"] = Field("hinton", description="the soft term: Hinton KD, or decoupled KD "
+                                               "(Zhao et al. 2022) with distill.dkd.alpha/beta")
+    dkd: DKD = DKD()
+    schedule: Literal["constant", "linear", "cosine"] = Field("constant", description="temperature over training, "
+                                                               "from distill.temperature to distill.temperature_end")
+    temperature_end: float | None = Field(None, gt=0, description="the temperature at the end of training (schedule)")
+    standardize: bool = Field(False, description="per-sample temperature: z-score each model's logits per row "
+                              "before the softmax (Sun et al. 2024, logit standardisation)")
+    feature: FeatureKD | None = None
+    rkd: RelationKD = RelationKD()
+    assistants: list[Assistant] = Field([], description="TAKD (Mirzadeh et al. 2020): teacher → assistants → "
+                                        "student, largest first; each is distilled from the one before and its "
+                                        "logits stored as a new teacher")
+    generations: int = Field(1, ge=1, description="born-again students (Furlanello et al. 2018): generation g+1, "
+                             "the student's own architecture, learns from generation g's stored logits")
+    chain_teacher_weight: float = Field(0.0, ge=0, le=1, description="TAKD / born-again: weight of the original "
+                                        "teachers (together) beside the previous stage for each next stage")
 
     @field_validator("teacher_weights")
     @classmethod
@@ -164,7 +213,7 @@ class PrecomputeConfig(Strict):
 
 class Dim(Strict):
     """One search dimension: exactly one of choice / uniform / loguniform."""
-    choice: list[float] | None = None
+    choice: list[float] | list[str] | None = None
     uniform: tuple[float, float] | None = None
     loguniform: tuple[float, float] | None = None
 
@@ -195,20 +244,38 @@ class TuneConfig(Strict):
     alpha: Dim | None = Dim(uniform=(0.5, 1.0))
     student_width: Dim | None = Dim(choice=[12, 16])
     teacher_weights: Dim | None = Dim(uniform=(0.1, 1.0))
+    # methods (classification): searched when given, else the distill section's value
+    response: Dim | None = Field(None, description="choice of hinton / dkd")
+    dkd_alpha: Dim | None = None
+    dkd_beta: Dim | None = None
+    schedule: Dim | None = Field(None, description="choice of constant / linear / cosine")
+    temperature_end: Dim | None = None
+    feature_weight: Dim | None = Field(None, description="weight of the feature term (needs distill.feature)")
+    rkd_distance: Dim | None = None
+    rkd_angle: Dim | None = None
     seed: int = 0
     max_failures: int = Field(1, ge=0, description="retries of a trial that raised, before it counts as failed "
                               "(the search goes on with the others)")
 
     @model_validator(mode="after")
     def _ranges(self) -> "TuneConfig":
+        words = {"response": ("hinton", "dkd"), "schedule": ("constant", "linear", "cosine")}
+        for name, allowed in words.items():
+            dim = getattr(self, name)
+            if dim is not None and (dim.choice is None or any(v not in allowed for v in dim.choice)):
+                raise ValueError(f"tune.{name} must be a choice among {list(allowed)}, got {dim.model_dump(exclude_none=True)}")
         checks = {"temperature": (0.0, None, "> 0"), "alpha": (0.0, 1.0, "in [0, 1]"),
-                  "teacher_weights": (0.0, None, ">= 0"), "student_width": (1.0, None, ">= 1")}
+                  "teacher_weights": (0.0, None, ">= 0"), "student_width": (1.0, None, ">= 1"),
+                  "temperature_end": (0.0, None, "> 0"),
+                  **{k: (0.0, None, ">= 0") for k in ("dkd_alpha", "dkd_beta", "feature_weight", "rkd_distance", "rkd_angle")}}
         for name, (lo, hi, text) in checks.items():
             dim = getattr(self, name)
             if dim is None:
                 continue
+            if dim.choice is not None and any(isinstance(v, str) for v in dim.choice):
+                raise ValueError(f"tune.{name} takes numbers, got {dim.choice}")
             low, high = dim.values_bound()
-            if (name == "temperature" and low <= 0) or low < lo or (hi is not None and high > hi):
+            if (name in ("temperature", "temperature_end") and low <= 0) or low < lo or (hi is not None and high > hi):
                 raise ValueError(f"tune.{name} values must be {text}, got {dim.model_dump(exclude_none=True)}")
         if self.grace_period > self.epochs:
             raise ValueError(f"tune.grace_period ({self.grace_period}) must be <= tune.epochs ({self.epochs})")
@@ -251,6 +318,17 @@ class RunConfig(Strict):
             unknown = sorted(set(self.distill.teacher_weights) - set(names))
             if unknown:
                 raise ValueError(f"distill.teacher_weights names unknown teachers {unknown} (teachers: {names})")
+        d = self.distill
+        if self.task == "lm" and (d.response != "hinton" or d.feature or d.rkd.distance or d.rkd.angle or d.assistants
+                                  or d.generations > 1 or d.standardize):
+            raise ValueError("distill: response/dkd, feature, rkd, assistants, generations and standardize are for "
+                             "task: classification; LM distillation uses distill.divergence")
+        if d.feature is not None and d.feature.teacher is not None and d.feature.teacher not in names:
+            raise ValueError(f"distill.feature.teacher {d.feature.teacher!r} is not a teacher (teachers: {names})")
+        if d.assistants and d.generations > 1:
+            raise ValueError("give distill.assistants (TAKD) or distill.generations (born-again), not both")
+        if self.tune.feature_weight is not None and d.feature is None:
+            raise ValueError("tune.feature_weight searches the feature term's weight: set distill.feature (layers) too")
         if self.precompute.tail_samples and (self.task != "lm" or self.precompute.top_k is None):
             raise ValueError("precompute.tail_samples samples the tail outside a top-k store: it needs task: lm "
                              "and precompute.top_k (full logits have no tail)")

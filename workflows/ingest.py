@@ -34,6 +34,8 @@ class Reader:
     input_dtype: str
     batch_rows: int
     permute: bool = False                  # shuffle rows within each chunk read (in the read task)
+    feature_spec: dict[str, Any] | None = None  # the last shard of each unit holds teacher features
+
 
     def __call__(self, batch: dict[str, np.ndarray]):
         for u in batch["unit"]:
@@ -52,6 +54,10 @@ class Reader:
             # here, on the reader's CPU, not in the Train worker's process
             order = np.random.default_rng().permutation(rb.num_rows) if self.permute else slice(None)
             out = {k: v[order] for k, v in out.items()}
+            if self.feature_spec is not None:  # [N, ...]: one teacher's layer output (stored as its `logits`)
+                *parts, feats = parts
+                out["features"] = store.decode(feats.column("logits"), self.feature_spec["dtype"],
+                                               self.feature_spec["shape"])[order]
             for k, spec in self.columns.items():  # [N, M, ...]: one copy does the stacking and the permutation
                 cols = [store.decode(p.column(k), spec["dtype"], spec["shape"]) for p in parts]
                 out[k] = np.empty((rb.num_rows, len(cols), *spec["shape"]), cols[0].dtype)
@@ -65,7 +71,8 @@ class Reader:
 
 def dataset(split_dirs: dict[str, Any], *, feature_columns: list[str], label_column: str | None,
             input_dtype: str = "float32", store_dir=None, teachers: list[str] = (), shuffle: bool = True,
-            batch_rows: int = 16384, read_tasks: int = 2, cache_bytes: int = 0) -> tuple[ray.data.Dataset, int, bool]:
+            batch_rows: int = 16384, read_tasks: int = 2, cache_bytes: int = 0,
+            features: str | None = None) -> tuple[ray.data.Dataset, int, bool]:
     """(lazy dataset over the files of `split_dirs` joined with `teachers`' shards, its row count,
     whether it was cached).
 
@@ -75,7 +82,8 @@ def dataset(split_dirs: dict[str, Any], *, feature_columns: list[str], label_col
     read it, spilled to disk under pressure; never in the driver) instead of once per epoch:
     re-reading costs a Ray Data execution per epoch, which dominates sub-second epochs. A cached
     dataset's rows stay in their blocks across epochs, so it wants the Train worker's local
-    shuffle buffer; a streamed one is permuted by its read tasks every epoch."""
+    shuffle buffer; a streamed one is permuted by its read tasks every epoch. `features`: a store
+    entry of teacher features (`precompute.feature_entry`) whose rows become the `features` column."""
     files, rows = {}, 0
     for split, d in split_dirs.items():
         for f in data.parquet_files(d):
@@ -86,11 +94,17 @@ def dataset(split_dirs: dict[str, Any], *, feature_columns: list[str], label_col
         if m["columns"] != columns:
             raise store.StoreError(f"teachers {list(teachers)} were stored with different columns "
                                    f"({columns} vs {m['columns']}); recompute them with the same settings")
+    feature_spec = None
+    if features is not None:
+        fm = store.check_manifest(store_dir, features)
+        manifests.append(fm)
+        feature_spec = fm["columns"]["logits"]
     shards = {u: [store.shard_of(store_dir, m, u) for m in manifests] for u in files}
     for u, f in files.items():
         rows += (manifests[0]["shards"][u]["rows"] if manifests
                  else store.open_parquet(f).metadata.num_rows)
-    reader = Reader(files, shards, columns, feature_columns, label_column, input_dtype, batch_rows, permute=shuffle)
+    reader = Reader(files, shards, columns, feature_columns, label_column, input_dtype, batch_rows, permute=shuffle,
+                    feature_spec=feature_spec)
     ds = ray.data.from_items([{"unit": u} for u in files], override_num_blocks=max(1, len(files)))
     # Read tasks reserve no CPU: Train workers (and, under Tune, other trials' workers) may hold
     # every CPU, and a reader that waits for one would starve them; the pool size bounds them.

@@ -4,6 +4,7 @@ tune trial. The task-specific parts are in workflows.tasks; nothing here grows w
 datasets are streamed to the Train workers and metrics are computed on the cluster."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import logging
@@ -16,7 +17,7 @@ import mlflow
 from kd_ops import store
 from rich.console import Console
 
-from workflows import console, ray_session, stages, tasks, train
+from workflows import chain, console, ray_session, stages, tasks, train
 from workflows.config import RunConfig
 from workflows.report import print_summary
 from workflows.tracking import Tracker
@@ -39,7 +40,6 @@ def run(cfg: RunConfig, out: Path, *, tracking_uri: str | None = None, ray_addre
                       artifact_root=None if lay.out.local else f"{lay.out}/mlflow")
     resume = _previous_run(cfg, lay, tracker, restart)
     ray_session.init_ray(ray_address, cfg.code, cfg.train.resource_wait_s)
-    names = [t.name for t in cfg.teachers]
     with tracker.parent(cfg.name, cfg.model_dump(mode="json"), {"kd.out": str(lay.out), "kd.task": task.kind},
                         resume=resume) as parent_id:
         (lay.out / RUN_STATE).write_text(json.dumps({"parent_run_id": parent_id, "config": _config_key(cfg)}))
@@ -47,23 +47,35 @@ def run(cfg: RunConfig, out: Path, *, tracking_uri: str | None = None, ray_addre
         step("data")
         dirs = task.data(lay)
         stages.check_inputs(cfg, task, dirs, lay)
+        features = stages.feature_plan(cfg, task, dirs, lay)  # layer names and shapes, before any teacher runs
+        chain.warn_sizes(cfg, cfg.teachers)
         step("teachers")
         teachers = task.teachers(dirs, lay, tracker)
         step("precompute")
         stages.stage_precompute(cfg, task, teachers, dirs, lay, tracker)
+        stages.precompute_features(cfg, task, teachers, dirs, lay, tracker)
         kd_sets, rows, cached = stages.datasets(cfg, task, dirs, lay, teachers=True,
                                         splits={"train": task.train_splits(), "val": ("val",), "test": ("test",)})
         teacher_rows, reference = task.teacher_report(teachers, kd_sets)
         mlflow.log_metrics(task.log_metrics(teacher_rows, reference))
+        # TAKD / born-again stages, each stored as a new teacher; the student distils from the last
+        names, teacher_weights, chain_rows = chain.run(cfg, task, teachers, dirs, lay, tracker, kd_sets["test"])
+        train_sets = {k: kd_sets[k] for k in ("train", "val")}
+        if chain_rows or features:
+            train_sets, rows, cached = stages.datasets(cfg, task, dirs, lay, teachers=names, features=features,
+                                                       splits={"train": task.train_splits(), "val": ("val",)})
 
         base = stages.loop(cfg, task, cfg.student.factory, task.student_kwargs(teachers), cfg.train.fit,
-                           train_rows=rows["train"], label="student", distill=True, cached=cached)
+                           train_rows=rows["train"], label="student", distill=True, cached=cached,
+                           teacher_weights=teacher_weights, features=features)
         tune_rows: list[dict] = []
         tune_failed: list[dict] = []
         if cfg.tune.enabled:
             step("tune")
-            base, best, tune_rows, tune_failed = run_tune(cfg.tune, base, names, cfg.student.width_kwarg,
-                                             {k: kd_sets[k] for k in ("train", "val")}, storage=lay.ray,
+            # after a chain, the weights between teachers and the last stage are the chain's design
+            search = cfg.tune.model_copy(update={"teacher_weights": None}) if chain_rows else cfg.tune
+            base, best, tune_rows, tune_failed = run_tune(search, base, names, cfg.student.width_kwarg,
+                                             train_sets, storage=lay.ray,
                                              workers=stages.workers(cfg), tracking_uri=tracker.uri, experiment=tracker.experiment,
                                              parent_run_id=parent_id)
             log.info("tune: best %s", best)
@@ -74,10 +86,12 @@ def run(cfg: RunConfig, out: Path, *, tracking_uri: str | None = None, ray_addre
                   "student_kwargs": {k: v for k, v in base.kwargs.items() if k != "teacher_dir"}}
         if task.kind == "lm":
             chosen |= {"divergence": base.divergence, "tail": base.tail}
+        else:
+            chosen |= {"teachers": names, "method": dataclasses.asdict(base.method)}
         example = stages.first_rows(dirs[task.eval_split], task.feature_columns, task.input_dtype)
         with tracker.child("student", chosen | {"epochs": base.epochs}) as run_id:
             res = train.fit(base.replace(mlflow={"tracking_uri": tracker.uri, "run_id": run_id}),
-                            {k: kd_sets[k] for k in ("train", "val")}, name="student", storage=lay.ray,
+                            train_sets, name="student", storage=lay.ray,
                             **stages.workers(cfg), progress=stages.epoch_progress(base))
             if not all(math.isfinite(v) for v in res.metrics.values() if isinstance(v, float)):
                 raise ValueError(f"the student's training diverged (metrics {res.metrics}); not registered. Lower "
@@ -109,6 +123,7 @@ def run(cfg: RunConfig, out: Path, *, tracking_uri: str | None = None, ray_addre
             tokens = sum(r for r in rows.values()) * cfg.data.seq_len * len(names)
             summary["store_bytes_per_token"] = store_bytes / tokens
         summary |= {
+            "chain": chain_rows,
             "tune_trials": tune_rows,
             "tune_failed_trials": tune_failed,
             "store_bytes": store_bytes,

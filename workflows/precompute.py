@@ -18,9 +18,11 @@ weights, the input files and the settings is reused without being built.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import os
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -33,7 +35,7 @@ import pyarrow.parquet as pq
 import ray
 import torch
 
-from kd_ops import data, models, store
+from kd_ops import data, feature_kd, models, store
 from kd_ops.fsio import Loc
 
 log = logging.getLogger("kd")
@@ -47,9 +49,13 @@ class TeacherSpec:
     kwargs: dict[str, Any]
     weights: Loc | None          # a local path or URI
     weight_files: list[Loc]      # what the fingerprint hashes
+    layer: str | None = None     # store this layer's output (teacher features), not the logits
+    pool: int | None = None      # ... average-pooled to this many positions
 
     @classmethod
     def of(cls, t) -> "TeacherSpec":
+        if isinstance(t, TeacherSpec):
+            return t
         if t.hf_dir is not None:
             files = sorted(Path(t.hf_dir).glob("*.safetensors")) or sorted(Path(t.hf_dir).glob("*.bin"))
             return cls(t.name, "kd_ops.lm:causal_lm", {"path": str(t.hf_dir)}, None, [Loc.of(f) for f in files])
@@ -60,7 +66,21 @@ class TeacherSpec:
 
     def build(self) -> torch.nn.Module:
         model = models.build(self.factory, self.kwargs)
-        return models.load_weights(model, self.weights) if self.weights is not None else model
+        model = models.load_weights(model, self.weights) if self.weights is not None else model
+        return model if self.layer is None else feature_kd.LayerOutput(model, self.layer, self.pool)
+
+    def features(self, layer: str, pool: int | None) -> "TeacherSpec":
+        """This teacher as a source of `layer`'s outputs: stored as its own store entry."""
+        return dataclasses.replace(self, name=feature_entry(self.name, layer, pool), layer=layer, pool=pool)
+
+    def fingerprint(self) -> str:
+        kwargs = self.kwargs if self.layer is None else {**self.kwargs, "__layer__": self.layer, "__pool__": self.pool}
+        return models.teacher_fingerprint(self.factory, kwargs, self.weight_files)
+
+
+def feature_entry(teacher: str, layer: str, pool: int | None) -> str:
+    """The store entry holding `teacher`'s `layer` outputs (a name that is also a safe directory name)."""
+    return f"{teacher}.features.{re.sub(r'[^A-Za-z0-9_.-]', '_', layer)}" + (f".pool{pool}" if pool else "")
 
 
 class ShardWriter:
@@ -310,8 +330,8 @@ def precompute(teachers, split_dirs: dict[str, Any], store_dir, *, feature_colum
     if tail_samples and top_k is None:
         raise ValueError("tail_samples needs top_k: full logits have no tail to sample")
     settings = {"kind": kind, "top_k": top_k, "tail_samples": tail_samples, "teacher_dtype": teacher_dtype}
-    specs = {t.name: TeacherSpec.of(t) for t in teachers}
-    fps = {n: models.teacher_fingerprint(s.factory, s.kwargs, s.weight_files) for n, s in specs.items()}
+    specs = {s.name: s for s in map(TeacherSpec.of, teachers)}
+    fps = {n: s.fingerprint() for n, s in specs.items()}
     results, todo = {}, []
     for n in specs:
         if store.is_current(root, n, fps[n], inputs, settings):  # reused without building the teacher
@@ -327,7 +347,7 @@ def precompute(teachers, split_dirs: dict[str, Any], store_dir, *, feature_colum
         else:
             todo.append(n)
     if not todo:
-        return [results[t.name] for t in teachers]
+        return [results[n] for n in specs]
     start = time.perf_counter()
     first = store.open_parquet(next(iter(files.values()))).read(columns=feature_columns).slice(0, 2)
     sample = data.features(first, feature_columns, "input", np.dtype(input_dtype))
@@ -377,4 +397,4 @@ def precompute(teachers, split_dirs: dict[str, Any], store_dir, *, feature_colum
                                                            "weights": [str(f) for f in s.weight_files]})
         results[n] = TeacherResult(n, False, manifest, time.perf_counter() - start,
                                    sum(n in ts for ts in need.values()))
-    return [results[t.name] for t in teachers]
+    return [results[n] for n in specs]

@@ -19,6 +19,9 @@ def print_summary(s: dict[str, Any], console: Console | None = None) -> None:
         t.add_row(f"teacher {row['name']}", f"{row['params']:,}", f"{row['test_accuracy']:.4f}",
                   f"{row['test_accuracy'] / ens:.3f}", "")
     t.add_row("teacher ensemble (uniform)", "", f"{ens:.4f}", "1.000", "")
+    for r in s.get("chain") or []:  # TAKD assistants / born-again generations, in training order
+        t.add_row(r["name"], f"{r['params']:,}", f"{r['test_accuracy']:.4f}", f"{r['test_accuracy'] / ens:.3f}",
+                  f"{r.get('test_agreement', float('nan')):.4f}")
     for label, key in (("KD student", "student"), ("label-only student", "label_only_student")):
         r = s[key]
         t.add_row(label, f"{r['params']:,}", f"{r['test_accuracy']:.4f}", f"{r['test_accuracy'] / ens:.3f}",
@@ -27,8 +30,23 @@ def print_summary(s: dict[str, Any], console: Console | None = None) -> None:
     c = s["student"]["config"]
     weights = ", ".join(f"{w:.2f}" for w in c["teacher_weights"])
     console.print(f"chosen: T={c['temperature']:.2f} alpha={c['alpha']:.2f} student={c['student_kwargs']} "
-                  f"teacher weights=[{weights}]")
+                  f"teacher weights=[{weights}]" + (f" method: {_method(c['method'])}" if "method" in c else ""))
     console.print(_footer(s, f"store {s['store_bytes'] / 1e6:.1f} MB"))
+
+
+def _method(m: dict[str, Any]) -> str:
+    """The method's settings that differ from plain Hinton KD, e.g. `dkd(α=1, β=8) cosine→1.0`."""
+    parts = [f"dkd(α={m['dkd_alpha']:g}, β={m['dkd_beta']:g})" if m["response"] == "dkd" else "hinton"]
+    if m["schedule"] != "constant" and m["temperature_end"] is not None:
+        parts.append(f"T {m['schedule']}→{m['temperature_end']:g}")
+    if m["standardize"]:
+        parts.append("standardized logits")
+    if m["feature"] and m["feature_weight"]:
+        parts.append(f"{m['feature']}×{m['feature_weight']:.2g}")
+    for k in ("rkd_distance", "rkd_angle"):
+        if m[k]:
+            parts.append(f"{k}×{m[k]:g}")
+    return " + ".join(parts)
 
 
 def _print_lm(s: dict[str, Any], console: Console) -> None:

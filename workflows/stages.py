@@ -97,6 +97,67 @@ def stage_precompute(cfg: RunConfig, task, teachers: list[TeacherConfig], dirs: 
     return results
 
 
+def feature_spec(cfg: RunConfig, teachers: list[TeacherConfig]) -> pre.TeacherSpec | None:
+    """The teacher whose layer feature KD reads, as a precompute spec of that layer (or None)."""
+    f = cfg.distill.feature
+    if f is None:
+        return None
+    t = next(t for t in teachers if t.name == (f.teacher or teachers[0].name))
+    return pre.TeacherSpec.of(t).features(f.teacher_layer, f.pool)
+
+
+def precompute_features(cfg: RunConfig, task, teachers: list[TeacherConfig], dirs, lay: Layout,
+                        tracker: Tracker | None) -> None:
+    """Feature KD from the store: the named teacher layer's outputs per id (fp16) as a store entry."""
+    spec = feature_spec(cfg, teachers)
+    if spec is None or cfg.distill.feature.source != "store":
+        return
+    with child_run(tracker, "precompute-features", {"entry": spec.name}), progress_bars():
+        [r] = pre.precompute([spec], dirs, lay.store, feature_columns=task.feature_columns, **pre.options(cfg.precompute),
+                             input_dtype=task.input_dtype, extra={"layer": spec.layer, "pool": spec.pool},
+                             progress=console.progress("features", "rows"))
+        col = r.manifest["columns"]["logits"]
+        log.info("features %s: %s %s per sample (%d bytes)", spec.name, col["dtype"], col["shape"],
+                 int(np.prod(col["shape"])) * np.dtype(col["dtype"]).itemsize)
+        if tracker:
+            mlflow.log_dict(r.manifest, f"manifests/{spec.name}.json")
+
+
+def feature_plan(cfg: RunConfig, task, dirs, lay: Layout) -> dict | None:
+    """The Loop's `features`: layers, shapes and where the teacher's features come from. Builds
+    the teacher (untrained: shapes do not depend on weights) and the student on the first input
+    rows, so a wrong layer name or shapes no projection can map fail before any teacher is
+    trained or run (`feature_kd.LayerError`)."""
+    f = cfg.distill.feature
+    if f is None:
+        return None
+    from kd_ops import feature_kd, models
+    import torch
+
+    t = next(t for t in cfg.teachers if t.name == (f.teacher or cfg.teachers[0].name))
+    example = torch.from_numpy(first_rows(dirs["train"], task.feature_columns, task.input_dtype))
+    tap = feature_kd.LayerOutput(models.build(t.factory, t.kwargs), f.teacher_layer, f.pool).eval()
+    t_shape = list(pre.forward(f"teacher {t.name!r}", tap, example.numpy()).shape[1:])
+    feature_kd.feature_student(models.build(cfg.student.factory, cfg.student.kwargs), f.student_layer, example,
+                               t_shape, f.kind)
+    return {"student_layer": f.student_layer, "teacher_layer": f.teacher_layer, "source": f.source, "pool": f.pool,
+            "input_shape": list(example.shape[1:]), "input_dtype": task.input_dtype, "teacher_shape": t_shape,
+            "store_entry": pre.feature_entry(t.name, f.teacher_layer, f.pool),
+            "teacher": {"factory": t.factory, "kwargs": t.kwargs, "weights": str(teacher_weights_path(t, lay))}}
+
+
+def method(cfg: RunConfig):
+    """The classification method settings of the distill section."""
+    from kd_ops.method_loss import Method
+
+    d = cfg.distill
+    return Method(response=d.response, dkd_alpha=d.dkd.alpha, dkd_beta=d.dkd.beta, schedule=d.schedule,
+                  temperature_end=d.temperature_end, standardize=d.standardize,
+                  feature=d.feature.kind if d.feature else None, feature_loss=d.feature.loss if d.feature else "mse",
+                  feature_weight=d.feature.weight if d.feature else 0.0, rkd_distance=d.rkd.distance,
+                  rkd_angle=d.rkd.angle)
+
+
 def epoch_progress(loop: train.Loop):
     """A fit's `progress`: `label: epoch/epochs epochs (…, ETA)` on the console."""
     bar = console.progress(loop.label, "epochs")
@@ -116,13 +177,17 @@ def teacher_weight_list(cfg: RunConfig) -> list[float]:
 
 
 def loop(cfg: RunConfig, task, factory: str, kwargs: dict, fit, *, train_rows: int, label: str,
-         distill: bool = False, cached: bool = True) -> train.Loop:
+         distill: bool = False, cached: bool = True, teacher_weights: list[float] | None = None,
+         features: dict | None = None) -> train.Loop:
     """The typed training-loop settings for one model: its fit, the run's distillation settings
-    when it is a student, and the task's loss kind. `cached`: whether the train dataset sits in
-    the object store (it then needs the local shuffle buffer; see ingest.dataset)."""
+    when it is a student (`teacher_weights` over the dataset's teachers, default the config's),
+    and the task's loss kind. `cached`: whether the train dataset sits in the object store (it
+    then needs the local shuffle buffer; see ingest.dataset)."""
     d = cfg.distill
-    kd = dict(temperature=d.temperature, alpha=d.alpha, teacher_weights=teacher_weight_list(cfg),
+    kd = dict(temperature=d.temperature, alpha=d.alpha, teacher_weights=teacher_weights or teacher_weight_list(cfg),
               divergence=d.divergence, beta=d.beta, tail=d.tail) if distill else {}
+    if distill and task.kind == "classification":
+        kd |= dict(method=method(cfg), features=features)
     settings = fit.model_dump()
     if settings["shuffle_buffer"] is None:  # auto
         settings["shuffle_buffer"] = CACHED_SHUFFLE_BUFFER if cached else 0
@@ -137,19 +202,23 @@ def loop(cfg: RunConfig, task, factory: str, kwargs: dict, fit, *, train_rows: i
 CACHED_SHUFFLE_BUFFER = 8192
 
 
-def datasets(cfg: RunConfig, task, dirs: dict[str, Path], lay: Layout, *, teachers: bool,
-             splits: dict[str, tuple[str, ...]]) -> tuple[dict[str, ray.data.Dataset], dict[str, int], bool]:
-    """Streamed datasets by name, e.g. {"train": ("train", "transfer"), "val": ("val",)}, with every
-    teacher's stored columns when `teachers`; only "train" is shuffled. Returns (datasets, rows,
-    whether "train" is cached in the object store)."""
-    names = [t.name for t in cfg.teachers] if teachers else []
+def datasets(cfg: RunConfig, task, dirs: dict[str, Path], lay: Layout, *, teachers: bool | list[str],
+             splits: dict[str, tuple[str, ...]], features: dict | None = None
+             ) -> tuple[dict[str, ray.data.Dataset], dict[str, int], bool]:
+    """Streamed datasets by name, e.g. {"train": ("train", "transfer"), "val": ("val",)}, with the
+    stored columns of every teacher (`teachers` True), of the teachers named, or of none; only
+    "train" is shuffled, and it carries stored teacher features when `features` (a feature_plan)
+    reads them from the store. Returns (datasets, rows, whether "train" is cached in the object store)."""
+    names = list(teachers) if isinstance(teachers, list) else [t.name for t in cfg.teachers] if teachers else []
+    stored = features["store_entry"] if features and features["source"] == "store" else None
     out, rows, cached = {}, {}, {}
     for name, parts in splits.items():
         out[name], rows[name], cached[name] = ingest.dataset({s: dirs[s] for s in parts if s in dirs},
                                                feature_columns=task.feature_columns, label_column=task.label_column,
                                                input_dtype=task.input_dtype, store_dir=lay.store, teachers=names,
                                                shuffle=name == "train",
-                                               cache_bytes=int(cfg.train.cache_datasets_mb * 1e6))
+                                               cache_bytes=int(cfg.train.cache_datasets_mb * 1e6),
+                                               features=stored if name == "train" else None)
     return out, rows, cached.get("train", True)
 
 

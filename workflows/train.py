@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from kd_ops import checkpoint as ckpt
-from kd_ops import losses, models, token_losses
+from kd_ops import feature_kd, losses, method_loss, models, token_losses
 from kd_ops.fsio import Loc
 from workflows import ray_session
 
@@ -59,6 +59,8 @@ class Loop:
     divergence: str = "forward_kl"           # LM token divergence
     beta: float = 0.5
     tail: bool = True
+    method: method_loss.Method = method_loss.Method()   # classification students: the method's own settings
+    features: dict[str, Any] | None = None   # feature KD: layers, teacher, source (see stages.feature_plan)
     mlflow: dict[str, str] | None = field(default=None, compare=False)  # {tracking_uri, run_id}: rank 0 logs there
 
     def replace(self, **changes) -> "Loop":
@@ -85,8 +87,10 @@ def _teacher(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
     return t or None
 
 
-def _losses(model, batch, cfg: Loop, weights) -> tuple[torch.Tensor, int]:
-    """Returns (loss to backprop, rows). Classification: α·KD + (1 − α)·CE batch means.
+def _losses(model, batch, cfg: Loop, weights, progress: float = 0.0, online=None) -> tuple[torch.Tensor, int]:
+    """Returns (loss to backprop, rows). Classification: `method_loss.student_loss` (α·KD + (1 − α)·CE
+    batch means, plus the method's terms) at training progress `progress` ∈ [0, 1]; teacher
+    features from the batch (stored) or from `online` (a teacher run on this worker).
     LM: sums over tokens divided by the global token counts (all workers), scaled by the world
     size because DDP averages gradients over workers."""
     logits = model(batch["x"])
@@ -98,17 +102,22 @@ def _losses(model, batch, cfg: Loop, weights) -> tuple[torch.Tensor, int]:
         n_kd, n_ce, world = _all_reduce([b * length, b * (length - 1), 1])
         return world * losses.mix(kd / n_kd, ce / n_ce, cfg.alpha if teacher is not None else 0.0), b
     if teacher is not None:
-        loss, _ = losses.distillation_loss(logits, teacher["logits"].transpose(0, 1), batch["y"],
-                                           temperature=cfg.temperature, alpha=cfg.alpha, weights=weights)
+        s_feat = t_feat = None
+        if cfg.features is not None:
+            s_feat = models.unwrap(model).features
+            t_feat = batch["features"] if online is None else feature_kd.teacher_features(online, batch["x"])
+        loss, _ = method_loss.student_loss(logits, teacher["logits"].transpose(0, 1), batch["y"], weights,
+                                           temperature=cfg.temperature, alpha=cfg.alpha, method=cfg.method,
+                                           progress=progress, student_features=s_feat, teacher_features=t_feat)
     else:
         loss = losses.hard_label_loss(logits, batch["y"])
     return loss, len(logits)
 
 
-def step(model, opt, sched, batch: dict[str, torch.Tensor], cfg: Loop, weights) -> tuple[float, int]:
+def step(model, opt, sched, batch: dict[str, torch.Tensor], cfg: Loop, weights, online=None) -> tuple[float, int]:
     """One optimisation step on one batch; returns (its loss, its rows). `kd bench ingest` times
     this same function on in-memory tensors."""
-    loss, rows = _losses(model, batch, cfg, weights)
+    loss, rows = _losses(model, batch, cfg, weights, sched.last_epoch / sched.total_steps, online)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     if cfg.max_grad_norm:
@@ -171,7 +180,9 @@ def train_loop(config: dict[str, Any]) -> None:
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.cpus_per_worker)
     device = ray.train.torch.get_device()
-    model = ray.train.torch.prepare_model(models.build(cfg.factory, cfg.kwargs))
+    student = models.build(cfg.factory, cfg.kwargs)
+    net, online = _with_features(student, cfg, device)
+    model = ray.train.torch.prepare_model(net)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = schedule(opt, cfg, world)
     metric, mode = cfg.objective
@@ -193,7 +204,7 @@ def train_loop(config: dict[str, Any]) -> None:
         for batch in train_shard.iter_torch_batches(batch_size=cfg.batch_size, device=device,
                                                     local_shuffle_buffer_size=max(cfg.shuffle_buffer, cfg.batch_size) if cfg.shuffle_buffer else None,
                                                     local_shuffle_seed=cfg.seed + epoch):
-            loss, rows = step(model, opt, sched, batch, cfg, weights)
+            loss, rows = step(model, opt, sched, batch, cfg, weights, online)
             model_loss += loss * rows
             seen += rows
         train_seconds = time.perf_counter() - start
@@ -205,7 +216,7 @@ def train_loop(config: dict[str, Any]) -> None:
         score = metrics[metric] if mode == "max" else -metrics[metric]
         if score > progress.best_score:
             progress.best_score, progress.best_metrics = score, metrics
-            best_weights = ckpt.weights_of(model)
+            best_weights = ckpt.weights_of(student)  # the student alone, without a feature projection
         progress.epoch = epoch
         # A checkpoint costs ~1.5 s of Ray Train bookkeeping at this scale: one every
         # checkpoint_interval_s and one at the end; a restart repeats at most that much work.
@@ -223,6 +234,22 @@ def train_loop(config: dict[str, Any]) -> None:
             ray.train.report(metrics, checkpoint=checkpoint)
         if due:
             last_checkpoint = time.monotonic()
+
+
+def _with_features(student: torch.nn.Module, cfg: Loop, device):
+    """(the module to train, the online feature teacher or None): with feature KD the student is
+    wrapped with its layer tap and projection (`feature_kd.feature_student`)."""
+    f = cfg.features
+    if f is None:
+        return student, None
+    example = torch.zeros(2, *f["input_shape"], dtype=getattr(torch, f["input_dtype"]))
+    net = feature_kd.feature_student(student, f["student_layer"], example, f["teacher_shape"], cfg.method.feature or "attention")
+    online = None
+    if f["source"] == "online":
+        t = f["teacher"]
+        teacher = models.load_weights(models.build(t["factory"], t["kwargs"]), t["weights"])
+        online = feature_kd.LayerOutput(teacher, f["teacher_layer"], f["pool"]).to(device).eval()
+    return net, online
 
 
 def _say(line: str) -> None:

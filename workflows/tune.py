@@ -3,6 +3,7 @@ driver function that trains through Ray Train; every trial reads the same soft-l
 so no teacher runs while tuning."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import threading
@@ -31,9 +32,15 @@ def _dim(d: Dim):
     return tune.loguniform(*d.loguniform)
 
 
+# the distillation method's own settings (kd_ops.method_loss.Method fields) Tune can search
+METHOD_DIMS = ("response", "dkd_alpha", "dkd_beta", "schedule", "temperature_end", "feature_weight",
+               "rkd_distance", "rkd_angle")
+
+
 def search_space(tc: TuneConfig, teachers: list[str]) -> dict[str, Any]:
     """Flat Tune param space; teacher weights get one raw weight per teacher, normalised per trial."""
-    space = {k: _dim(getattr(tc, k)) for k in ("temperature", "alpha", "student_width") if getattr(tc, k) is not None}
+    space = {k: _dim(getattr(tc, k)) for k in ("temperature", "alpha", "student_width", *METHOD_DIMS)
+             if getattr(tc, k) is not None}
     if tc.teacher_weights is not None and len(teachers) > 1:
         space |= {f"teacher_weight.{t}": _dim(tc.teacher_weights) for t in teachers}
     return space
@@ -47,6 +54,9 @@ def apply_trial(base: train.Loop, trial: dict[str, Any], teachers: list[str], wi
     if any(f"teacher_weight.{t}" in trial for t in teachers):
         raw = [float(trial.get(f"teacher_weight.{t}", 1.0)) for t in teachers]
         changes["teacher_weights"] = [w / sum(raw) for w in raw]
+    method = {k: trial[k] if k in ("response", "schedule") else float(trial[k]) for k in METHOD_DIMS if k in trial}
+    if method:
+        changes["method"] = dataclasses.replace(base.method, **method)
     return base.replace(**changes)
 
 

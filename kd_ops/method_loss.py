@@ -1,0 +1,94 @@
+"""The student's loss for every classification method, composed from the plain loss functions:
+
+    loss = α · response + (1 − α) · CE(labels)
+           + feature_weight · (hint or attention-transfer term)
+           + rkd_distance · RKD-D + rkd_angle · RKD-A
+
+response: Hinton KD (`losses.hinton_kd_loss`) or DKD (`decoupled_kd.dkd_loss`), against the
+weighted teacher ensemble softened at the (scheduled, optionally per-sample) temperature.
+RKD runs on the feature layers when they are named, else on the logits (the ensemble's mean logits).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kd_ops import decoupled_kd, feature_kd, losses, relation_kd
+from kd_ops import temperature as temps
+
+RESPONSES = ("hinton", "dkd")
+FEATURE_KINDS = ("hint", "attention")
+
+
+@dataclass(frozen=True)
+class Method:
+    """A distillation method's own settings (temperature, α and teacher weights live beside it)."""
+    response: str = "hinton"            # hinton | dkd
+    dkd_alpha: float = 1.0
+    dkd_beta: float = 8.0
+    schedule: str = "constant"          # constant | linear | cosine, from T to temperature_end
+    temperature_end: float | None = None
+    standardize: bool = False           # per-sample temperature by logit standardisation
+    feature: str | None = None          # hint | attention (layers named in the Loop's features)
+    feature_loss: str = "mse"           # hint: mse | cosine
+    feature_weight: float = 0.0
+    rkd_distance: float = 0.0
+    rkd_angle: float = 0.0
+
+    def __post_init__(self):
+        checks = [(self.response in RESPONSES, f"response must be one of {RESPONSES}, got {self.response!r}"),
+                  (self.schedule in temps.SCHEDULES,
+                   f"schedule must be one of {temps.SCHEDULES}, got {self.schedule!r}"),
+                  (self.feature is None or self.feature in FEATURE_KINDS,
+                   f"feature must be one of {FEATURE_KINDS} or null, got {self.feature!r}"),
+                  (self.feature_loss in ("mse", "cosine"), f"feature_loss must be mse or cosine, got {self.feature_loss!r}"),
+                  (self.dkd_alpha >= 0 and self.dkd_beta >= 0, "dkd alpha and beta must be >= 0"),
+                  (min(self.feature_weight, self.rkd_distance, self.rkd_angle) >= 0, "loss weights must be >= 0"),
+                  (self.temperature_end is None or self.temperature_end > 0, "temperature_end must be > 0")]
+        for ok, text in checks:
+            if not ok:
+                raise ValueError(text)
+
+    @property
+    def uses_features(self) -> bool:
+        return self.feature is not None and self.feature_weight > 0
+
+
+def student_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
+                 weights: torch.Tensor, *, temperature: float, alpha: float, method: Method,
+                 progress: float = 0.0, student_features: torch.Tensor | None = None,
+                 teacher_features: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """student_logits [B, C]; teacher_logits [M, B, C] raw; labels [B] (−1: unlabelled); weights [M];
+    progress ∈ [0, 1] (for the schedule); student_features [B, ...] (projected for hint KD) and
+    teacher_features [B, ...] when the method uses features. Returns (scalar loss, parts as floats)."""
+    t = temps.scheduled(temperature, method.temperature_end, method.schedule, progress)
+    s_logits, t_logits = student_logits, teacher_logits
+    if method.standardize:
+        s_logits, t_logits = temps.standardize(student_logits), temps.standardize(teacher_logits)
+    p = losses.ensemble_probs(t_logits, weights, t)
+    if method.response == "dkd":
+        response = decoupled_kd.dkd_loss(s_logits, p, decoupled_kd.targets(labels, p), temperature=t,
+                                         alpha=method.dkd_alpha, beta=method.dkd_beta)
+    else:
+        response = losses.hinton_kd_loss(s_logits, p, t)
+    ce = losses.hard_label_loss(student_logits, labels)
+    loss = losses.mix(response, ce, alpha)
+    parts = {"response": float(response.detach()), "ce": float(ce.detach()), "temperature": t}
+    if method.uses_features:
+        if student_features is None or teacher_features is None:
+            raise ValueError(f"feature method {method.feature!r} needs student and teacher features")
+        f = (feature_kd.hint_loss(student_features, teacher_features, method.feature_loss) if method.feature == "hint"
+             else feature_kd.attention_loss(student_features, teacher_features))
+        loss = loss + method.feature_weight * f
+        parts["feature"] = float(f.detach())
+    if method.rkd_distance or method.rkd_angle:
+        s_emb, t_emb = ((student_features, teacher_features) if teacher_features is not None
+                        else (student_logits, torch.einsum("m,mbc->bc", weights, teacher_logits.float())))
+        if method.rkd_distance:
+            d = relation_kd.rkd_distance_loss(s_emb, t_emb)
+            loss, parts["rkd_distance"] = loss + method.rkd_distance * d, float(d.detach())
+        if method.rkd_angle:
+            a = relation_kd.rkd_angle_loss(s_emb, t_emb)
+            loss, parts["rkd_angle"] = loss + method.rkd_angle * a, float(a.detach())
+    return loss, parts
