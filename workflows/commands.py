@@ -2,6 +2,7 @@
 left under --out (data, teacher weights, store) and records itself as an MLflow parent run."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -42,7 +43,10 @@ def precompute(cfg: RunConfig, out: Path, *, tracking_uri=None, ray_address=None
     lay, tracker, task = _setup(cfg, out, tracking_uri, ray_address)
     with tracker.parent(f"{cfg.name}-precompute", cfg.model_dump(mode="json"), {"kd.out": str(lay.out)}):
         dirs = task.data(lay)
-        results = stages.stage_precompute(cfg, task, _teachers_with_weights(cfg, lay), dirs, lay, tracker)
+        teachers = _teachers_with_weights(cfg, lay)
+        stages.feature_plan(cfg, task, dirs, lay)  # layer names and shapes, before any teacher runs
+        results = stages.stage_precompute(cfg, task, teachers, dirs, lay, tracker)
+        results += [r for r in [stages.precompute_features(cfg, task, teachers, dirs, lay, tracker)] if r]
     t = Table(title=f"soft-label store {lay.store}")
     for c in ("teacher", "rows", "shards", "kind", "columns", "status", "seconds"):
         t.add_column(c)
@@ -57,14 +61,22 @@ def precompute(cfg: RunConfig, out: Path, *, tracking_uri=None, ray_address=None
 
 
 def _datasets(cfg: RunConfig, lay, task):
+    if cfg.distill.assistants or cfg.distill.generations > 1:
+        raise ValueError("distill.assistants / distill.generations train a chain of students, each stored as a "
+                         "teacher: run them with `kd run`")
     dirs = task.data(lay)
-    for t in cfg.teachers:
-        if store.read_manifest(lay.store, t.name) is None:
-            raise ValueError(f"no soft labels for teacher {t.name!r} in {lay.store}; run `kd precompute` first")
+    features = stages.feature_plan(cfg, task, dirs, lay)
+    entries = [t.name for t in cfg.teachers]
+    if features and features["source"] == "store":
+        entries.append(features["store_entry"])
+    for name in entries:
+        if store.read_manifest(lay.store, name) is None:
+            raise ValueError(f"no soft labels or features {name!r} in {lay.store}; run `kd precompute` first")
     sets, rows, cached = stages.datasets(cfg, task, dirs, lay, teachers=True,
-                                 splits={"train": task.train_splits(), "val": ("val",), "test": ("test",)})
+                                 splits={"train": task.train_splits(), "val": ("val",), "test": ("test",)},
+                                 features=features)
     base = stages.loop(cfg, task, cfg.student.factory, task.student_kwargs(cfg.teachers), cfg.train.fit,
-                       train_rows=rows["train"], label="student", distill=True, cached=cached)
+                       train_rows=rows["train"], label="student", distill=True, cached=cached, features=features)
     return sets, base
 
 
@@ -73,7 +85,7 @@ def train(cfg: RunConfig, out: Path, *, tracking_uri=None, ray_address=None) -> 
     with tracker.parent(f"{cfg.name}-train", cfg.model_dump(mode="json"), {"kd.out": str(lay.out)}):
         sets, spec = _datasets(cfg, lay, task)
         params = {"temperature": spec.temperature, "alpha": spec.alpha, "teacher_weights": spec.teacher_weights,
-                  "kwargs": spec.kwargs}
+                  "kwargs": spec.kwargs, "method": dataclasses.asdict(spec.method)}
         with tracker.child("student", params) as rid:
             res = train_mod.fit(spec.replace(mlflow={"tracking_uri": tracker.uri, "run_id": rid}),
                                 {k: sets[k] for k in ("train", "val")}, name="student", storage=lay.ray,

@@ -107,11 +107,11 @@ def feature_spec(cfg: RunConfig, teachers: list[TeacherConfig]) -> pre.TeacherSp
 
 
 def precompute_features(cfg: RunConfig, task, teachers: list[TeacherConfig], dirs, lay: Layout,
-                        tracker: Tracker | None) -> None:
+                        tracker: Tracker | None) -> pre.TeacherResult | None:
     """Feature KD from the store: the named teacher layer's outputs per id (fp16) as a store entry."""
     spec = feature_spec(cfg, teachers)
     if spec is None or cfg.distill.feature.source != "store":
-        return
+        return None
     with child_run(tracker, "precompute-features", {"entry": spec.name}), progress_bars():
         [r] = pre.precompute([spec], dirs, lay.store, feature_columns=task.feature_columns, **pre.options(cfg.precompute),
                              input_dtype=task.input_dtype, extra={"layer": spec.layer, "pool": spec.pool},
@@ -121,6 +121,7 @@ def precompute_features(cfg: RunConfig, task, teachers: list[TeacherConfig], dir
                  int(np.prod(col["shape"])) * np.dtype(col["dtype"]).itemsize)
         if tracker:
             mlflow.log_dict(r.manifest, f"manifests/{spec.name}.json")
+    return r
 
 
 def feature_plan(cfg: RunConfig, task, dirs, lay: Layout) -> dict | None:

@@ -10,9 +10,9 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
-import pytest
 import yaml
 
 from conftest import HERE, _free_port, tiny_config
@@ -40,8 +40,6 @@ def _cmdline(p: Path) -> str:
         return ""
 
 
-@pytest.mark.xfail(strict=False, reason="passes alone (77 s); inside the full suite the submitted job has not "
-                   "reached SUCCEEDED within 600 s: not yet understood")
 def test_ray_job_submit_runs_a_kd_run_with_working_dir_and_user_code(tmp_path):
     temp = tempfile.mkdtemp(prefix="kdjob-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     dashboard = _free_port()
@@ -81,22 +79,25 @@ def test_ray_job_submit_runs_a_kd_run_with_working_dir_and_user_code(tmp_path):
                 break
             time.sleep(3)
         assert submit.returncode == 0, submit.stdout + submit.stderr
-        # the CLI, in processes of their own: this test process is connected to the session's Ray
+        # the job server's REST API for the status (the CLI's wording of a finished job varies), the
+        # CLI for the logs, in a process of its own: this test process is connected to the session's Ray
         job = ["job", f"--address=http://127.0.0.1:{dashboard}"]
-        deadline, status = time.time() + 600, ""
+        deadline, status, answer = time.time() + 600, "", ""
         while time.time() < deadline:
-            q = subprocess.run([RAY, job[0], "status", job[1], "kd-test-job"], env=env, capture_output=True,
-                               text=True, timeout=60)
-            out_ = q.stdout + q.stderr  # the CLI logs its answer to stderr
-            status = next((w for w in ("SUCCEEDED", "FAILED", "STOPPED") if f": {w}" in out_), "")
-            if status:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{dashboard}/api/jobs/kd-test-job", timeout=30) as r:
+                    answer = r.read().decode()
+                status = json.loads(answer).get("status", "")
+            except (OSError, ValueError) as e:
+                answer = repr(e)
+            if status in ("SUCCEEDED", "FAILED", "STOPPED"):
                 break
             time.sleep(3)
         q = subprocess.run([RAY, job[0], "logs", job[1], "kd-test-job"], env=env, capture_output=True, text=True,
                            timeout=60)
         logs = q.stdout + q.stderr
         entry = [p for p in Path("/proc").iterdir() if p.name.isdigit() and _cmdline(p).count("job.yaml")]
-        assert status == "SUCCEEDED", (f"last status answer: {out_[-1500:]}\nentrypoint processes alive: "
+        assert status == "SUCCEEDED", (f"last status answer: {answer[-1500:]}\nentrypoint processes alive: "
                                        f"{[(p.name, _cmdline(p)[:200]) for p in entry]}\nlogs: {logs[-3000:]}")
     finally:
         _stop_cluster(temp)

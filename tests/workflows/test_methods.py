@@ -135,3 +135,27 @@ def test_kd_run_with_a_teacher_assistant_online_features_and_dkd(ray_session, ca
     assert runs["assistant-a"].data.tags["mlflow.parentRunId"] == parent
     assert runs["assistant-a"].data.metrics["test_accuracy"] == pytest.approx(stage["test_accuracy"])
     assert np.isfinite(s["student"]["test_accuracy"])
+
+
+def test_tune_searches_the_method_and_each_trial_trains_with_its_point(tmp_path):
+    from ray import tune as ray_tune
+
+    from workflows import stages, tasks
+    from workflows.tune import apply_trial, search_space
+
+    cfg = load_config(_method_config(tmp_path, feature={"student_layer": "features.5", "teacher_layer": "features.5"}),
+                      ["tune.response={choice: [hinton, dkd]}", "tune.dkd_beta={uniform: [1, 8]}",
+                       "tune.schedule={choice: [constant, cosine]}", "tune.temperature_end={choice: [1.0]}",
+                       "tune.feature_weight={loguniform: [0.1, 10]}"])
+    space = search_space(cfg.tune, ["t"])
+    assert {"response", "dkd_beta", "schedule", "temperature_end", "feature_weight"} <= set(space)
+    assert isinstance(space["response"], ray_tune.search.sample.Categorical)
+    base = stages.loop(cfg, tasks.for_config(cfg), cfg.student.factory, cfg.student.kwargs, cfg.train.fit,
+                       train_rows=100, label="s", distill=True)
+    assert base.method == method_loss.Method(feature="hint", feature_weight=1.0)
+    point = {"response": "dkd", "dkd_beta": 2.5, "schedule": "cosine", "temperature_end": 1.0, "feature_weight": 0.3,
+             "temperature": 3.0}
+    loop = apply_trial(base, point, ["t"], "width")
+    assert loop.method == method_loss.Method(response="dkd", dkd_beta=2.5, schedule="cosine", temperature_end=1.0,
+                                             feature="hint", feature_weight=0.3)
+    assert loop.temperature == 3.0 and loop.features == base.features
