@@ -14,6 +14,12 @@ def test_default_config_validates():
     assert cfg.data.mnist1d.transfer == 60000 and cfg.tune.student_width.choice == [16, 20, 24]
 
 
+def test_methods_config_searches_the_method_on_the_default_data_and_teachers():
+    cfg, default = load_config(DEFAULT.parent / "mnist1d-methods.yaml"), load_config(DEFAULT)
+    assert cfg.teachers == default.teachers and cfg.data == default.data  # a run of one reuses the other's teachers
+    assert cfg.tune.response.choice == ["hinton", "dkd"] and cfg.tune.schedule.choice == ["constant", "cosine"]
+
+
 @pytest.mark.parametrize("override, message", [
     ("train.fit.epochz=3", r"train.fit.epochz: Extra inputs are not permitted"),
     ("distill.temperature=0", r"distill.temperature: Input should be greater than 0"),
