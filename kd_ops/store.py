@@ -284,6 +284,8 @@ def publish(store: str | Path | Loc, teacher: str, *, kind: str, columns: dict[s
     manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": kind, "teacher": teacher,
                 "teacher_fingerprint": teacher_fp, "inputs": inputs, "columns": columns, "logits": "raw",
                 "rows": sum(s["rows"] for s in shards.values()), "shards": shards,
+                # payload per row, without the id and Parquet's own overhead
+                "bytes_per_row": sum(np.dtype(c["dtype"]).itemsize * int(np.prod(c["shape"])) for c in columns.values()),
                 "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **settings, **(extra or {})}
     (tdir / MANIFEST).write_text(json.dumps(manifest, indent=2))
     named = {(tdir / s["file"]).path for s in shards.values()}

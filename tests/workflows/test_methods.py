@@ -28,6 +28,7 @@ def test_stored_and_online_teacher_features_give_the_same_loss(ray_session, tmp_
     pre.precompute([t], {"train": src}, tmp_path / "store", **opts)
     [r] = pre.precompute([spec], {"train": src}, tmp_path / "store", **opts)
     assert r.manifest["columns"]["logits"] == {"dtype": "float16", "shape": [8, 10]}  # [channels, positions]
+    assert r.manifest["bytes_per_row"] == 8 * 10 * 2
     ds, rows, _ = ingest.dataset({"train": src}, feature_columns=["x"], label_column="label",
                                  store_dir=tmp_path / "store", teachers=["t"], shuffle=False, features=spec.name)
     batch = next(iter(ds.iter_torch_batches(batch_size=128)))
