@@ -323,6 +323,10 @@ class RunConfig(Strict):
                                   or d.generations > 1 or d.standardize):
             raise ValueError("distill: response/dkd, feature, rkd, assistants, generations and standardize are for "
                              "task: classification; LM distillation uses distill.divergence")
+        searched = [k for k in ("response", "dkd_alpha", "dkd_beta", "schedule", "temperature_end", "feature_weight",
+                                "rkd_distance", "rkd_angle") if getattr(self.tune, k) is not None]
+        if self.task == "lm" and searched:
+            raise ValueError(f"tune.{searched[0]} searches a classification method; task: lm searches distill.divergence")
         if d.feature is not None and d.feature.teacher is not None and d.feature.teacher not in names:
             raise ValueError(f"distill.feature.teacher {d.feature.teacher!r} is not a teacher (teachers: {names})")
         if d.assistants and d.generations > 1:

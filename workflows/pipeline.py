@@ -124,6 +124,9 @@ def run(cfg: RunConfig, out: Path, *, tracking_uri: str | None = None, ray_addre
             summary["store_bytes_per_token"] = store_bytes / tokens
         summary |= {
             "chain": chain_rows,
+            # born-again: test accuracy of generation 1..N (the last is the student above)
+            **({"generations": [r["test_accuracy"] for r in chain_rows] + [srow["test_accuracy"]]}
+               if cfg.distill.generations > 1 else {}),
             "tune_trials": tune_rows,
             "tune_failed_trials": tune_failed,
             "store_bytes": store_bytes,
