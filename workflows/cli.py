@@ -66,7 +66,9 @@ def parser() -> argparse.ArgumentParser:
     bi.add_argument("--batch-size", type=int, default=1024)
     bi.add_argument("--memory-rows", type=int, default=200_000, help="rows the in-memory loop trains on")
     bi.add_argument("--student-width", type=int, default=64, help="the student CNN's width (1,000-class head)")
-    bi.add_argument("--keep", metavar="DIR", help="build the store in DIR and keep it (default: a temp dir, removed)")
+    bi.add_argument("--keep", metavar="DIR", help="build the store in DIR and keep it (default: a temp dir, removed); "
+                    "a store already there is reused")
+    bi.add_argument("--read-tasks", type=int, default=2, help="Ray Data read tasks feeding the Train worker")
     bi.add_argument("--json", action="store_true", help="last line of stdout: one JSON object")
     bsc = bsub.add_parser("scale", help="precompute throughput on N local nodes of equal CPUs, as a ratio to one node")
     bsc.add_argument("--nodes", default="1,2,4", help="node counts to compare (comma-separated)")
