@@ -71,7 +71,10 @@ def init_ray(address: str | None = None, code: list | None = None, resource_wait
         env["RAY_ADDRESS"] = pinned
     runtime_env = {"env_vars": env} | ({"py_modules": modules} if modules else {})
     try:
-        ray.init(address=address or "local", include_dashboard=address is None, dashboard_host="127.0.0.1",
+        # a local cluster gets the dashboard (127.0.0.1) where its packages are installed (`ray[default]`;
+        # a minimal Ray, e.g. a trimmed bundle, runs without it rather than failing to start)
+        dashboard = address is None and not ray._private.utils.get_dashboard_dependency_error()
+        ray.init(address=address or "local", include_dashboard=dashboard, dashboard_host="127.0.0.1",
                  runtime_env=runtime_env, configure_logging=True, logging_level=logging.WARNING)
     finally:
         os.environ.pop("RAY_GCS_SERVER_PORT", None)
