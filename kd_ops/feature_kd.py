@@ -122,8 +122,9 @@ def attention_loss(student: torch.Tensor, teacher: torch.Tensor, p: float = 2.0)
     channel counts may differ (no projection needed)."""
     a_s, a_t = student.float(), teacher.float()
     if a_s.shape[2:] != a_t.shape[2:]:
-        size = min(a_s.shape[2:], a_t.shape[2:])
-        a_s, a_t = pool(a_s, size[0] if len(size) == 1 else tuple(size)), pool(a_t, size[0] if len(size) == 1 else tuple(size))
+        smaller = min(a_s.shape[2:], a_t.shape[2:])
+        size = smaller[0] if len(smaller) == 1 else tuple(smaller)
+        a_s, a_t = pool(a_s, size), pool(a_t, size)
     return (attention_map(a_s, p) - attention_map(a_t, p)).pow(2).mean()
 
 

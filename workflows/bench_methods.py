@@ -39,14 +39,14 @@ METHODS: dict[str, list[str] | None] = {
 BASE = ["tune.enabled=false", "distill.temperature=4", "distill.alpha=0.9"]
 
 
-def _one(path: str, overrides: list[str], method: list[str] | None, seed: int, lay, test_set, label: str):
-    """Train the student once with this method and seed; returns (test accuracy, params, seconds)."""
+def _one(path: str, overrides: list[str], method: list[str] | None, seed: int, lay, dirs, teachers, test_set,
+         label: str):
+    """Train the student once with this method and seed, on the data and trained teachers `run`
+    resolved once; returns (test accuracy, params, seconds)."""
     start = time.perf_counter()
     logging.getLogger("kd").setLevel(logging.WARNING)  # "reusing …" lines, once per method and seed
     cfg = load_config(path, [*BASE, *overrides, *(method or []), f"train.fit.seed={seed}"])
     task = tasks.for_config(cfg)
-    dirs = task.data(lay)
-    teachers = task.teachers(dirs, lay, None)
     kwargs = task.student_kwargs(teachers)
     if method is None:
         sets, rows, cached = stages.datasets(cfg, task, dirs, lay, teachers=False,
@@ -91,7 +91,7 @@ def run(path: str, out: str, overrides: list[str], seeds: int, only: list[str] |
         accs, seconds, params = [], [], 0
         for seed in range(seeds):
             label = f"{name.split(' ')[0]}-{len(results)}-s{seed}"
-            acc, params, s = _one(path, overrides, method, seed, lay, kd_sets["test"], label)
+            acc, params, s = _one(path, overrides, method, seed, lay, dirs, teachers, kd_sets["test"], label)
             accs.append(acc)
             seconds.append(s)
             console.say(f"{name} seed {seed}: test accuracy {acc:.4f} ({s:.0f} s)")

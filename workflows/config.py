@@ -233,6 +233,12 @@ class Dim(Strict):
         return min(vals), max(vals)
 
 
+# the distillation method's own settings (kd_ops.method_loss.Method fields) Tune can search;
+# the first two take words, the others numbers
+METHOD_DIMS = ("response", "schedule", "dkd_alpha", "dkd_beta", "temperature_end", "feature_weight",
+               "rkd_distance", "rkd_angle")
+
+
 class TuneConfig(Strict):
     enabled: bool = True
     num_samples: int = Field(8, ge=1)
@@ -267,7 +273,7 @@ class TuneConfig(Strict):
         checks = {"temperature": (0.0, None, "> 0"), "alpha": (0.0, 1.0, "in [0, 1]"),
                   "teacher_weights": (0.0, None, ">= 0"), "student_width": (1.0, None, ">= 1"),
                   "temperature_end": (0.0, None, "> 0"),
-                  **{k: (0.0, None, ">= 0") for k in ("dkd_alpha", "dkd_beta", "feature_weight", "rkd_distance", "rkd_angle")}}
+                  **{k: (0.0, None, ">= 0") for k in METHOD_DIMS[2:] if k != "temperature_end"}}
         for name, (lo, hi, text) in checks.items():
             dim = getattr(self, name)
             if dim is None:
@@ -323,8 +329,7 @@ class RunConfig(Strict):
                                   or d.generations > 1 or d.standardize):
             raise ValueError("distill: response/dkd, feature, rkd, assistants, generations and standardize are for "
                              "task: classification; LM distillation uses distill.divergence")
-        searched = [k for k in ("response", "dkd_alpha", "dkd_beta", "schedule", "temperature_end", "feature_weight",
-                                "rkd_distance", "rkd_angle") if getattr(self.tune, k) is not None]
+        searched = [k for k in METHOD_DIMS if getattr(self.tune, k) is not None]
         if self.task == "lm" and searched:
             raise ValueError(f"tune.{searched[0]} searches a classification method; task: lm searches distill.divergence")
         if d.feature is not None and d.feature.teacher is not None and d.feature.teacher not in names:

@@ -102,8 +102,13 @@ def feature_spec(cfg: RunConfig, teachers: list[TeacherConfig]) -> pre.TeacherSp
     f = cfg.distill.feature
     if f is None:
         return None
-    t = next(t for t in teachers if t.name == (f.teacher or teachers[0].name))
-    return pre.TeacherSpec.of(t).features(f.teacher_layer, f.pool)
+    return pre.TeacherSpec.of(_feature_teacher(cfg, teachers)).features(f.teacher_layer, f.pool)
+
+
+def _feature_teacher(cfg: RunConfig, teachers: list[TeacherConfig]) -> TeacherConfig:
+    """The teacher whose layer feature KD reads: `distill.feature.teacher`, or the first."""
+    name = cfg.distill.feature.teacher or teachers[0].name
+    return next(t for t in teachers if t.name == name)
 
 
 def precompute_features(cfg: RunConfig, task, teachers: list[TeacherConfig], dirs, lay: Layout,
@@ -135,7 +140,7 @@ def feature_plan(cfg: RunConfig, task, dirs, lay: Layout) -> dict | None:
     from kd_ops import feature_kd, models
     import torch
 
-    t = next(t for t in cfg.teachers if t.name == (f.teacher or cfg.teachers[0].name))
+    t = _feature_teacher(cfg, cfg.teachers)
     example = torch.from_numpy(first_rows(dirs["train"], task.feature_columns, task.input_dtype))
     tap = feature_kd.LayerOutput(models.build(t.factory, t.kwargs), f.teacher_layer, f.pool).eval()
     t_shape = list(pre.forward(f"teacher {t.name!r}", tap, example.numpy()).shape[1:])

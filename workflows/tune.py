@@ -19,7 +19,7 @@ from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from kd_ops.fsio import Loc
 from workflows import console, train
-from workflows.config import Dim, TuneConfig
+from workflows.config import METHOD_DIMS, Dim, TuneConfig
 
 log = logging.getLogger("kd")
 
@@ -30,11 +30,6 @@ def _dim(d: Dim):
     if d.uniform is not None:
         return tune.uniform(*d.uniform)
     return tune.loguniform(*d.loguniform)
-
-
-# the distillation method's own settings (kd_ops.method_loss.Method fields) Tune can search
-METHOD_DIMS = ("response", "dkd_alpha", "dkd_beta", "schedule", "temperature_end", "feature_weight",
-               "rkd_distance", "rkd_angle")
 
 
 def search_space(tc: TuneConfig, teachers: list[str]) -> dict[str, Any]:
