@@ -134,6 +134,7 @@ def bench_ingest(target_gb: float, rows_per_file: int, batch: int, memory_rows: 
                 "store_fed_per_s": store_fed, "store_fed_rows": res.metrics["train_rows"],
                 "store_fed_seconds": res.metrics["train_seconds"],
                 "store_fed_data_wait_seconds": res.metrics["data_wait_seconds"],
+                "store_fed_first_batch_seconds": res.metrics["data_first_batch_seconds"],
                 "in_memory_per_s": in_memory, "in_memory_rows": mem["rows"], "in_memory_seconds": mem["seconds"],
                 "store_fed_over_in_memory": store_fed / in_memory}
     finally:

@@ -199,13 +199,14 @@ def train_loop(config: dict[str, Any]) -> None:
     client = _mlflow_client(cfg) if rank == 0 else None
     last_checkpoint = time.monotonic()
     for epoch in range(progress.epoch + 1, cfg.epochs + 1):
-        start, model_loss, seen, wait = time.perf_counter(), 0.0, 0, 0.0
+        start, model_loss, seen, wait, first = time.perf_counter(), 0.0, 0, 0.0, None
         model.train()
         ready = start
         for batch in train_shard.iter_torch_batches(batch_size=cfg.batch_size, device=device,
                                                     local_shuffle_buffer_size=max(cfg.shuffle_buffer, cfg.batch_size) if cfg.shuffle_buffer else None,
                                                     local_shuffle_seed=cfg.seed + epoch):
             wait += time.perf_counter() - ready  # the step waited for its data (ingest not keeping up)
+            first = time.perf_counter() - start if first is None else first
             loss, rows = step(model, opt, sched, batch, cfg, weights, online)
             model_loss += loss * rows
             seen += rows
@@ -213,7 +214,7 @@ def train_loop(config: dict[str, Any]) -> None:
         train_seconds = time.perf_counter() - start
         total, count = _all_reduce([model_loss, seen])
         metrics = {"epoch": epoch, "train_loss": total / max(count, 1), "train_rows": count,
-                   "train_seconds": train_seconds, "data_wait_seconds": wait,
+                   "train_seconds": train_seconds, "data_wait_seconds": wait, "data_first_batch_seconds": first or 0.0,
                    **_evaluate(model, val_shard, device, weights, cfg),
                    "epoch_seconds": time.perf_counter() - start, "resumed_from": resumed_from}
         score = metrics[metric] if mode == "max" else -metrics[metric]

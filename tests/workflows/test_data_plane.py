@@ -1,6 +1,7 @@
 """The cluster data plane, each on real Ray in separate `kd` processes where a process must die or
 several must run at once: shard-level resume after a SIGKILLed driver, two runs on one machine,
-a fit that cannot get its resources, and user code shipped to another node."""
+a fit that cannot get its resources, user code shipped to another node; and Ray Data's scheduling
+loop paced while its reads wait on a slow consumer."""
 from __future__ import annotations
 
 import os
@@ -12,10 +13,12 @@ from pathlib import Path
 
 import numpy as np
 import yaml
+from ray.data._internal.execution.execution_callback import ExecutionCallback
 
 import counting_teacher
 from conftest import HERE
 from kd_ops import data, models, store
+from workflows.ray_session import PacedScheduling
 
 ROOT = HERE.parent.parent
 
@@ -181,3 +184,33 @@ def test_user_code_is_shipped_to_a_worker_node(tmp_path, monkeypatch):
     assert workers, loaded  # the teacher actor built the model too, on the worker node
     assert all("runtime_resources" in f and "py_modules" in f for f in workers), workers
     assert store.read_manifest(tmp_path / "out" / "store", "t")["rows"] == 800
+
+
+class _Steps(ExecutionCallback):
+    """Counts scheduling-loop steps of the executions it is attached to (they run in this process)."""
+    count = 0
+
+    def on_execution_step(self, executor) -> None:
+        type(self).count += 1
+
+
+def test_a_backpressured_dataset_does_not_spin_its_scheduling_loop(ray_session):
+    """The reads of a dataset wait for object-store budget while its consumer is slow (a store larger
+    than the budget, read faster than a student trains): its executor steps at most every
+    PacedScheduling.STEP_S instead of polling without pause (Ray 2.60: tens of thousands per second)."""
+    ray = ray_session
+    ds = ray.data.range(40, override_num_blocks=40).map_batches(
+        lambda b: {"x": np.zeros((len(b["id"]), 4_000_000), np.uint8)}, batch_size=None)
+    assert PacedScheduling in ds.context.custom_execution_callback_classes  # every dataset of a kd-ops session
+    ds.context.custom_execution_callback_classes = [*ds.context.custom_execution_callback_classes, _Steps]
+    ds.context.execution_options.resource_limits = ray.data.ExecutionResources(object_store_memory=20e6)
+    it = iter(ds.iter_batches(batch_size=1, batch_format="numpy"))
+    rows = len(next(it)["x"])
+    _Steps.count, start = 0, time.monotonic()
+    for batch in it:  # a slow consumer: about five 4 MB blocks fit the budget, the reads wait on it
+        time.sleep(0.05)
+        rows += len(batch["x"])
+    elapsed = time.monotonic() - start
+    assert rows == 40
+    # steps are STEP_S apart at least (unpaced: 3,182 in these 2 s on a 2-core machine)
+    assert _Steps.count <= elapsed / PacedScheduling.STEP_S + 5, (_Steps.count, elapsed)
