@@ -206,7 +206,7 @@ def train_loop(config: dict[str, Any]) -> None:
                                                     local_shuffle_buffer_size=max(cfg.shuffle_buffer, cfg.batch_size) if cfg.shuffle_buffer else None,
                                                     local_shuffle_seed=cfg.seed + epoch):
             wait += time.perf_counter() - ready  # the step waited for its data (ingest not keeping up)
-            first = time.perf_counter() - start if first is None else first
+            first = wait if first is None else first  # the epoch's start-up: all of the wait so far
             loss, rows = step(model, opt, sched, batch, cfg, weights, online)
             model_loss += loss * rows
             seen += rows
