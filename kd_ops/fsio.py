@@ -7,17 +7,45 @@ whole or not at all) and tmp-file + rename on a local disk, so a reader never se
 from __future__ import annotations
 
 import posixpath
+import re
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import pyarrow.fs as pafs
+
+
+class UnsafePathError(ValueError):
+    """A relative path read from a file (a manifest, a commit record) that would leave its directory."""
+
+
+_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://[^/@:?#]*):[^/@?#]*@")
+_SECRET_QUERY = re.compile(r"([?&](?:[^=&#]*(?:secret|token|password|passwd|signature|credential)[^=&#]*)=)[^&#]*",
+                           re.IGNORECASE)
+
+
+def redact(uri: str) -> str:
+    """`uri` for anything shown or stored: the password of its user-info and the values of secret
+    query parameters (secret_key, session_token, ...) replaced by `***` (`http://user:***@host`).
+    The URI itself is used unchanged."""
+    return _SECRET_QUERY.sub(r"\1***", _USERINFO.sub(r"\1:***@", str(uri)))
+
+
+def redacted(tree):
+    """A JSON-like tree (a config dump, a summary) with every string URI `redact`ed."""
+    if isinstance(tree, dict):
+        return {k: redacted(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return [redacted(v) for v in tree]
+    return redact(tree) if isinstance(tree, str) and "://" in tree else tree
 
 
 @dataclass(frozen=True)
 class Loc:
     fs: pafs.FileSystem
     path: str
+    given: str | None = None  # the URI as the user wrote it (scheme, host, query kept), None for local paths
 
     @classmethod
     def of(cls, where: "str | Path | Loc") -> "Loc":
@@ -27,8 +55,24 @@ class Loc:
         s = str(where)
         if "://" in s:
             fs, path = pafs.FileSystem.from_uri(s)
-            return cls(fs, path.rstrip("/"))
+            u = urlsplit(s)
+            return cls(fs, path.rstrip("/"), urlunsplit((u.scheme, u.netloc, u.path.rstrip("/"), u.query, "")))
         return cls(pafs.LocalFileSystem(), str(Path(s).resolve()))
+
+    @property
+    def uri(self) -> str:
+        """Where this is, as the user would write it (their URI form, query included; or the local
+        path): what `Loc.of` reads back and what MLflow and Ray are given. May hold credentials."""
+        return self.given or self.path
+
+    @property
+    def bare_uri(self) -> str:
+        """scheme://bucket/path without user-info or query (pyarrow options): the form other tools,
+        MLflow's artifact stores among them, take; they read endpoints and keys from the environment."""
+        if self.given is None:
+            return self.path
+        u = urlsplit(self.given)
+        return urlunsplit((u.scheme, u.netloc.rsplit("@", 1)[-1], u.path, "", ""))
 
     @property
     def local(self) -> bool:
@@ -39,10 +83,24 @@ class Loc:
         return posixpath.basename(self.path)
 
     def __truediv__(self, part: str) -> "Loc":
-        return Loc(self.fs, posixpath.join(self.path, part))
+        given = None
+        if self.given is not None:
+            u = urlsplit(self.given)
+            given = urlunsplit((u.scheme, u.netloc, f"{u.path.rstrip('/')}/{part}", u.query, ""))
+        return Loc(self.fs, posixpath.join(self.path, part), given)
+
+    def inside(self, relative: str) -> "Loc":
+        """`self / relative` for a relative path read from a file (a manifest's `file`, a unit's
+        name): UnsafePathError, before anything is opened or deleted, if it is absolute or any
+        part is `..` (or empty), so a crafted manifest cannot reach outside this directory."""
+        parts = str(relative).split("/")
+        if not relative or str(relative).startswith(("/", "\\")) or any(p in ("", ".", "..") or "\\" in p for p in parts):
+            raise UnsafePathError(f"{relative!r} is not a plain relative path inside {self}; the file naming it "
+                                  "was not written by kd-ops or was edited: recompute it")
+        return self / relative
 
     def __str__(self) -> str:
-        return self.path if self.local else f"{self.fs.type_name}://{self.path}"
+        return redact(self.uri)
 
     def exists(self) -> bool:
         return self.fs.get_file_info(self.path).type != pafs.FileType.NotFound

@@ -47,16 +47,38 @@ def load_config(path: str | Path):
     return AutoConfig.from_pretrained(_check_dir(path), local_files_only=True)
 
 
-def load_causal_lm(path: str | Path, dtype: torch.dtype | None = None) -> CausalLM:
-    """from_pretrained on a local directory, never the hub. Raises LMError if it is not a causal LM."""
+PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
+
+
+def weight_files(path: str | Path, allow_pickle: bool = False) -> list[Path]:
+    """The weight files of a model directory: its *.safetensors, or, with `allow_pickle`, its pickle
+    files when it has no safetensors. LMError for a directory with only pickle files and no opt-in:
+    unpickling a file runs whatever code it holds."""
+    path = Path(path)
+    files = sorted(path.glob("*.safetensors"))
+    if files:
+        return files
+    pickles = sorted(f for pattern in PICKLE_WEIGHTS for f in path.glob(pattern))
+    if pickles and not allow_pickle:
+        raise LMError(f"{path} has only pickle weights ({', '.join(f.name for f in pickles[:3])}); kd-ops loads "
+                      "safetensors only, since unpickling runs code. Convert them (model.save_pretrained(dir, "
+                      "safe_serialization=True)) or, for files you trust, set allow_pickle: true on this teacher")
+    return pickles
+
+
+def load_causal_lm(path: str | Path, dtype: torch.dtype | None = None, allow_pickle: bool = False) -> CausalLM:
+    """from_pretrained on a local directory, never the hub, from safetensors only unless
+    `allow_pickle`. Raises LMError if it is not a causal LM or has no weights it may load."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # one bar per actor and per evaluation is noise, not progress
     path = _check_dir(path)
     cfg = load_config(path)
+    weight_files(path, allow_pickle)  # refuses pickle-only directories before from_pretrained sees them
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype,
+                                                     use_safetensors=None if allow_pickle else True)
     except ValueError as e:
         raise LMError(f"{path} is not a causal LM (config model_type {cfg.model_type!r}, architectures "
                       f"{getattr(cfg, 'architectures', None)}): {str(e).splitlines()[0]}") from e
@@ -65,9 +87,9 @@ def load_causal_lm(path: str | Path, dtype: torch.dtype | None = None) -> Causal
     return CausalLM(model)
 
 
-def causal_lm(path: str) -> CausalLM:
-    """Factory for configs and Ray actors: `kd_ops.lm:causal_lm` with kwargs {path}."""
-    return load_causal_lm(path)
+def causal_lm(path: str, allow_pickle: bool = False) -> CausalLM:
+    """Factory for configs and Ray actors: `kd_ops.lm:causal_lm` with kwargs {path[, allow_pickle]}."""
+    return load_causal_lm(path, allow_pickle=allow_pickle)
 
 
 def new_causal_lm(vocab_size: int, n_positions: int, n_layer: int, n_embd: int, n_head: int, **extra) -> CausalLM:

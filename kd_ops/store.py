@@ -36,6 +36,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import re
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -48,7 +49,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from kd_ops.data import file_key
-from kd_ops.fsio import Loc
+from kd_ops.fsio import Loc, UnsafePathError
 
 FORMAT = "kd-ops/soft-labels"
 FORMAT_VERSION = 2
@@ -147,13 +148,35 @@ def write_empty_shard(loc: Loc, id_type: pa.DataType, columns: dict[str, dict[st
         pq.write_table(schema.empty_table(), f, **parquet_options(columns))
 
 
+# A store entry's name is one directory under STORE: a teacher's name, or `<teacher>.features.<layer>`.
+ENTRY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
 def teacher_loc(store: str | Path | Loc, teacher: str) -> Loc:
+    """STORE/<teacher>; StoreError for a name that is not one plain directory name (`.`, `..`,
+    `a/b`, ...): such a name would put shards in STORE itself or outside it, and publishing
+    would delete files there."""
+    if not isinstance(teacher, str) or not ENTRY_NAME.match(teacher):
+        raise StoreError(f"store entry name {teacher!r} is not a plain name (letters, digits, _ . -, starting "
+                         "with a letter or digit); rename the teacher")
     return Loc.of(store) / teacher
 
 
 def read_manifest(store: str | Path | Loc, teacher: str) -> dict[str, Any] | None:
-    path = teacher_loc(store, teacher) / MANIFEST
-    return json.loads(path.read_text()) if path.is_file() else None
+    """The published manifest, or None. Every shard it names must lie inside the entry's directory
+    (StoreError otherwise, before any shard is opened or deleted)."""
+    tdir = teacher_loc(store, teacher)
+    path = tdir / MANIFEST
+    if not path.is_file():
+        return None
+    m = json.loads(path.read_text())
+    try:
+        for u, s in m.get("shards", {}).items():
+            tdir.inside(f"{u}.json")  # a unit is <split>/<file>: it names a commit record too
+            tdir.inside(s["file"])
+    except UnsafePathError as e:
+        raise StoreError(f"{path}: {e}") from None
+    return m
 
 
 def is_current(store: str | Path | Loc, teacher: str, teacher_fp: str, inputs: dict[str, dict[str, dict]],
@@ -168,7 +191,7 @@ def is_current(store: str | Path | Loc, teacher: str, teacher_fp: str, inputs: d
 def shard_damaged(store: str | Path | Loc, teacher: str, entry: dict[str, Any]) -> bool:
     """Whether a published shard is missing or no longer the file that was committed: its size,
     rows or footer hash (truncated, rewritten) or the digest of its ids (rows swapped) differ."""
-    loc = teacher_loc(store, teacher) / entry["file"]
+    loc = teacher_loc(store, teacher).inside(entry["file"])
     try:
         if file_key(loc) != entry["key"]:
             return True
@@ -193,8 +216,7 @@ def forget(store: str | Path | Loc, teacher: str, units: list[str]) -> None:
     tdir = teacher_loc(store, teacher)
     (tdir / MANIFEST).delete()
     for u in units:
-        split, name = u.split("/", 1)
-        (tdir / COMMITS / split / f"{name}.json").delete()
+        (tdir / COMMITS).inside(f"{u}.json").delete()
 
 
 def unit(split: str, file_name: str) -> str:
@@ -270,6 +292,8 @@ def publish(store: str | Path | Loc, teacher: str, *, kind: str, columns: dict[s
     for split, files in inputs.items():
         for name, key in files.items():
             rec = commits.get(unit(split, name))
+            if rec is not None:
+                tdir.inside(rec["shard"])  # a commit record names a file inside this entry, or nothing is published
             if rec is None:
                 missing.append(unit(split, name))
             elif rec["rows"] != key["rows"]:
@@ -288,7 +312,7 @@ def publish(store: str | Path | Loc, teacher: str, *, kind: str, columns: dict[s
                 "bytes_per_row": sum(np.dtype(c["dtype"]).itemsize * int(np.prod(c["shape"])) for c in columns.values()),
                 "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **settings, **(extra or {})}
     (tdir / MANIFEST).write_text(json.dumps(manifest, indent=2))
-    named = {(tdir / s["file"]).path for s in shards.values()}
+    named = {tdir.inside(s["file"]).path for s in shards.values()}
     for f in tdir.files(".parquet", recursive=True):
         if f.path not in named:
             f.delete()
@@ -313,7 +337,7 @@ def shard_of(store: str | Path | Loc, manifest: dict[str, Any], unit_name: str) 
     if s is None:
         raise StoreError(f"teacher {manifest['teacher']!r}: the store has no shard for input file {unit_name}; "
                          "recompute the store for these inputs")
-    return teacher_loc(store, manifest["teacher"]) / s["file"]
+    return teacher_loc(store, manifest["teacher"]).inside(s["file"])
 
 
 def open_parquet(loc: Loc) -> pq.ParquetFile:
@@ -386,7 +410,7 @@ def size_bytes(store: str | Path | Loc) -> int:
     """Bytes of the published shards and manifests (what a reader uses)."""
     root, total = Loc.of(store), 0
     for mf in root.files(MANIFEST, recursive=True):
-        m = json.loads(mf.read_text())
+        m = read_manifest(root, json.loads(mf.read_text())["teacher"])
         tdir = teacher_loc(root, m["teacher"])
-        total += mf.size() + sum((tdir / s["file"]).size() for s in m["shards"].values())
+        total += mf.size() + sum(tdir.inside(s["file"]).size() for s in m["shards"].values())
     return total

@@ -5,15 +5,28 @@ names the field instead of a silently ignored setting.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
     """The config file is unreadable or invalid; the message names file and field."""
+
+
+# Names that become file or directory names (store entries, checkpoints, MLflow metric prefixes):
+# one plain identifier, so `.`, `..`, `a/b` or a leading dot can never point a path elsewhere.
+def _plain_name(v: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", v):
+        raise ValueError(f"{v!r} is not a plain name: use letters, digits, _ and - only, starting with a letter "
+                         "or digit (it names directories and metrics)")
+    return v
+
+
+Name = Annotated[str, AfterValidator(_plain_name)]
 
 
 class Strict(BaseModel):
@@ -82,13 +95,16 @@ class Fit(Strict):
 
 
 class TeacherConfig(Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    name: Name
     factory: str | None = Field(None, description="import path 'package.module:function' returning a torch.nn.Module")
     kwargs: dict[str, Any] = {}
     weights: str | None = Field(None, description="safetensors file (local path or URI); if absent, the pipeline "
                                 "trains the teacher")
     hf_dir: Path | None = Field(None, description="LM: a local Hugging Face causal-LM directory (config, weights, tokenizer)")
     init: dict[str, int] | None = Field(None, description="LM: GPT-2 sizes (n_layer, n_embd, n_head) to train a teacher from scratch")
+    allow_pickle: bool = Field(False, description="LM: load an hf_dir whose weights are only pickle files "
+                               "(pytorch_model.bin). Unpickling runs code: only for files you trust; "
+                               "better convert them to safetensors")
     fit: Fit = Fit(epochs=100, batch_size=128)
 
     @model_validator(mode="after")
@@ -133,7 +149,7 @@ class DKD(Strict):
 
 class Assistant(Strict):
     """One teacher assistant of a TAKD chain: the student's factory with these kwargs."""
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    name: Name
     kwargs: dict[str, Any]
 
 
@@ -295,7 +311,7 @@ class TrackingConfig(Strict):
 
 
 class RunConfig(Strict):
-    name: str = "kd-run"
+    name: Name = "kd-run"
     task: Literal["classification", "lm"] = "classification"
     data: DataConfig = DataConfig()
     teachers: list[TeacherConfig] = Field(min_length=1)

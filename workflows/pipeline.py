@@ -15,6 +15,7 @@ from typing import Any
 import mlflow
 
 from kd_ops import store
+from kd_ops.fsio import redacted
 from rich.console import Console
 
 from workflows import chain, console, ray_session, stages, tasks, train
@@ -37,13 +38,13 @@ def run(cfg: RunConfig, out: Path, *, tracking_uri: str | None = None, ray_addre
     lay.make()
     (lay.out / "summary.json").delete()  # a summary only ever describes a finished run
     tracker = Tracker(tracking_uri or cfg.tracking.tracking_uri, cfg.tracking.experiment,
-                      artifact_root=None if lay.out.local else f"{lay.out}/mlflow")
+                      artifact_root=None if lay.out.local else (lay.out / "mlflow").bare_uri)
     resume = _previous_run(cfg, lay, tracker, restart)
     ray_session.init_ray(ray_address, cfg.code, cfg.train.resource_wait_s)
     with tracker.parent(cfg.name, cfg.model_dump(mode="json"), {"kd.out": str(lay.out), "kd.task": task.kind},
                         resume=resume) as parent_id:
         (lay.out / RUN_STATE).write_text(json.dumps({"parent_run_id": parent_id, "config": _config_key(cfg)}))
-        mlflow.log_dict(cfg.model_dump(mode="json"), "config.json")
+        mlflow.log_dict(redacted(cfg.model_dump(mode="json")), "config.json")
         step("data")
         dirs = task.data(lay)
         stages.check_inputs(cfg, task, dirs, lay)
@@ -144,7 +145,7 @@ RUN_STATE = "run.json"  # {parent_run_id, config}: lets a rerun find the run its
 
 
 def _config_key(cfg: RunConfig) -> str:
-    return json.dumps(cfg.model_dump(mode="json"), sort_keys=True, default=str)
+    return json.dumps(redacted(cfg.model_dump(mode="json")), sort_keys=True, default=str)
 
 
 def _previous_run(cfg: RunConfig, lay: stages.Layout, tracker: Tracker, restart: bool) -> str | None:

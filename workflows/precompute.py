@@ -35,7 +35,7 @@ import pyarrow.parquet as pq
 import ray
 import torch
 
-from kd_ops import data, feature_kd, models, store
+from kd_ops import data, feature_kd, lm, models, store
 from kd_ops.fsio import Loc
 
 log = logging.getLogger("kd")
@@ -57,8 +57,8 @@ class TeacherSpec:
         if isinstance(t, TeacherSpec):
             return t
         if t.hf_dir is not None:
-            files = sorted(Path(t.hf_dir).glob("*.safetensors")) or sorted(Path(t.hf_dir).glob("*.bin"))
-            return cls(t.name, "kd_ops.lm:causal_lm", {"path": str(t.hf_dir)}, None, [Loc.of(f) for f in files])
+            files = lm.weight_files(t.hf_dir, t.allow_pickle)
+            return cls(t.name, "kd_ops.lm:causal_lm", hf_kwargs(t), None, [Loc.of(f) for f in files])
         weights = Loc.of(t.weights) if t.weights is not None else None
         if weights is None or not weights.is_file():
             raise ValueError(f"teacher {t.name!r}: weights file {t.weights} does not exist")
@@ -76,6 +76,12 @@ class TeacherSpec:
     def fingerprint(self) -> str:
         kwargs = self.kwargs if self.layer is None else {**self.kwargs, "__layer__": self.layer, "__pool__": self.pool}
         return models.teacher_fingerprint(self.factory, kwargs, self.weight_files)
+
+
+def hf_kwargs(t) -> dict[str, Any]:
+    """`kd_ops.lm:causal_lm` kwargs of a Hugging Face teacher (allow_pickle only where opted in, so
+    the fingerprint of a safetensors teacher is unchanged)."""
+    return {"path": str(t.hf_dir)} | ({"allow_pickle": True} if t.allow_pickle else {})
 
 
 def feature_entry(teacher: str, layer: str, pool: int | None) -> str:

@@ -63,6 +63,8 @@ def init_ray(address: str | None = None, code: list | None = None, resource_wait
     os.environ.update({k: os.environ.get(k, v) for k, v in RAY_ENV.items()})  # the local raylet inherits these
     os.environ[WAIT_ENV] = str(resource_wait_s)
     env = {k: os.environ[k] for k in (*RAY_ENV, WAIT_ENV)}
+    # a tracking server's basic-auth credentials (taken out of its URI, see tracking.without_credentials)
+    env |= {k: os.environ[k] for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD") if k in os.environ}
     if address is None:
         port = _free_port()
         os.environ["RAY_GCS_SERVER_PORT"] = str(port)

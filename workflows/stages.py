@@ -149,7 +149,7 @@ def feature_plan(cfg: RunConfig, task, dirs, lay: Layout) -> dict | None:
     return {"student_layer": f.student_layer, "teacher_layer": f.teacher_layer, "source": f.source, "pool": f.pool,
             "input_shape": list(example.shape[1:]), "input_dtype": task.input_dtype, "teacher_shape": t_shape,
             "store_entry": pre.feature_entry(t.name, f.teacher_layer, f.pool),
-            "teacher": {"factory": t.factory, "kwargs": t.kwargs, "weights": str(teacher_weights_path(t, lay))}}
+            "teacher": {"factory": t.factory, "kwargs": t.kwargs, "weights": Loc.of(teacher_weights_path(t, lay)).uri}}
 
 
 def method(cfg: RunConfig):

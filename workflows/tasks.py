@@ -201,6 +201,7 @@ class LanguageModel:
                 model = models.load_weights(models.build("kd_ops.lm:new_causal_lm", kwargs), weights)
                 model.hf.save_pretrained(path)
                 tokenizer.save_pretrained(path)
+            lm.weight_files(path, t.allow_pickle)  # safetensors, or pickle only where the config opts in
             resolved.append(t.model_copy(update={"hf_dir": path, "init": None}))
         configs = {t.name: lm.load_config(t.hf_dir) for t in resolved}
         toks = {t.name: lm.load_tokenizer(t.hf_dir) for t in resolved} | {"data": tokenizer}
@@ -228,8 +229,8 @@ class LanguageModel:
         rows = []
         for t in teachers:
             sums = evaluation.score(kd_sets["val"], task=self.kind, factory="kd_ops.lm:causal_lm",
-                                    kwargs={"path": str(t.hf_dir)}, teacher_weights=None, batch_size=64)
-            rows.append({"name": t.name, "params": models.num_params(lm.load_causal_lm(t.hf_dir)),
+                                    kwargs=pre.hf_kwargs(t), teacher_weights=None, batch_size=64)
+            rows.append({"name": t.name, "params": models.num_params(lm.load_causal_lm(t.hf_dir, allow_pickle=t.allow_pickle)),
                          "val_perplexity": evaluation.rates(sums, self.kind)["perplexity"]})
         return rows, {"teacher_val_perplexity": min(r["val_perplexity"] for r in rows)}
 

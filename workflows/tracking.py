@@ -3,17 +3,19 @@ registered. Only the driver and Ray Train's rank 0 talk to MLflow."""
 from __future__ import annotations
 
 import json
+import os
 import platform
 import subprocess
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import mlflow
 from mlflow.tracking import MlflowClient
 
-from kd_ops.fsio import Loc
+from kd_ops.fsio import Loc, redact, redacted
 
 
 def resolve_uri(uri: str | None) -> str:
@@ -28,6 +30,22 @@ def resolve_uri(uri: str | None) -> str:
     return uri
 
 
+# MLflow's own variables for HTTP basic auth; Ray workers get them through the run's runtime env
+CREDENTIAL_ENV = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+
+
+def without_credentials(uri: str) -> str:
+    """`http://user:pass@host` → `http://host`, the user and password moved into MLflow's
+    MLFLOW_TRACKING_USERNAME / _PASSWORD variables, so the URI that is logged, printed, written to
+    summary.json or handed to Tune's callbacks (which Tune saves to disk) holds no secret."""
+    u = urlsplit(uri)
+    if u.scheme not in ("http", "https") or u.password is None:
+        return uri
+    os.environ["MLFLOW_TRACKING_USERNAME"] = unquote(u.username or "")
+    os.environ["MLFLOW_TRACKING_PASSWORD"] = unquote(u.password)
+    return urlunsplit((u.scheme, u.netloc.rsplit("@", 1)[1], u.path, u.query, u.fragment))
+
+
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in d.items():
@@ -35,7 +53,7 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         if isinstance(v, dict) and v:
             out |= flatten(v, key + ".")
         else:
-            out[key] = json.dumps(v) if isinstance(v, (list, dict)) else v
+            out[key] = json.dumps(redacted(v)) if isinstance(v, (list, dict)) else redacted(v)
     return out
 
 
@@ -70,7 +88,7 @@ def check_reachable(uri: str, timeout_s: float = 10.0) -> None:
         return  # it answered (a proxy or an older server without /health): reachable
     except OSError as e:
         reason = getattr(e, "reason", e)
-        raise ValueError(f"MLflow tracking server {uri} does not answer ({reason}); start it, or pass another "
+        raise ValueError(f"MLflow tracking server {redact(uri)} does not answer ({reason}); start it, or pass another "
                          "--tracking-uri (e.g. sqlite:///mlflow.db for a local store)") from None
 
 
@@ -80,7 +98,7 @@ class Tracker:
     def __init__(self, uri: str | None, experiment: str, artifact_root: str | None = None):
         """artifact_root: where a new experiment keeps its artifacts (e.g. s3://bucket/run/mlflow);
         an existing experiment keeps its own location."""
-        self.uri = resolve_uri(uri)
+        self.uri = without_credentials(resolve_uri(uri))
         check_reachable(self.uri)
         mlflow.set_tracking_uri(self.uri)
         self.experiment = experiment

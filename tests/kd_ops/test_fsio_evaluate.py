@@ -21,7 +21,7 @@ def test_loc_writes_whole_files_lists_and_deletes(tmp_path):
     assert (root / "nope").files() == [] and not (root / "nope").exists()
     (root / "x").delete()
     assert not (root / "x").exists()
-    assert str(Loc.of("file:///tmp/some/where")) == "/tmp/some/where"
+    assert Loc.of("file:///tmp/some/where").path == "/tmp/some/where"
 
 
 def test_file_key_comes_from_metadata_and_follows_the_content(tmp_path):

@@ -57,6 +57,20 @@ def test_config_errors_exit_2_before_anything_runs(capsys, tmp_path, override, m
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("name", [".", ".."])
+def test_a_teacher_named_dot_or_dotdot_is_refused_and_no_file_under_out_is_touched(capsys, tmp_path, name):
+    """`..` made the teacher's store directory --out itself, and publishing deleted the run's inputs."""
+    out = tmp_path / "out"
+    inputs = out / "data" / "train" / "part-0.parquet"
+    inputs.parent.mkdir(parents=True)
+    inputs.write_bytes(b"the user's inputs")
+    rc, err, _ = _run(capsys, tmp_path, "run", str(tiny_config(tmp_path)), "--set", f"teachers.0.name={name}")
+    assert rc == 2 and err.count("kd: error:") == 1 and f"teachers.0.name: Value error, '{name}' is not a plain name" in err
+    assert "Traceback" not in err
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == ["data", "data/train", "data/train/part-0.parquet"]
+    assert inputs.read_bytes() == b"the user's inputs"
+
+
 def _drop_id(d):
     for f in d.glob("*.parquet"):
         pq.write_table(pq.read_table(f).drop_columns(["id"]), f)
@@ -212,11 +226,12 @@ def test_bad_paths_and_an_unreachable_tracking_server_fail_before_ray(capsys, tm
     elif case == "server_down":
         from conftest import _free_port
 
-        uri = f"http://127.0.0.1:{_free_port()}"
+        uri = f"http://kd:s3cr3t@127.0.0.1:{_free_port()}"
     started = time.monotonic()
     rc = cli.main(["run", str(cfg), "--out", str(out), "--tracking-uri", uri])
     err = capsys.readouterr().err
     assert rc == 2 and message in err and err.count("kd: error:") == 1, err
+    assert "s3cr3t" not in err
     assert time.monotonic() - started < 60  # refused up front: no Ray start, no MLflow retry loop
 
 

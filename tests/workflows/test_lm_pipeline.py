@@ -140,6 +140,27 @@ def test_missing_and_non_causal_model_directories_are_refused(ray_session, capsy
     assert "is not a causal LM" in err or "no usable tokenizer" in err
 
 
+def test_a_teacher_with_only_pickle_weights_is_refused_unless_the_config_opts_in(ray_session, capsys, tmp_path, lm_run):
+    import shutil
+
+    import torch
+
+    pickled = tmp_path / "pickled"
+    shutil.copytree(_teacher_dir(tmp_path, lm_run), pickled)
+    torch.save(lm.load_causal_lm(pickled).hf.state_dict(), pickled / "pytorch_model.bin")  # as older tools saved them
+    (pickled / "model.safetensors").unlink()
+    err = _fails(capsys, tmp_path, _config(tmp_path, teachers=[{"name": "a", "hf_dir": str(pickled)}]), "run")
+    assert "has only pickle weights (pytorch_model.bin)" in err and "set allow_pickle: true" in err, err
+    assert "Traceback" not in err
+    from workflows.precompute import TeacherSpec
+
+    cfg = load_config(_write(tmp_path, _config(tmp_path, teachers=[{"name": "a", "hf_dir": str(pickled),
+                                                                     "allow_pickle": True}])))
+    spec = TeacherSpec.of(cfg.teachers[0])  # what precompute's actors build
+    assert [f.name for f in spec.weight_files] == ["pytorch_model.bin"] and spec.kwargs["allow_pickle"] is True
+    assert spec.build()(torch.zeros(1, 4, dtype=torch.long)).shape[:2] == (1, 4)
+
+
 def test_sequences_longer_than_the_context_are_refused(ray_session, capsys, tmp_path, lm_run):
     cfg = _config(tmp_path, teachers=[{"name": "a", "hf_dir": _teacher_dir(tmp_path, lm_run)}])
     cfg["data"]["seq_len"] = 40  # the test teacher was built with 16 positions

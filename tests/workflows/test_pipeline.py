@@ -21,10 +21,16 @@ from workflows.config import load_config
 @pytest.fixture(scope="module")
 def tiny_run(ray_session, mlflow_server, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("tiny-run")
-    cfg = load_config(tiny_config(tmp))
+    # credentials in the URI (the test server ignores them): they must not be shown or stored
+    with_secret = mlflow_server.replace("http://", f"http://kd:{SECRET}@")
+    cfg = load_config(tiny_config(tmp, tracking={"tracking_uri": with_secret, "experiment": "tiny",
+                                                 "registered_model": "tiny-student"}))
     out = tmp / "out"
-    summary = pipeline.run(cfg, out, tracking_uri=mlflow_server)
+    summary = pipeline.run(cfg, out)
     return cfg, out, summary, mlflow_server
+
+
+SECRET = "s3cr3t-pa55"
 
 
 def test_summary_has_every_field_and_matches_disk(tiny_run):
@@ -43,6 +49,9 @@ def test_summary_has_every_field_and_matches_disk(tiny_run):
     assert summary["store_bytes"] == store.size_bytes(out / "store") > 0
     assert len(summary["tune_trials"]) == 2
     assert summary["mlflow"]["registered_model"]["name"] == "tiny-student"
+    assert summary["mlflow"]["tracking_uri"] == tiny_run[3]  # without the credentials
+    stored = [p for p in out.rglob("*") if p.is_file() and p.suffix in (".json", ".log", ".txt", ".yaml")]
+    assert stored and not [p for p in stored if SECRET in p.read_text(errors="replace")]
 
 
 def test_store_holds_the_teachers_raw_logits_keyed_by_id(tiny_run):
@@ -69,6 +78,11 @@ def test_mlflow_records_parent_nested_runs_and_a_loadable_student(tiny_run):
     client = MlflowClient(uri)
     parent = client.get_run(summary["mlflow"]["parent_run_id"])
     assert parent.info.status == "FINISHED" and parent.data.params["tune.num_samples"] == "2"
+    assert parent.data.params["tracking.tracking_uri"] == uri.replace("http://", "http://kd:***@")
+    mlflow.set_tracking_uri(uri)
+    config_json = mlflow.artifacts.load_dict(f"{parent.info.artifact_uri}/config.json")
+    assert config_json["tracking"]["tracking_uri"] == uri.replace("http://", "http://kd:***@")
+    assert not [k for k, v in parent.data.params.items() if SECRET in v]
     children = client.search_runs([parent.info.experiment_id],
                                   filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     names = sorted(r.info.run_name for r in children)
