@@ -23,10 +23,20 @@ def _common(p: argparse.ArgumentParser) -> None:
                    "(default: into <out>/logs/kd.log)")
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("kd-ops")
+    except PackageNotFoundError:  # run from a source tree that was not installed
+        return "unknown (not installed)"
+
+
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="kd", description="Knowledge distillation on Ray: precompute teacher "
                                  "soft labels once, train and tune students on them, record it all in MLflow.")
     ap.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    ap.add_argument("--version", action="version", version=f"kd {_version()}")
     sub = ap.add_subparsers(dest="command", required=True)
     for name, text in (("run", "the whole pipeline: teachers, precompute, tune, final student, summary"),
                        ("precompute", "run the teachers over the inputs into the soft-label store"),

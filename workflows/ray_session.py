@@ -19,6 +19,14 @@ from pathlib import Path
 import ray
 from ray.data._internal.execution.execution_callback import ExecutionCallback  # the base of DataContext callbacks
 
+# Ray internals used here (pyproject pins Ray to the range they were tested with): fail at import,
+# naming them, rather than run with the pacing silently gone
+if not (callable(getattr(ExecutionCallback, "on_execution_step", None))
+        and callable(getattr(getattr(ray._private, "utils", None), "get_dashboard_dependency_error", None))):
+    raise ImportError(f"kd-ops needs Ray's ExecutionCallback.on_execution_step and "
+                      f"ray._private.utils.get_dashboard_dependency_error, which Ray {ray.__version__} lacks; "
+                      "install the Ray version pyproject.toml names")
+
 # Ray Train V2 workers block in report() until the controller drains a 1-slot queue, which it
 # polls every 2 s by default: with sub-second epochs that poll, not training, sets the pace.
 RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}

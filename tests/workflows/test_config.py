@@ -64,3 +64,18 @@ def test_relative_paths_resolve_against_the_config_file(tmp_path):
     assert cfg.teachers[0].weights == "s3://bucket/w/a.safetensors" and cfg.code == [tmp_path / "models" / "user.py"]
     assert (cfg.data.parquet.train, cfg.data.parquet.val, cfg.data.parquet.test) == (
         "s3://b/train", str(tmp_path / "v"), "gs://b/test")
+
+
+def test_kd_version_prints_the_installed_version(capsys):
+    import tomllib
+    from importlib.metadata import version
+
+    import pytest
+
+    from workflows import cli
+
+    with pytest.raises(SystemExit) as done:
+        cli.main(["--version"])
+    project = tomllib.loads((Path(__file__).parent.parent.parent / "pyproject.toml").read_text())["project"]
+    assert done.value.code == 0 and capsys.readouterr().out == f"kd {version('kd-ops')}\n"
+    assert version("kd-ops") == project["version"]

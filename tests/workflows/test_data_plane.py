@@ -212,5 +212,25 @@ def test_a_backpressured_dataset_does_not_spin_its_scheduling_loop(ray_session):
         rows += len(batch["x"])
     elapsed = time.monotonic() - start
     assert rows == 40
+    assert _Steps.count >= 10, "Ray no longer calls on_execution_step: PacedScheduling paces nothing"
     # steps are STEP_S apart at least (unpaced: 3,182 in these 2 s on a 2-core machine)
     assert _Steps.count <= elapsed / PacedScheduling.STEP_S + 5, (_Steps.count, elapsed)
+
+
+def test_ray_is_pinned_to_the_tested_range_and_the_private_hooks_kd_ops_uses_exist():
+    """PacedScheduling and the dashboard check use Ray internals: pyproject pins Ray to the range they
+    were tested with, and each hook is checked here (and at import) instead of failing silently."""
+    import tomllib
+
+    import ray
+    from packaging.requirements import Requirement
+
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    [req] = [Requirement(d) for d in deps if Requirement(d).name == "ray"]
+    assert str(req.specifier) and ray.__version__ in req.specifier and "2.61.0" not in req.specifier, str(req)
+    assert callable(ExecutionCallback.on_execution_step) and issubclass(PacedScheduling, ExecutionCallback)
+    assert PacedScheduling.on_execution_step is not ExecutionCallback.on_execution_step
+    assert callable(ray._private.utils.get_dashboard_dependency_error)
+    import ray.data
+
+    assert hasattr(ray.data.DataContext.get_current(), "custom_execution_callback_classes")
