@@ -36,6 +36,19 @@ class Progress:
     best_metrics: dict[str, Any]    # the metrics of that epoch
 
 
+def weights_digest(model: torch.nn.Module) -> str:
+    """sha256 over a model's parameters and buffers (names, dtypes, shapes, bytes) in state-dict order:
+    equal on every DDP worker that holds the same weights."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, t in unwrap(model).state_dict().items():
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{list(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def save(directory: str | Path, *, model, optimizer, scheduler, progress: Progress,
          best_weights: dict[str, torch.Tensor], spec: dict[str, Any]) -> None:
     d = Path(directory)

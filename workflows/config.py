@@ -84,7 +84,8 @@ class DataConfig(Strict):
 class Fit(Strict):
     """How one model is trained (teacher, student or label-only baseline)."""
     epochs: int = Field(10, ge=1)
-    batch_size: int = Field(256, ge=1)
+    batch_size: int = Field(256, ge=1, description="rows per optimisation step over all Train workers "
+                            "(each of N workers takes batch_size / N)")
     lr: float = Field(5e-3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
     max_grad_norm: float | None = Field(None, gt=0, description="clip the global gradient norm to this (null: no clipping)")

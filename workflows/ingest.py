@@ -48,6 +48,9 @@ class Reader:
                                                optional=labels):
             table = pa.Table.from_batches([rb])
             out = {"x": data.features(table, self.feature_columns, str(src), np.dtype(self.input_dtype))}
+            ids = rb.column("id")
+            if pa.types.is_integer(ids.type):  # carried so a worker can say which rows it saw (Loop.trace_dir)
+                out["id"] = ids.to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
             if self.label_column is not None:  # a file without labels (transfer set): −1, soft term only
                 out["y"] = (table.column(self.label_column).fill_null(-1).to_numpy().astype(np.int64)
                             if self.label_column in table.column_names else np.full(rb.num_rows, -1, np.int64))

@@ -23,6 +23,7 @@ from typing import Any
 import ray
 import ray.train
 import ray.train.torch
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -62,6 +63,8 @@ class Loop:
     method: method_loss.Method = method_loss.Method()   # classification students: the method's own settings
     features: dict[str, Any] | None = None   # feature KD: layers, teacher, source (see stages.feature_plan)
     mlflow: dict[str, str] | None = field(default=None, compare=False)  # {tracking_uri, run_id}: rank 0 logs there
+    trace_dir: str | None = None             # each worker writes the ids it trained on per epoch and its final
+                                             # weights' digest here (rank<r>-epoch<e>.npy, rank<r>.sha256)
 
     def replace(self, **changes) -> "Loop":
         return dataclasses.replace(self, **changes)
@@ -90,7 +93,9 @@ def _teacher(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
 def _losses(model, batch, cfg: Loop, weights, progress: float = 0.0, online=None) -> tuple[torch.Tensor, int]:
     """Returns (loss to backprop, rows). Classification: `method_loss.student_loss` (α·KD + (1 − α)·CE
     batch means, plus the method's terms) at training progress `progress` ∈ [0, 1]; teacher
-    features from the batch (stored) or from `online` (a teacher run on this worker).
+    features from the batch (stored) or from `online` (a teacher run on this worker); the batch
+    mean is weighted by this worker's share of the global batch's rows, so with DDP averaging
+    gradients every row of the global batch counts the same, however the rows are split.
     LM: sums over tokens divided by the global token counts (all workers), scaled by the world
     size because DDP averages gradients over workers."""
     logits = model(batch["x"])
@@ -111,7 +116,15 @@ def _losses(model, batch, cfg: Loop, weights, progress: float = 0.0, online=None
                                            progress=progress, student_features=s_feat, teacher_features=t_feat)
     else:
         loss = losses.hard_label_loss(logits, batch["y"])
-    return loss, len(logits)
+    return loss * _row_share(len(logits)), len(logits)
+
+
+def _row_share(rows: int) -> float:
+    """rows × world / global rows of this step (1.0 on one worker)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return 1.0
+    total, world = _all_reduce([rows, 1])
+    return rows * world / total
 
 
 def step(model, opt, sched, batch: dict[str, torch.Tensor], cfg: Loop, weights, online=None) -> tuple[float, int]:
@@ -128,9 +141,15 @@ def step(model, opt, sched, batch: dict[str, torch.Tensor], cfg: Loop, weights, 
     return float(loss.detach()), rows
 
 
+def worker_batch(cfg: Loop, world: int) -> int:
+    """Rows per step on one worker: `batch_size` is the global batch, split over the workers, so
+    N workers take the same steps with the same global batch as one (and the same schedule)."""
+    return max(1, math.ceil(cfg.batch_size / world))
+
+
 def schedule(opt, cfg: Loop, world: int):
     """One-cycle: warm up then anneal; the step count is an upper bound per worker, never overrun."""
-    steps = cfg.epochs * max(1, math.ceil(cfg.train_rows / world / cfg.batch_size))
+    steps = cfg.epochs * max(1, math.ceil(cfg.train_rows / world / worker_batch(cfg, world)))
     return torch.optim.lr_scheduler.OneCycleLR(opt, cfg.lr, total_steps=steps + world)
 
 
@@ -185,6 +204,7 @@ def train_loop(config: dict[str, Any]) -> None:
     model = ray.train.torch.prepare_model(net)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = schedule(opt, cfg, world)
+    batch_rows = worker_batch(cfg, world)
     metric, mode = cfg.objective
     progress, best_weights = ckpt.Progress(0, -math.inf, {}), None
     if (resume := ray.train.get_checkpoint()) is not None:
@@ -199,19 +219,24 @@ def train_loop(config: dict[str, Any]) -> None:
     client = _mlflow_client(cfg) if rank == 0 else None
     last_checkpoint = time.monotonic()
     for epoch in range(progress.epoch + 1, cfg.epochs + 1):
-        start, model_loss, seen, wait, first = time.perf_counter(), 0.0, 0, 0.0, None
+        start, model_loss, seen, wait, first, ids = time.perf_counter(), 0.0, 0, 0.0, None, []
         model.train()
         ready = start
-        for batch in train_shard.iter_torch_batches(batch_size=cfg.batch_size, device=device,
-                                                    local_shuffle_buffer_size=max(cfg.shuffle_buffer, cfg.batch_size) if cfg.shuffle_buffer else None,
+        for batch in train_shard.iter_torch_batches(batch_size=batch_rows, device=device,
+                                                    local_shuffle_buffer_size=max(cfg.shuffle_buffer, batch_rows) if cfg.shuffle_buffer else None,
                                                     local_shuffle_seed=cfg.seed + epoch):
             wait += time.perf_counter() - ready  # the step waited for its data (ingest not keeping up)
             first = wait if first is None else first  # the epoch's start-up: all of the wait so far
             loss, rows = step(model, opt, sched, batch, cfg, weights, online)
             model_loss += loss * rows
             seen += rows
+            if cfg.trace_dir:
+                ids.append(batch["id"].cpu().numpy())
             ready = time.perf_counter()
         train_seconds = time.perf_counter() - start
+        if cfg.trace_dir:
+            np.save(os.path.join(cfg.trace_dir, f"rank{rank}-epoch{epoch}.npy"),
+                    np.concatenate(ids) if ids else np.zeros(0, np.int64))
         total, count = _all_reduce([model_loss, seen])
         metrics = {"epoch": epoch, "train_loss": total / max(count, 1), "train_rows": count,
                    "train_seconds": train_seconds, "data_wait_seconds": wait, "data_first_batch_seconds": first or 0.0,
@@ -238,6 +263,9 @@ def train_loop(config: dict[str, Any]) -> None:
             ray.train.report(metrics, checkpoint=checkpoint)
         if due:
             last_checkpoint = time.monotonic()
+    if cfg.trace_dir:
+        with open(os.path.join(cfg.trace_dir, f"rank{rank}.sha256"), "w") as f:
+            f.write(ckpt.weights_digest(model))
 
 
 def _with_features(student: torch.nn.Module, cfg: Loop, device):

@@ -10,6 +10,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -93,3 +94,42 @@ def tiny_config(tmp_path: Path, **sections) -> Path:
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+def ddp_fits(cfg, out, tmp_path, fit, kwargs, distill: bool = True):
+    """The same fit on 1 and 2 Train workers over the streamed store (nothing cached in the object
+    store), each worker tracing the ids it trained on and its final weights. Returns ({workers:
+    (Trained, trace dir)}, the training split's ids sorted)."""
+    from kd_ops import data, store
+    from workflows import stages, tasks, train
+
+    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"cache_datasets_mb": 0})})
+    lay, task = stages.Layout(out), tasks.for_config(cfg)
+    dirs = task.data(lay)
+    sets, rows, cached = stages.datasets(cfg, task, dirs, lay, teachers=distill,
+                                         splits={"train": task.train_splits(), "val": ("val",)})
+    assert not cached
+    loop = stages.loop(cfg, task, cfg.student.factory, kwargs, fit, train_rows=rows["train"], label="ddp",
+                       distill=distill, cached=cached)
+    fits = {}
+    for n in (1, 2):
+        trace = tmp_path / f"trace-{n}"
+        trace.mkdir()
+        res = train.fit(loop.replace(trace_dir=str(trace)), sets, name=f"ddp-{n}", storage=tmp_path / "ray",
+                        num_workers=n, use_gpu=False)
+        fits[n] = (res, trace)
+    expected = np.sort(np.concatenate([store.open_parquet(f).read(columns=["id"]).column("id").to_numpy()
+                                       for s in task.train_splits() for f in data.parquet_files(out / "data" / s)]))
+    return fits, expected
+
+
+def assert_ddp_split(fits, expected, epochs):
+    """Each epoch the two workers saw disjoint ids whose union is the split, and ended with the same weights."""
+    _, trace = fits[2]
+    for epoch in range(1, epochs + 1):
+        a, b = (np.load(trace / f"rank{r}-epoch{epoch}.npy", allow_pickle=False) for r in (0, 1))
+        assert len(a) and len(b) and not np.intersect1d(a, b).size, epoch  # disjoint
+        np.testing.assert_array_equal(np.sort(np.concatenate([a, b])), expected)  # the whole split, once
+    assert (trace / "rank0.sha256").read_text() == (trace / "rank1.sha256").read_text()
+    np.testing.assert_array_equal(np.sort(np.load(fits[1][1] / "rank0-epoch1.npy")), expected)
+

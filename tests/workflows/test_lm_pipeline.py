@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import yaml
 
+from conftest import assert_ddp_split, ddp_fits
 from kd_ops import lm, store
 from workflows import cli, pipeline
 from workflows.config import load_config
@@ -173,3 +174,16 @@ def test_the_runs_own_tokenizer_reloads_for_a_rerun(lm_run):
     tmp, _ = lm_run
     tok = lm.load_tokenizer(tmp / "out" / "tokenizer")
     assert lm.tokenizer_fingerprint(tok) == lm.tokenizer_fingerprint(lm.load_tokenizer(tmp / "out" / "teachers" / "gpt"))
+
+
+def test_two_lm_train_workers_split_each_epoch_and_hold_the_same_weights(lm_run, tmp_path):
+    """DDP for an LM student on the streamed top-k store: disjoint sequences per worker whose union is
+    the training split, identical weights, and a validation perplexity within noise of one worker's."""
+    tmp, summary = lm_run
+    cfg = load_config(tmp / "lm.yaml")
+    kwargs = summary["student"]["config"]["student_kwargs"] | {"teacher_dir": str(tmp / "out" / "teachers" / "gpt")}
+    fits, expected = ddp_fits(cfg, tmp / "out", tmp_path, cfg.train.fit, kwargs)
+    assert len(expected) % 2 == 0, len(expected)  # an even count: Ray's equal split drops no sequence
+    assert_ddp_split(fits, expected, cfg.train.fit.epochs)
+    one, two = fits[1][0].metrics["val_perplexity"], fits[2][0].metrics["val_perplexity"]
+    assert abs(np.log(two / one)) <= 0.15, (one, two)
