@@ -34,12 +34,14 @@ def ensemble_probs_np(teacher_logits: np.ndarray, weights: np.ndarray, temperatu
 
 @torch.inference_mode()
 def classification_sums(student_logits: torch.Tensor | None, labels: torch.Tensor,
-                        teacher_logits: torch.Tensor | None, weights: torch.Tensor | None) -> dict[str, float]:
-    """Counts over one batch, summed across batches and turned into rates by the caller.
+                        teacher_logits: torch.Tensor | None, weights: torch.Tensor | None,
+                        kl: bool = False) -> dict[str, float]:
+    """Counts over one batch, summed across batches (and workers) and turned into rates by `rates`.
 
     student_logits [B, C] or None; labels [B] (−1 = unlabelled, skipped); teacher_logits [B, M, C]
     raw or None; weights [M]. Returns rows (labelled), correct (student), agree (student top-1 ==
-    weighted ensemble top-1), ensemble_correct and teacher<i>_correct per teacher."""
+    weighted ensemble top-1), ensemble_correct and teacher<i>_correct per teacher, and with `kl`
+    the summed KL(ensemble at T=1 || student)."""
     keep = labels >= 0
     y = labels[keep]
     out = {"rows": float(keep.sum())}
@@ -47,27 +49,57 @@ def classification_sums(student_logits: torch.Tensor | None, labels: torch.Tenso
     if student is not None:
         out["correct"] = float((student == y).sum())
     if teacher_logits is not None:
-        from kd_ops.losses import ensemble_probs
+        from kd_ops.losses import ensemble_probs, soft_cross_entropy
 
         t = teacher_logits[keep].float()
-        ens = ensemble_probs(t.transpose(0, 1), weights, 1.0).argmax(-1)
+        p = ensemble_probs(t.transpose(0, 1), weights, 1.0)
+        ens = p.argmax(-1)
         out["ensemble_correct"] = float((ens == y).sum())
         out |= {f"teacher{i}_correct": float((t[:, i].argmax(-1) == y).sum()) for i in range(t.shape[1])}
         if student is not None:
             out["agree"] = float((student == ens).sum())
+            if kl:
+                out["kl"] = float(soft_cross_entropy(student_logits[keep], p, 1.0).sum())
     return out
+
+
+def teacher_top1(teacher: dict[str, torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
+    """The highest-weighted teacher's top-1 token per position [B, L], from stored columns with a
+    teacher axis (top-k "indices" [B, M, L, k], or full "logits" [B, M, L, V])."""
+    best = int(torch.argmax(weights))
+    return (teacher["indices"][:, best, :, 0] if "indices" in teacher else teacher["logits"][:, best].argmax(-1)).long()
 
 
 @torch.inference_mode()
-def lm_sums(logits: torch.Tensor, input_ids: torch.Tensor, teacher_top1: torch.Tensor | None) -> dict[str, float]:
+def lm_sums(logits: torch.Tensor, input_ids: torch.Tensor, teacher: dict[str, torch.Tensor] | None = None,
+            weights: torch.Tensor | None = None, kl: bool = False) -> dict[str, float]:
     """Counts over one batch of sequences: nll (summed next-token cross-entropy), tokens (predicted
-    positions), and with the teacher's top-1 ids [B, L]: agree over positions (all B·L of them).
-    logits [B, L, V]; input_ids [B, L]."""
-    from kd_ops.token_losses import next_token_ce_sum
+    positions), positions (B·L); with the stored teacher columns and weights [M]: agree (student
+    top-1 == the highest-weighted teacher's, over all positions) and with `kl` the summed forward
+    KL (tail bucket, T=1). logits [B, L, V]; input_ids [B, L]."""
+    from kd_ops.token_losses import lm_distillation_sums, next_token_ce_sum
 
     b, length = input_ids.shape
-    out = {"nll": float(next_token_ce_sum(logits, input_ids.long(), torch.ones_like(input_ids, dtype=torch.float32))),
+    ids = input_ids.long()
+    out = {"nll": float(next_token_ce_sum(logits, ids, torch.ones_like(ids, dtype=torch.float32))),
            "tokens": float(b * (length - 1)), "positions": float(b * length)}
-    if teacher_top1 is not None:
-        out["agree"] = float((logits.argmax(-1) == teacher_top1.long()).sum())
+    if teacher is not None and weights is not None:
+        out["agree"] = float((logits.argmax(-1) == teacher_top1(teacher, weights)).sum())
+        if kl:
+            out["kl"] = float(lm_distillation_sums(logits, ids, teacher, weights, kind="forward_kl")[0])
     return out
+
+
+def rates(sums: dict[str, float], task: str) -> dict[str, float]:
+    """Summed counts → metrics. Classification: accuracy, agreement, ensemble/teacher accuracies and
+    kl per labelled row; LM: perplexity, top1_agreement and kl per position."""
+    if task == "lm":
+        out = {"perplexity": float(np.exp(min(sums["nll"] / max(sums["tokens"], 1), 50)))} if "nll" in sums else {}
+        if "agree" in sums:
+            out["top1_agreement"] = sums["agree"] / max(sums["positions"], 1)
+        if "kl" in sums:
+            out["kl"] = sums["kl"] / max(sums["positions"], 1)
+        return out
+    n = max(sums["rows"], 1)
+    return {k.replace("correct", "accuracy").replace("agree", "agreement"): v / n
+            for k, v in sums.items() if k != "rows"}

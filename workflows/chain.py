@@ -13,9 +13,9 @@ import dataclasses
 import logging
 
 from kd_ops import models
-from workflows import console, stages, train
+from workflows import console, stages
 from workflows.config import RunConfig, TeacherConfig
-from workflows.stages import Layout, child_run
+from workflows.stages import Layout
 from workflows.tracking import Tracker
 
 log = logging.getLogger("kd")
@@ -66,10 +66,8 @@ def run(cfg: RunConfig, task, teachers: list[TeacherConfig], dirs, lay: Layout, 
         loop = stages.loop(cfg, task, cfg.student.factory, kwargs, cfg.train.fit, train_rows=rows_["train"],
                            label=name, distill=True, cached=cached, teacher_weights=weights)
         loop = loop.replace(method=dataclasses.replace(loop.method, feature=None, feature_weight=0.0))
-        with child_run(tracker, name, {"student_kwargs": kwargs, "teachers": use, "teacher_weights": weights}) as run_id:
-            res = train.fit(loop.replace(mlflow=tracker and {"tracking_uri": tracker.uri, "run_id": run_id}), sets,
-                            name=f"chain-{name}", storage=lay.ray, **stages.workers(cfg),
-                            progress=stages.epoch_progress(loop))
+        with stages.child_fit(cfg, tracker, name, {"student_kwargs": kwargs, "teachers": use, "teacher_weights": weights},
+                              loop, sets, name=f"chain-{name}", lay=lay) as res:
             row = {"name": name, **task.model_report(loop, res.weights, {"test": test_set})}
             path = lay.teachers / f"{name}.safetensors"
             models.save_weights(models.load_weights(models.build(loop.factory, loop.kwargs), res.weights), path)

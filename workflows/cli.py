@@ -95,7 +95,6 @@ def parser() -> argparse.ArgumentParser:
     bm.add_argument("--method", action="append", help="only this method (repeatable; default: all)")
     bm.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="config overrides for every method, e.g. --set train.fit.epochs=10")
-    bm.add_argument("--verbose", action="store_true")
     bm.add_argument("--json", action="store_true", help="last line of stdout: one JSON object")
     bt = bsub.add_parser("train", help="student-only vs offline KD vs online KD step rates, one run")
     bt.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -104,6 +103,9 @@ def parser() -> argparse.ArgumentParser:
     bt.add_argument("--batch-size", type=int)
     bt.add_argument("--seq-len", type=int, default=512)
     bt.add_argument("--json", action="store_true")
+    for bp_ in bsub.choices.values():
+        bp_.add_argument("--verbose", action="store_true", help="stream Ray's output to the terminal (default: "
+                         "into <out>/logs/kd.log; runs/bench-<name>/logs/kd.log for benches without --out)")
     return ap
 
 
@@ -151,26 +153,12 @@ def _root_cause(e: BaseException) -> BaseException | None:
 
 def _dispatch(args) -> int:
     if args.command == "bench":
-        if args.bench == "store":
-            from workflows import bench
+        import importlib
 
-            return bench.main(args)
-        if args.bench == "scale":
-            from workflows import bench_scale
-
-            return bench_scale.main(args)
-        if args.bench == "methods":
-            from workflows import bench_methods
-
-            console.setup(args.out, args.verbose)
-            return bench_methods.main(args)
-        if args.bench == "ingest":
-            from workflows import bench_ingest
-
-            return bench_ingest.main(args)
-        from workflows import bench_speed
-
-        return bench_speed.main(args)
+        # Ray's output into the bench's log file; kd-ops' progress lines and the result on the terminal
+        console.setup(getattr(args, "out", None) or f"runs/bench-{args.bench}", args.verbose)
+        module = {"store": "store", "scale": "scale", "methods": "methods", "ingest": "ingest"}.get(args.bench, "speed")
+        return importlib.import_module(f"workflows.bench.{module}").main(args)
     if args.command == "report":
         from workflows.report import print_summary
 

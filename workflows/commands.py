@@ -12,7 +12,6 @@ from rich.table import Table
 from kd_ops import store
 from kd_ops.fsio import Loc
 from workflows import console, ray_session, stages, tasks
-from workflows import train as train_mod
 from workflows.config import RunConfig
 from workflows.tracking import Tracker
 from workflows.tune import run_tune
@@ -43,6 +42,7 @@ def precompute(cfg: RunConfig, out: Path, *, tracking_uri=None, ray_address=None
     lay, tracker, task = _setup(cfg, out, tracking_uri, ray_address)
     with tracker.parent(f"{cfg.name}-precompute", cfg.model_dump(mode="json"), {"kd.out": str(lay.out)}):
         dirs = task.data(lay)
+        stages.check_inputs(cfg, task, dirs, lay)
         teachers = _teachers_with_weights(cfg, lay)
         stages.feature_plan(cfg, task, dirs, lay)  # layer names and shapes, before any teacher runs
         results = stages.stage_precompute(cfg, task, teachers, dirs, lay, tracker)
@@ -67,8 +67,8 @@ def _datasets(cfg: RunConfig, lay, task):
     dirs = task.data(lay)
     features = stages.feature_plan(cfg, task, dirs, lay)
     entries = [t.name for t in cfg.teachers]
-    if features and features["source"] == "store":
-        entries.append(features["store_entry"])
+    if features and features.source == "store":
+        entries.append(features.store_entry)
     for name in entries:
         if store.read_manifest(lay.store, name) is None:
             raise ValueError(f"no soft labels or features {name!r} in {lay.store}; run `kd precompute` first")
@@ -86,10 +86,8 @@ def train(cfg: RunConfig, out: Path, *, tracking_uri=None, ray_address=None) -> 
         sets, spec = _datasets(cfg, lay, task)
         params = {"temperature": spec.temperature, "alpha": spec.alpha, "teacher_weights": spec.teacher_weights,
                   "kwargs": spec.kwargs, "method": dataclasses.asdict(spec.method)}
-        with tracker.child("student", params) as rid:
-            res = train_mod.fit(spec.replace(mlflow={"tracking_uri": tracker.uri, "run_id": rid}),
-                                {k: sets[k] for k in ("train", "val")}, name="student", storage=lay.ray,
-                                **stages.workers(cfg), progress=stages.epoch_progress(spec))
+        with stages.child_fit(cfg, tracker, "student", params, spec, {k: sets[k] for k in ("train", "val")},
+                              name="student", lay=lay) as res:
             row = task.model_report(spec, res.weights, sets)
     console.say(json.dumps({"student": row, "weights": str(res.weights)}, indent=2))
     return 0

@@ -32,14 +32,9 @@ class Scorer:
         x = torch.from_numpy(batch["x"])
         logits = self.model(x) if self.model is not None else None
         if self.task == "lm":
-            top1 = None  # without teacher weights the model is scored on its own (a teacher's perplexity)
-            if self.weights is not None:  # agreement with the highest-weighted teacher's top-1 token
-                best = int(torch.argmax(self.weights))
-                if "indices" in batch:
-                    top1 = torch.from_numpy(batch["indices"][:, best, :, 0].astype(np.int64))
-                elif "logits" in batch:
-                    top1 = torch.from_numpy(batch["logits"][:, best]).argmax(-1)
-            sums = evaluate.lm_sums(logits, x, top1)
+            # without teacher weights the model is scored on its own (a teacher's perplexity)
+            teacher = {k: torch.from_numpy(batch[k]) for k in ("indices", "logits") if k in batch}
+            sums = evaluate.lm_sums(logits, x, teacher or None, self.weights)
         else:
             teacher = torch.from_numpy(batch["logits"]) if "logits" in batch else None
             sums = evaluate.classification_sums(logits, torch.from_numpy(batch["y"]), teacher, self.weights)
@@ -61,13 +56,3 @@ def score(ds: ray.data.Dataset, *, task: str, factory: str | None = None, kwargs
     return total
 
 
-def rates(sums: dict[str, float], task: str) -> dict[str, float]:
-    """Counts → metrics: accuracy / agreement (classification) or perplexity / agreement (LM)."""
-    if task == "lm":
-        out = {"perplexity": float(np.exp(min(sums["nll"] / max(sums["tokens"], 1), 50)))} if "nll" in sums else {}
-        if "agree" in sums:
-            out["top1_agreement"] = sums["agree"] / max(sums["positions"], 1)
-        return out
-    n = max(sums["rows"], 1)
-    return {k.replace("correct", "accuracy").replace("agree", "agreement"): v / n
-            for k, v in sums.items() if k != "rows"}

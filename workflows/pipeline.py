@@ -4,7 +4,6 @@ tune trial. The task-specific parts are in workflows.tasks; nothing here grows w
 datasets are streamed to the Train workers and metrics are computed on the cluster."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import logging
@@ -18,7 +17,7 @@ from kd_ops import store
 from kd_ops.fsio import redacted
 from rich.console import Console
 
-from workflows import chain, console, ray_session, stages, tasks, train
+from workflows import chain, console, ray_session, stages, tasks
 from workflows.config import RunConfig
 from workflows.report import print_summary
 from workflows.tracking import Tracker
@@ -85,15 +84,10 @@ def run(cfg: RunConfig, out: Path, *, tracking_uri: str | None = None, ray_addre
         step("student")
         chosen = {"temperature": base.temperature, "alpha": base.alpha, "teacher_weights": base.teacher_weights,
                   "student_kwargs": {k: v for k, v in base.kwargs.items() if k != "teacher_dir"}}
-        if task.kind == "lm":
-            chosen |= {"divergence": base.divergence, "tail": base.tail}
-        else:
-            chosen |= {"teachers": names, "method": dataclasses.asdict(base.method)}
+        chosen |= task.chosen(base, names)
         example = stages.first_rows(dirs[task.eval_split], task.feature_columns, task.input_dtype)
-        with tracker.child("student", chosen | {"epochs": base.epochs}) as run_id:
-            res = train.fit(base.replace(mlflow={"tracking_uri": tracker.uri, "run_id": run_id}),
-                            train_sets, name="student", storage=lay.ray,
-                            **stages.workers(cfg), progress=stages.epoch_progress(base))
+        with stages.child_fit(cfg, tracker, "student", chosen | {"epochs": base.epochs}, base, train_sets,
+                              name="student", lay=lay) as res:
             if not all(math.isfinite(v) for v in res.metrics.values() if isinstance(v, float)):
                 raise ValueError(f"the student's training diverged (metrics {res.metrics}); not registered. Lower "
                                  "train.fit.lr or set train.fit.max_grad_norm")
@@ -102,27 +96,22 @@ def run(cfg: RunConfig, out: Path, *, tracking_uri: str | None = None, ray_addre
             tracker.log_file(res.weights, "weights", "model.safetensors")
             registered = tracker.register(res.weights, {"factory": base.factory, "kwargs": base.kwargs},
                                           cfg.tracking.registered_model,
-                                          example.astype("int64") if task.kind == "lm" else example, cfg.code)
+                                          example.astype(task.example_dtype), cfg.code)
 
         step("label-only student")
         lo_sets, lo_rows, lo_cached = stages.datasets(cfg, task, dirs, lay, teachers=False,
                                            splits={"train": ("train",), "val": ("val",)})
         lo = stages.loop(cfg, task, base.factory, base.kwargs, cfg.train.label_only_fit,
                          train_rows=lo_rows["train"], label="label-only", cached=lo_cached)
-        with tracker.child("label-only-student", {"student_kwargs": chosen["student_kwargs"],
-                                                  **cfg.train.label_only_fit.model_dump()}) as run_id:
-            res_lo = train.fit(lo.replace(mlflow={"tracking_uri": tracker.uri, "run_id": run_id}), lo_sets,
-                               name="label-only", storage=lay.ray, **stages.workers(cfg),
-                               progress=stages.epoch_progress(lo))
+        with stages.child_fit(cfg, tracker, "label-only-student", {"student_kwargs": chosen["student_kwargs"],
+                              **cfg.train.label_only_fit.model_dump()}, lo, lo_sets, name="label-only", lay=lay) as res_lo:
             lorow = task.model_report(lo, res_lo.weights, kd_sets)
             mlflow.log_metrics(lorow)
 
         store_bytes = store.size_bytes(lay.store)
         summary = {"name": cfg.name, **task.summary(teacher_rows, reference, srow, lorow, res)}
         summary["student"]["config"] = chosen
-        if task.kind == "lm":
-            tokens = sum(r for r in rows.values()) * cfg.data.seq_len * len(names)
-            summary["store_bytes_per_token"] = store_bytes / tokens
+        summary |= task.store_summary(store_bytes, rows, names)
         summary |= {
             "chain": chain_rows,
             # born-again: test accuracy of generation 1..N (the last is the student above)

@@ -6,6 +6,7 @@ Orchestration only: the maths lives in kd_ops; Ray does the work; MLflow records
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from kd_ops.fsio import Loc
 from workflows import console, ingest, train, validate
 from workflows import precompute as pre
 from workflows.config import RunConfig, TeacherConfig
+from workflows.loop import FeaturePlan, Loop
 from workflows.ray_session import progress_bars
 from workflows.tracking import Tracker
 
@@ -73,17 +75,27 @@ def child_run(tracker: Tracker | None, name: str, params: dict | None = None):
     return tracker.child(name, params) if tracker else _NullRun()
 
 
+@contextmanager
+def child_fit(cfg: RunConfig, tracker: Tracker | None, run_name: str, params: dict | None, loop: Loop,
+              sets: dict, *, name: str, lay: Layout):
+    """Fit `loop` under a nested MLflow run `run_name` (rank 0 logs each epoch there) with the run's
+    Train workers and an epoch progress line; yields the `train.Trained` inside that run, so the
+    caller logs what it measures of the model there too."""
+    with child_run(tracker, run_name, params) as run_id:
+        loop = loop.replace(mlflow=tracker and {"tracking_uri": tracker.uri, "run_id": run_id})
+        yield train.fit(loop, sets, name=name, storage=lay.ray, **workers(cfg), progress=epoch_progress(loop))
+
+
 def check_inputs(cfg: RunConfig, task, dirs: dict[str, Path], lay: Layout) -> None:
     """`workflows.validate.check_inputs` for this run's inputs (remembered under --out/checks)."""
     validate.check_inputs(dirs, feature_columns=task.feature_columns, label_column=task.label_column,
-                          num_classes=cfg.data.num_classes if task.kind == "classification" else None,
+                          num_classes=task.num_classes,
                           remember=lay.out / "checks")
 
 
 def stage_precompute(cfg: RunConfig, task, teachers: list[TeacherConfig], dirs: dict[str, Path], lay: Layout,
                      tracker: Tracker | None) -> list[pre.TeacherResult]:
     pc = cfg.precompute
-    check_inputs(cfg, task, dirs, lay)
     with child_run(tracker, "precompute", pc.model_dump()), progress_bars():
         results = pre.precompute(teachers, dirs, lay.store, feature_columns=task.feature_columns, **pre.options(pc),
                                  **task.precompute_options(), progress=console.progress("precompute", "rows"))
@@ -129,7 +141,7 @@ def precompute_features(cfg: RunConfig, task, teachers: list[TeacherConfig], dir
     return r
 
 
-def feature_plan(cfg: RunConfig, task, dirs, lay: Layout) -> dict | None:
+def feature_plan(cfg: RunConfig, task, dirs, lay: Layout) -> FeaturePlan | None:
     """The Loop's `features`: layers, shapes and where the teacher's features come from. Builds
     the teacher (untrained: shapes do not depend on weights) and the student on the first input
     rows, so a wrong layer name or shapes no projection can map fail before any teacher is
@@ -146,10 +158,10 @@ def feature_plan(cfg: RunConfig, task, dirs, lay: Layout) -> dict | None:
     t_shape = list(pre.forward(f"teacher {t.name!r}", tap, example.numpy()).shape[1:])
     feature_kd.feature_student(models.build(cfg.student.factory, cfg.student.kwargs), f.student_layer, example,
                                t_shape, f.kind)
-    return {"student_layer": f.student_layer, "teacher_layer": f.teacher_layer, "source": f.source, "pool": f.pool,
-            "input_shape": list(example.shape[1:]), "input_dtype": task.input_dtype, "teacher_shape": t_shape,
-            "store_entry": pre.feature_entry(t.name, f.teacher_layer, f.pool),
-            "teacher": {"factory": t.factory, "kwargs": t.kwargs, "weights": Loc.of(teacher_weights_path(t, lay)).uri}}
+    return FeaturePlan(student_layer=f.student_layer, teacher_layer=f.teacher_layer, source=f.source, pool=f.pool,
+                       input_shape=list(example.shape[1:]), input_dtype=task.input_dtype, teacher_shape=t_shape,
+                       store_entry=pre.feature_entry(t.name, f.teacher_layer, f.pool), teacher_factory=t.factory,
+                       teacher_kwargs=t.kwargs, teacher_weights=Loc.of(teacher_weights_path(t, lay)).uri)
 
 
 def method(cfg: RunConfig):
@@ -164,7 +176,7 @@ def method(cfg: RunConfig):
                   rkd_angle=d.rkd.angle)
 
 
-def epoch_progress(loop: train.Loop):
+def epoch_progress(loop: Loop):
     """A fit's `progress`: `label: epoch/epochs epochs (…, ETA)` on the console."""
     bar = console.progress(loop.label, "epochs")
     return lambda epoch: bar(epoch, loop.epochs)
@@ -184,7 +196,7 @@ def teacher_weight_list(cfg: RunConfig) -> list[float]:
 
 def loop(cfg: RunConfig, task, factory: str, kwargs: dict, fit, *, train_rows: int, label: str,
          distill: bool = False, cached: bool = True, teacher_weights: list[float] | None = None,
-         features: dict | None = None) -> train.Loop:
+         features: FeaturePlan | None = None) -> Loop:
     """The typed training-loop settings for one model: its fit, the run's distillation settings
     when it is a student (`teacher_weights` over the dataset's teachers, default the config's),
     and the task's loss kind. `cached`: whether the train dataset sits in the object store (it
@@ -192,14 +204,14 @@ def loop(cfg: RunConfig, task, factory: str, kwargs: dict, fit, *, train_rows: i
     d = cfg.distill
     kd = dict(temperature=d.temperature, alpha=d.alpha, teacher_weights=teacher_weights or teacher_weight_list(cfg),
               divergence=d.divergence, beta=d.beta, tail=d.tail) if distill else {}
-    if distill and task.kind == "classification":
-        kd |= dict(method=method(cfg), features=features)
+    if distill:
+        kd |= task.method_settings(features)
     settings = fit.model_dump()
     if settings["shuffle_buffer"] is None:  # auto
         settings["shuffle_buffer"] = CACHED_SHUFFLE_BUFFER if cached else 0
-    return train.Loop(factory=factory, kwargs=kwargs, train_rows=train_rows, label=label, task=task.kind,
-                      cpus_per_worker=cfg.train.cpus_per_worker,
-                      checkpoint_interval_s=cfg.train.checkpoint_interval_s, **settings, **kd)
+    return Loop(factory=factory, kwargs=kwargs, train_rows=train_rows, label=label, task=task.kind,
+                cpus_per_worker=cfg.train.cpus_per_worker,
+                checkpoint_interval_s=cfg.train.checkpoint_interval_s, **settings, **kd)
 
 
 # Rows in a Train worker's local shuffle buffer for a dataset cached in the object store (its rows
@@ -209,14 +221,14 @@ CACHED_SHUFFLE_BUFFER = 8192
 
 
 def datasets(cfg: RunConfig, task, dirs: dict[str, Path], lay: Layout, *, teachers: bool | list[str],
-             splits: dict[str, tuple[str, ...]], features: dict | None = None
+             splits: dict[str, tuple[str, ...]], features: FeaturePlan | None = None
              ) -> tuple[dict[str, ray.data.Dataset], dict[str, int], bool]:
     """Streamed datasets by name, e.g. {"train": ("train", "transfer"), "val": ("val",)}, with the
     stored columns of every teacher (`teachers` True), of the teachers named, or of none; only
     "train" is shuffled, and it carries stored teacher features when `features` (a feature_plan)
     reads them from the store. Returns (datasets, rows, whether "train" is cached in the object store)."""
     names = list(teachers) if isinstance(teachers, list) else [t.name for t in cfg.teachers] if teachers else []
-    stored = features["store_entry"] if features and features["source"] == "store" else None
+    stored = features.store_entry if features and features.source == "store" else None
     out, rows, cached = {}, {}, {}
     for name, parts in splits.items():
         out[name], rows[name], cached[name] = ingest.dataset({s: dirs[s] for s in parts if s in dirs},

@@ -5,6 +5,7 @@ how models are scored and summarised (`teacher_report`, `model_report`, `summary
 computed on the cluster (workflows.evaluation) from streamed datasets."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -12,11 +13,12 @@ from typing import Any
 
 import numpy as np
 
-from kd_ops import data, lm, models
+from kd_ops import data, evaluate, lm, models
 from workflows import precompute as pre
-from workflows import evaluation, stages, train
+from workflows import evaluation, stages
 from workflows.config import RunConfig, TeacherConfig
-from workflows.stages import Layout, child_run
+from workflows.loop import Loop
+from workflows.stages import Layout
 from workflows.tracking import Tracker
 
 log = logging.getLogger("kd")
@@ -33,20 +35,20 @@ def _train_teacher(task, t: TeacherConfig, factory: str, kwargs: dict, dirs, lay
                                          splits={"train": ("train",), "val": ("val",)})
     loop = stages.loop(cfg, task, factory, kwargs, t.fit, train_rows=rows["train"], label=f"teacher {t.name}",
                        cached=cached)
-    with child_run(tracker, f"teacher-{t.name}", json.loads(json.dumps(vars(loop), default=str))) as run_id:
-        loop = loop.replace(mlflow=tracker and {"tracking_uri": tracker.uri, "run_id": run_id})
-        res = train.fit(loop, sets, name=f"teacher-{t.name}", storage=lay.ray, **stages.workers(cfg),
-                        progress=stages.epoch_progress(loop))
+    with stages.child_fit(cfg, tracker, f"teacher-{t.name}", json.loads(json.dumps(vars(loop), default=str)), loop,
+                          sets, name=f"teacher-{t.name}", lay=lay) as res:
         return res.weights
 
 
 class Classification:
     kind = "classification"
     input_dtype = "float32"
+    example_dtype = "float32"  # of the registered model's input example
     eval_split = "test"
 
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
+        self.num_classes = cfg.data.num_classes  # labels are checked against it
         p = cfg.data.parquet if cfg.data.source == "parquet" else None
         self.feature_columns = p.feature_columns if p else ["x"]
         self.label_column = p.label_column if p else "label"
@@ -103,15 +105,15 @@ class Classification:
     def teacher_report(self, teachers: list[TeacherConfig], kd_sets) -> tuple[list[dict], dict[str, float]]:
         """Per-teacher and uniform-ensemble test accuracy from the stored logits."""
         n = len(teachers)
-        acc = evaluation.rates(evaluation.score(kd_sets["test"], task=self.kind, teacher_weights=[1 / n] * n), self.kind)
+        acc = evaluate.rates(evaluation.score(kd_sets["test"], task=self.kind, teacher_weights=[1 / n] * n), self.kind)
         rows = [{"name": t.name, "params": models.num_params(models.build(t.factory, t.kwargs)),
                  "test_accuracy": acc[f"teacher{i}_accuracy"]} for i, t in enumerate(teachers)]
         return rows, {"ensemble_test_accuracy": acc["ensemble_accuracy"]}
 
-    def model_report(self, loop: train.Loop, weights: Path, kd_sets) -> dict[str, Any]:
+    def model_report(self, loop: Loop, weights: Path, kd_sets) -> dict[str, Any]:
         """Test accuracy and agreement with the uniform teacher ensemble, computed on the cluster."""
         n = len(self.cfg.teachers)
-        acc = evaluation.rates(evaluation.score(kd_sets["test"], task=self.kind, factory=loop.factory,
+        acc = evaluate.rates(evaluation.score(kd_sets["test"], task=self.kind, factory=loop.factory,
                                                 kwargs=loop.kwargs, weights=weights, teacher_weights=[1 / n] * n),
                                self.kind)
         return {"params": models.num_params(models.build(loop.factory, loop.kwargs)),
@@ -126,12 +128,24 @@ class Classification:
     def log_metrics(self, teacher_rows, reference) -> dict[str, float]:
         return {**reference, **{f"teacher.{r['name']}.test_accuracy": r["test_accuracy"] for r in teacher_rows}}
 
+    def method_settings(self, features) -> dict[str, Any]:
+        """A student Loop's classification method (DKD, schedules, feature and relation KD)."""
+        return {"method": stages.method(self.cfg), "features": features}
+
+    def chosen(self, loop: Loop, teachers: list[str]) -> dict[str, Any]:
+        """What the summary records of the student's settings beyond T, α and weights."""
+        return {"teachers": teachers, "method": dataclasses.asdict(loop.method)}
+
+    def store_summary(self, store_bytes: int, rows: dict[str, int], teachers: list[str]) -> dict[str, Any]:
+        return {}
+
 
 class LanguageModel:
     """task: lm. Inputs are packed token sequences (id, x: fixed_size_list<int32>[seq_len]); there
     are no labels (the next token is the label) and no transfer split."""
     kind = "lm"
     input_dtype = "int32"
+    example_dtype = "int64"  # token ids, as the registered model's signature takes them
     eval_split = "val"
     feature_columns = ["x"]
     label_column = None
@@ -139,6 +153,7 @@ class LanguageModel:
 
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
+        self.num_classes = None  # token ids are checked against the vocabulary instead
         self.tokenizer = None
 
     def _tokenizer_source(self) -> Path | None:
@@ -231,15 +246,15 @@ class LanguageModel:
             sums = evaluation.score(kd_sets["val"], task=self.kind, factory="kd_ops.lm:causal_lm",
                                     kwargs=pre.hf_kwargs(t), teacher_weights=None, batch_size=64)
             rows.append({"name": t.name, "params": models.num_params(lm.load_causal_lm(t.hf_dir, allow_pickle=t.allow_pickle)),
-                         "val_perplexity": evaluation.rates(sums, self.kind)["perplexity"]})
+                         "val_perplexity": evaluate.rates(sums, self.kind)["perplexity"]})
         return rows, {"teacher_val_perplexity": min(r["val_perplexity"] for r in rows)}
 
-    def model_report(self, loop: train.Loop, weights: Path, kd_sets) -> dict[str, Any]:
+    def model_report(self, loop: Loop, weights: Path, kd_sets) -> dict[str, Any]:
         """Validation and test perplexity, and top-1 agreement with the highest-weighted teacher on val."""
         weights_for = stages.teacher_weight_list(self.cfg)
         common = dict(task=self.kind, factory=loop.factory, kwargs=loop.kwargs, weights=weights, batch_size=64)
-        val = evaluation.rates(evaluation.score(kd_sets["val"], teacher_weights=weights_for, **common), self.kind)
-        test = evaluation.rates(evaluation.score(kd_sets["test"], teacher_weights=weights_for, **common), self.kind)
+        val = evaluate.rates(evaluation.score(kd_sets["val"], teacher_weights=weights_for, **common), self.kind)
+        test = evaluate.rates(evaluation.score(kd_sets["test"], teacher_weights=weights_for, **common), self.kind)
         return {"params": models.num_params(models.build(loop.factory, loop.kwargs)),
                 "val_perplexity": val["perplexity"], "test_perplexity": test["perplexity"],
                 "top1_agreement": val["top1_agreement"]}
@@ -252,3 +267,13 @@ class LanguageModel:
 
     def log_metrics(self, teacher_rows, reference) -> dict[str, float]:
         return dict(reference)
+
+    def method_settings(self, features) -> dict[str, Any]:
+        return {}  # token-level distillation: distill.divergence, already in the Loop
+
+    def chosen(self, loop: Loop, teachers: list[str]) -> dict[str, Any]:
+        return {"divergence": loop.divergence, "tail": loop.tail}
+
+    def store_summary(self, store_bytes: int, rows: dict[str, int], teachers: list[str]) -> dict[str, Any]:
+        tokens = sum(rows.values()) * self.cfg.data.seq_len * len(teachers)
+        return {"store_bytes_per_token": store_bytes / tokens}

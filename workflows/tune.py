@@ -20,6 +20,7 @@ from ray.tune.search.basic_variant import BasicVariantGenerator
 from kd_ops.fsio import Loc
 from workflows import console, train
 from workflows.config import METHOD_DIMS, Dim, TuneConfig
+from workflows.loop import Loop
 
 log = logging.getLogger("kd")
 
@@ -41,7 +42,7 @@ def search_space(tc: TuneConfig, teachers: list[str]) -> dict[str, Any]:
     return space
 
 
-def apply_trial(base: train.Loop, trial: dict[str, Any], teachers: list[str], width_kwarg: str) -> train.Loop:
+def apply_trial(base: Loop, trial: dict[str, Any], teachers: list[str], width_kwarg: str) -> Loop:
     """The loop for one point of the search space (unsearched values keep `base`)."""
     changes: dict[str, Any] = {k: float(trial[k]) for k in ("temperature", "alpha") if k in trial}
     if "student_width" in trial:
@@ -82,7 +83,7 @@ def _trial(trial: dict[str, Any], *, base, teachers, width_kwarg, datasets, stor
         raise outcome["error"]
 
 
-def run_tune(tc: TuneConfig, base: train.Loop, teachers: list[str], width_kwarg: str,
+def run_tune(tc: TuneConfig, base: Loop, teachers: list[str], width_kwarg: str,
              datasets: dict[str, ray.data.Dataset], *, storage: Loc, workers: dict[str, Any],
              tracking_uri: str | None, experiment: str | None, parent_run_id: str | None):
     """Run the search; returns (best loop config, best metrics, list of per-trial rows)."""

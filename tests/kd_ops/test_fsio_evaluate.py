@@ -56,7 +56,7 @@ def test_classification_counts_skip_unlabelled_rows_and_weight_the_ensemble():
 def test_lm_counts_give_the_perplexity_of_a_uniform_model():
     logits = torch.zeros(2, 5, 7)  # uniform over 7 tokens: nll per position = log 7
     ids = torch.randint(0, 7, (2, 5))
-    out = evaluate.lm_sums(logits, ids, ids)
+    out = evaluate.lm_sums(logits, ids, {"indices": ids[:, None, :, None]}, torch.tensor([1.0]))  # top-1 = ids
     assert out["tokens"] == 8 and out["positions"] == 10
     assert np.exp(out["nll"] / out["tokens"]) == pytest.approx(7.0, rel=1e-5)
     assert out["agree"] == float((ids == 0).sum())  # argmax of a uniform row is token 0
@@ -67,3 +67,13 @@ def test_mix_is_the_alpha_weighted_sum_and_checks_alpha():
     assert float(losses.mix(kd, ce, 0.25)) == pytest.approx(0.25 * 2 + 0.75 * 10)
     with pytest.raises(ValueError, match=r"alpha must be in \[0, 1\], got 1.5"):
         losses.mix(kd, ce, 1.5)
+
+
+def test_lm_kl_and_rates_per_position():
+    logits = torch.zeros(2, 5, 7)
+    ids = torch.randint(0, 7, (2, 5))
+    teacher = {"logits": torch.zeros(2, 1, 5, 7)}  # the same uniform distribution: KL 0
+    out = evaluate.lm_sums(logits, ids, teacher, torch.tensor([1.0]), kl=True)
+    assert out["kl"] == pytest.approx(0.0, abs=1e-5)
+    r = evaluate.rates(out, "lm")
+    assert r["perplexity"] == pytest.approx(7.0, rel=1e-5) and r["top1_agreement"] == out["agree"] / 10

@@ -11,7 +11,7 @@ import torch
 from kd_ops import lm, store
 from kd_ops.fsio import Loc, UnsafePathError, redact, redacted
 
-from test_store import SETTINGS, _publish, _write
+from test_store import _publish, _write
 
 
 @pytest.mark.parametrize("name", [".", "..", "a/b", ".hidden", ""])

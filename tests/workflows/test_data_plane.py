@@ -4,7 +4,9 @@ a fit that cannot get its resources, user code shipped to another node; and Ray 
 loop paced while its reads wait on a slow consumer."""
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -109,22 +111,32 @@ def test_a_killed_precompute_reruns_only_missing_files_and_ends_with_the_same_st
     assert on_disk == sorted(s["file"] for s in m_a["shards"].values())
 
 
-def test_two_runs_with_tune_and_asha_on_one_machine_both_finish(tmp_path):
+def test_two_searches_with_asha_in_two_ray_instances_beside_a_third_both_finish(ray_session, tmp_path):
+    """Two `kd tune` processes, each with its own local Ray instance, while this test session's Ray
+    (a third instance) stays up: every process of a run is pinned to its own cluster, so Ray Train's
+    PlacementGroupCleaner and the state API never pick another instance, ASHA's stopped trials
+    free their resources and both searches finish. The store is precomputed once, in this
+    session's Ray, so the two processes run only what the point is: Tune, ASHA and Train."""
+    from workflows import commands
+    from workflows.config import load_config
+
     tune = {"num_samples": 3, "max_concurrent_trials": 1, "epochs": 2, "grace_period": 1,
             "student_width": {"choice": [4, 6]}, "temperature": {"choice": [1.0, 2.0]}}
+    cfg = _config(tmp_path, {"width": 8}, tune=tune)
+    assert commands.precompute(load_config(cfg), tmp_path / "out", tracking_uri=f"sqlite:///{tmp_path / 'pre.db'}") == 0
     procs = []
     for i in range(2):
         d = tmp_path / f"run{i}"
-        d.mkdir()
-        cfg = _config(d, {"width": 8}, tune=tune)
-        procs.append((d, _kd("run", cfg, "--out", d / "out", "--tracking-uri", f"sqlite:///{d / 'mlflow.db'}",
+        shutil.copytree(tmp_path / "out" / "store", d / "out" / "store")
+        procs.append((d, _kd("tune", cfg, "--out", d / "out", "--tracking-uri", f"sqlite:///{d / 'mlflow.db'}",
                              env=_env())))
     for d, p in procs:
-        log, _ = p.communicate(timeout=900)
+        log, _ = p.communicate(timeout=600)
         assert p.returncode == 0, log[-4000:]
-        s = yaml.safe_load((d / "out" / "summary.json").read_text())
-        assert len(s["tune_trials"]) == 3 and s["student"]["config"]["student_kwargs"]["width"] in (4, 6)
-        assert 0.0 <= s["student"]["test_accuracy"] <= 1.0 and s["teachers"][0]["name"] == "t"
+        result = json.loads(log[log.index('{\n  "best"'):])
+        assert len(result["trials"]) == 3 and result["failed_trials"] == [], result
+        assert {t["student_width"] for t in result["trials"]} <= {4, 6} and 0.0 <= result["best"]["val_accuracy"] <= 1.0
+        assert all(1 <= t["epochs"] <= 2 for t in result["trials"])  # ASHA may stop a trial after its first epoch
 
 
 def test_a_fit_that_cannot_get_its_resources_fails_in_bounded_time_naming_them(tmp_path):

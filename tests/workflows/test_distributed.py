@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from kd_ops import lm, models
-from workflows import train
+from workflows import worker
+from workflows.loop import Loop
 
 ROWS = 8
 SPLIT = [(0, 6), (6, 8)]  # uneven: with per-worker means the 2 rows of rank 1 would weigh as much as rank 0's 6
@@ -22,15 +23,15 @@ def _case(task: str):
     if task == "classification":
         model = models.cnn(width=4)
         batch = {"x": torch.randn(ROWS, 40), "y": torch.randint(0, 10, (ROWS,)), "logits": torch.randn(ROWS, 2, 10)}
-        loop = train.Loop(factory="kd_ops.models:cnn", kwargs={"width": 4}, epochs=1, batch_size=ROWS, lr=1e-3,
-                          weight_decay=0.0, seed=0, train_rows=ROWS, temperature=2.0, alpha=0.5,
-                          teacher_weights=[0.5, 0.5])
+        loop = Loop(factory="kd_ops.models:cnn", kwargs={"width": 4}, epochs=1, batch_size=ROWS, lr=1e-3,
+                    weight_decay=0.0, seed=0, train_rows=ROWS, temperature=2.0, alpha=0.5,
+                    teacher_weights=[0.5, 0.5])
     else:
         model = lm.new_causal_lm(32, 8, 1, 16, 2).eval()  # no dropout: the same function on every process
         batch = {"x": torch.randint(0, 32, (ROWS, 8)), "logits": torch.randn(ROWS, 1, 8, 32)}
-        loop = train.Loop(factory="kd_ops.lm:new_causal_lm", kwargs={}, epochs=1, batch_size=ROWS, lr=1e-3,
-                          weight_decay=0.0, seed=0, train_rows=ROWS, task="lm", temperature=2.0, alpha=0.5,
-                          teacher_weights=[1.0])
+        loop = Loop(factory="kd_ops.lm:new_causal_lm", kwargs={}, epochs=1, batch_size=ROWS, lr=1e-3,
+                    weight_decay=0.0, seed=0, train_rows=ROWS, task="lm", temperature=2.0, alpha=0.5,
+                    teacher_weights=[1.0])
     return model, batch, loop, torch.tensor(loop.teacher_weights)
 
 
@@ -44,7 +45,7 @@ def _ddp_worker(config):
     for task in ("classification", "lm"):
         model, batch, loop, weights = _case(task)
         ddp = ray.train.torch.prepare_model(model)  # DistributedDataParallel: gradients averaged over workers
-        loss, rows = train._losses(ddp, {k: v[lo:hi] for k, v in batch.items()}, loop, weights)
+        loss, rows = worker._losses(ddp, {k: v[lo:hi] for k, v in batch.items()}, loop, weights)
         loss.backward()
         assert rows == hi - lo
         if rank == 0:
@@ -59,7 +60,7 @@ def test_ddp_gradients_over_an_uneven_split_equal_the_whole_batch_gradient(ray_s
     ).fit()
     for task in ("classification", "lm"):
         model, batch, loop, weights = _case(task)
-        loss, _ = train._losses(model, batch, loop, weights)  # one process, the whole batch
+        loss, _ = worker._losses(model, batch, loop, weights)  # one process, the whole batch
         loss.backward()
         whole, ddp = _gradients(model), load_file(tmp_path / f"{task}.safetensors")
         assert whole.keys() == ddp.keys() and whole

@@ -19,6 +19,7 @@ import ray.train
 
 from kd_ops import data
 from workflows import ingest, train
+from workflows.loop import Loop
 
 
 class _Record(ray.train.UserCallback):
@@ -62,8 +63,8 @@ def _setup(tmp_path: Path):
     dirs = {n: data.write_split(s[n], tmp_path / "in" / n, rows_per_file=10_000) for n in ("train", "val")}
     sets = {n: ingest.dataset({n: d}, feature_columns=["x"], label_column="label", shuffle=False,
                               cache_bytes=10**9)[0] for n, d in dirs.items()}
-    loop = train.Loop(factory="kd_ops.models:cnn", kwargs={"width": 8}, epochs=6, batch_size=64, lr=0.01,
-                      weight_decay=0.0, seed=0, train_rows=1500, shuffle_buffer=512, checkpoint_interval_s=0)
+    loop = Loop(factory="kd_ops.models:cnn", kwargs={"width": 8}, epochs=6, batch_size=64, lr=0.01,
+                weight_decay=0.0, seed=0, train_rows=1500, shuffle_buffer=512, checkpoint_interval_s=0)
     return sets, loop
 
 

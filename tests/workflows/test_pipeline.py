@@ -14,7 +14,7 @@ from mlflow.tracking import MlflowClient
 import counting_teacher
 from conftest import COUNTER, assert_ddp_split, ddp_fits, tiny_config
 from kd_ops import data, evaluate, models, store
-from workflows import commands, pipeline, stages, tasks, train
+from workflows import commands, pipeline, stages, tasks
 from workflows.config import load_config
 
 

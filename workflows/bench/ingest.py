@@ -26,6 +26,8 @@ import torch
 
 from kd_ops import data, models, store
 from kd_ops.fsio import Loc
+from workflows import console
+from workflows.loop import Loop
 
 CLASSES, FEATURES = 1000, 40
 STUDENT = "kd_ops.models:cnn"  # a 1-D CNN with a 1,000-class head; --student-width sets its width
@@ -61,10 +63,14 @@ def build_store(root: Path, target_bytes: int, rows_per_file: int) -> tuple[int,
     row_bytes = 2 * CLASSES
     files = max(2, math.ceil(target_bytes / (row_bytes * rows_per_file)))
     per_task = max(1, files // (4 * int(ray.cluster_resources().get("CPU", 1))))
-    refs = [_write_files.remote(str(root), i, min(per_task, files - i), rows_per_file) for i in range(0, files, per_task)]
+    refs = {_write_files.remote(str(root), i, min(per_task, files - i), rows_per_file): min(per_task, files - i)
+            for i in range(0, files, per_task)}
     keys: dict[str, dict] = {}
-    for r in refs:
-        keys |= ray.get(r)
+    bar, pending = console.progress("store", "input files + shards"), list(refs)
+    while pending:
+        [ready], pending = ray.wait(pending, num_returns=1)
+        keys |= ray.get(ready)
+        bar(len(keys), files)
     store.publish(root / "store", "t", kind="full", columns=_columns(), inputs={"train": keys},
                   teacher_fp="synthetic", settings=SETTINGS)
     return store.size_bytes(root / "store"), files * rows_per_file
@@ -72,9 +78,9 @@ def build_store(root: Path, target_bytes: int, rows_per_file: int) -> tuple[int,
 
 @ray.remote(num_cpus=1)
 def _in_memory(loop, rows: int, seed: int = 0) -> dict[str, float]:
-    """The training step of `workflows.train` (`train.step`: same student, loss, optimiser and LR
+    """The training step of the Train workers (`worker.step`: same student, loss, optimiser and LR
     schedule) on tensors already in memory, one thread as a Train worker has."""
-    from workflows import train
+    from workflows import worker
 
     torch.set_num_threads(1)
     torch.manual_seed(seed)
@@ -85,11 +91,11 @@ def _in_memory(loop, rows: int, seed: int = 0) -> dict[str, float]:
     loop = loop.replace(train_rows=rows)
     model = models.build(loop.factory, loop.kwargs)
     opt = torch.optim.AdamW(model.parameters(), lr=loop.lr, weight_decay=loop.weight_decay)
-    sched, w = train.schedule(opt, loop, 1), torch.tensor(loop.teacher_weights)
+    sched, w = worker.schedule(opt, loop, 1), torch.tensor(loop.teacher_weights)
     b = loop.batch_size
     start = time.perf_counter()
     for i in range(0, rows, b):
-        train.step(model, opt, sched, {"x": x[i:i + b], "y": y[i:i + b], "logits": t[i:i + b]}, loop, w)
+        worker.step(model, opt, sched, {"x": x[i:i + b], "y": y[i:i + b], "logits": t[i:i + b]}, loop, w)
     return {"rows": rows, "seconds": time.perf_counter() - start}
 
 
@@ -105,6 +111,7 @@ def bench_ingest(target_gb: float, rows_per_file: int, batch: int, memory_rows: 
         if kept is not None:  # a store --keep left: the same comparison again without rebuilding it
             store_bytes, rows = store.size_bytes(root / "store"), kept["rows"]
         else:
+            console.say(f"==> building a {target_gb:g} GB synthetic store in {root}")
             store_bytes, rows = build_store(root, int(target_gb * 1e9), rows_per_file)
         build_s = time.perf_counter() - start
         splits = {"train": root / "inputs" / "train"}
@@ -118,13 +125,16 @@ def bench_ingest(target_gb: float, rows_per_file: int, batch: int, memory_rows: 
         val_ds, _, _ = ingest.dataset({"train": val_dir}, feature_columns=["x"], label_column="label",
                                    store_dir=root / "store", teachers=["t"], shuffle=False)
         kwargs = {"num_classes": CLASSES, "width": width}
-        loop = train.Loop(factory=STUDENT, kwargs=kwargs, epochs=1, batch_size=batch, lr=1e-3,
-                          weight_decay=0.0, seed=0, train_rows=n, label="bench ingest", temperature=2.0, alpha=0.9,
-                          teacher_weights=[1.0])
+        loop = Loop(factory=STUDENT, kwargs=kwargs, epochs=1, batch_size=batch, lr=1e-3,
+                    weight_decay=0.0, seed=0, train_rows=n, label="bench ingest", temperature=2.0, alpha=0.9,
+                    teacher_weights=[1.0])
         shutil.rmtree(root / "ray", ignore_errors=True)  # a fit of a kept store's last run would be reused, not timed
+        console.say(f"==> store-fed fit: {n:,} rows streamed from {store_bytes / 1e9:.2f} GB, 1 epoch "
+                    f"(at ~20k rows/s on a 2-core CPU machine: ~{n / 20000:.0f} s)")
         res = train.fit(loop, {"train": train_ds, "val": val_ds}, name="bench-ingest", storage=root / "ray",
-                        num_workers=1, use_gpu=False)
+                        num_workers=1, use_gpu=False, progress=lambda e: console.progress("store-fed", "epochs")(e, 1))
         store_fed = res.metrics["train_rows"] / res.metrics["train_seconds"]
+        console.say(f"==> in-memory loop: {memory_rows:,} rows, the same training step")
         mem = ray.get(_in_memory.remote(loop, memory_rows))
         in_memory = mem["rows"] / mem["seconds"]
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: kilobytes
@@ -147,7 +157,7 @@ def main(args) -> int:
                      args.keep, args.read_tasks)
     if not args.json:
         for k, v in r.items():
-            print(f"{k}: {v:,.3f}" if isinstance(v, float) else f"{k}: {v:,}")
+            console.say(f"{k}: {v:,.3f}" if isinstance(v, float) else f"{k}: {v:,}")
     else:
-        print(json.dumps(r))
+        console.say(json.dumps(r))
     return 0

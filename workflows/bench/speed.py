@@ -24,6 +24,7 @@ import torch
 
 from kd_ops import data, losses, models, store
 from kd_ops import token_losses as tl
+from workflows import console
 
 log = logging.getLogger("kd")
 
@@ -241,5 +242,5 @@ def main(args) -> int:
     else:
         pair = args.pair or ("lm" if args.device == "cuda" else "mnist1d")
         r = bench_train(pair, args.device, args.steps, args.batch_size or (32 if pair == "lm" else 256), args.seq_len)
-    print(json.dumps(r, indent=2) if args.json else "\n".join(f"{k}: {v}" for k, v in r.items()))
+    console.say(json.dumps(r) if args.json else "\n".join(f"{k}: {v}" for k, v in r.items()))
     return 0

@@ -18,7 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from kd_ops import data, lm, models, store
+from kd_ops import data, evaluate, lm, models, store
+from workflows import console
 from workflows import precompute as pre
 from workflows import evaluation, ingest, ray_session, stages, tasks, train
 from workflows.config import RunConfig
@@ -76,7 +77,7 @@ def bench_store(cfg: RunConfig, run_dir: Path, out: Path, *, train_rows: int, ep
                         use_gpu=cfg.train.use_gpu)
         sums = evaluation.score(sets["val"], task="lm", factory=loop.factory, kwargs=loop.kwargs, weights=res.weights,
                                 batch_size=64)
-        row["student_val_perplexity"] = evaluation.rates(sums, "lm")["perplexity"]
+        row["student_val_perplexity"] = evaluate.rates(sums, "lm")["perplexity"]
         results[key] = row
         log.info("bench store %s: %.1f bytes/token, student val ppl %.3f", key, row["bytes_per_token"],
                  row["student_val_perplexity"])
@@ -130,9 +131,9 @@ def print_table(r: dict[str, Any]) -> None:
         row = r[key]
         t.add_row(key, f"{row['bytes_per_token']:,.1f}", f"{row['student_val_perplexity']:.3f}",
                   f"{row.get('val_perplexity_vs_full', 1.0):.4f}")
-    Console().print(t)
+    Console(file=console.out()).print(t)
     big = r["big_vocab"]
-    print(f"at vocab {big['vocab_size']}: " + ", ".join(f"{k} {v['bytes_per_token']:,.1f} bytes/token"
+    console.say(f"at vocab {big['vocab_size']}: " + ", ".join(f"{k} {v['bytes_per_token']:,.1f} bytes/token"
                                                         for k, v in big.items() if isinstance(v, dict)))
 
 
@@ -144,7 +145,7 @@ def main(args) -> int:
         raise ValueError("kd bench store measures the LM token store: give an LM config (task: lm)")
     r = bench_store(cfg, Path(args.run), Path(args.out), train_rows=args.train_rows, epochs=args.epochs)
     if args.json:
-        print(json.dumps(r, indent=2))
+        console.say(json.dumps(r))
     else:
         print_table(r)
     Path(args.out, "bench_store.json").write_text(json.dumps(r, indent=2))

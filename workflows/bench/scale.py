@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from kd_ops import data, models
+from workflows import console
 
 TEACHER = {"factory": "kd_ops.models:cnn", "kwargs": {"width": 88}}
 
@@ -72,11 +73,11 @@ def main(args) -> int:
     cpus = args.cpus_per_node or max(1, (os.cpu_count() or 1) // max(counts))
     r = bench_scale(counts, cpus, args.rows, args.rows_per_file, args.batch_size)
     if not r["meaningful"]:
-        print(f"kd bench scale: this machine has {r['machine_cores']} cores (needs ≥ 8 and ≥ {max(counts)} nodes × {cpus} "
+        console.say(f"kd bench scale: this machine has {r['machine_cores']} cores (needs ≥ 8 and ≥ {max(counts)} nodes × {cpus} "
               "CPUs): the nodes compete for cores and the ratios below do not measure scaling")
     for n, v in r["nodes"].items():
-        print(f"{n} node(s) × {cpus} CPU: {v['rows_per_s']:,.0f} rows/s ({v['seconds']:.1f} s), "
+        console.say(f"{n} node(s) × {cpus} CPU: {v['rows_per_s']:,.0f} rows/s ({v['seconds']:.1f} s), "
               f"{v['ratio_to_first']:.2f}× {counts[0]} node(s)")
     if args.json:
-        print(json.dumps(r))
+        console.say(json.dumps(r))
     return 0

@@ -1,0 +1,73 @@
+"""The typed settings of one training run (a teacher, a KD student or a label-only baseline),
+built by `workflows.stages.loop` from the config and handed to every Train worker."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from kd_ops import method_loss
+from workflows.config import DistillConfig, Fit, TrainConfig
+
+
+def _defaults(model) -> dict[str, Any]:
+    return {k: f.default for k, f in model.model_fields.items()}
+
+
+_FIT, _TRAIN, _DISTILL = _defaults(Fit), _defaults(TrainConfig), _defaults(DistillConfig)
+
+@dataclass(frozen=True)
+class FeaturePlan:
+    """Feature KD for a student's fit (`stages.feature_plan`): which layers, their shapes (checked on
+    real rows before any teacher runs) and where the teacher's features come from."""
+    student_layer: str
+    teacher_layer: str
+    source: str                  # "store": read per id from `store_entry`; "online": run `teacher` on each batch
+    pool: int | None             # teacher positions average-pooled to this many
+    input_shape: list[int]       # one input row's shape and dtype (to build the student's projection)
+    input_dtype: str
+    teacher_shape: list[int]     # one row of the teacher layer's output
+    store_entry: str
+    teacher_factory: str
+    teacher_kwargs: dict[str, Any]
+    teacher_weights: str         # a local path or URI of the teacher's safetensors
+
+
+@dataclass(frozen=True)
+class Loop:
+    """Everything one training run needs: the model, its optimisation and, for a student, the
+    distillation settings (teacher_weights None = labels only)."""
+    factory: str
+    kwargs: dict[str, Any]
+    epochs: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    seed: int
+    train_rows: int                          # rows per epoch (all workers): sizes the LR schedule
+    # the config's defaults (config.py holds them; a Loop built by hand gets the same)
+    max_grad_norm: float | None = _FIT["max_grad_norm"]
+    cpus_per_worker: int = _TRAIN["cpus_per_worker"]
+    shuffle_buffer: int = 0                  # rows in Ray Data's local shuffle buffer per worker (0: none)
+    checkpoint_interval_s: float = _TRAIN["checkpoint_interval_s"]  # at most this long between checkpoints
+    label: str = "model"                     # for log lines
+    task: str = "classification"             # or "lm"
+    temperature: float = _DISTILL["temperature"]
+    alpha: float = _DISTILL["alpha"]         # ignored without teachers (teacher_weights None)
+    teacher_weights: list[float] | None = None
+    divergence: str = _DISTILL["divergence"]  # LM token divergence
+    beta: float = _DISTILL["beta"]
+    tail: bool = _DISTILL["tail"]
+    method: method_loss.Method = method_loss.Method()   # classification students: the method's own settings
+    features: FeaturePlan | None = None      # feature KD
+    mlflow: dict[str, str] | None = field(default=None, compare=False)  # {tracking_uri, run_id}: rank 0 logs there
+    trace_dir: str | None = None             # each worker writes the ids it trained on per epoch and its final
+                                             # weights' digest here (rank<r>-epoch<e>.npy, rank<r>.sha256)
+
+    def replace(self, **changes) -> "Loop":
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def objective(self) -> tuple[str, str]:
+        """The metric that picks checkpoints and tune trials, and its direction."""
+        return ("val_perplexity", "min") if self.task == "lm" else ("val_accuracy", "max")

@@ -1,0 +1,253 @@
+"""What runs in each Ray Train worker: one training loop for teachers, KD students and label-only
+baselines, 1..N workers (DDP).
+
+The loop reads its shard of a streamed Ray Dataset (`workflows.ingest`) with columns x, y (−1 =
+unlabelled; classification) and, for distillation, the stored teacher columns stacked per row
+([M, C] logits, or top-k values/indices/lse per token). Temperature, α and teacher weights arrive
+in the typed `Loop` and are applied here, at training time. Rank 0 logs epochs to MLflow.
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+import ray
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+
+from kd_ops import checkpoint as ckpt
+from kd_ops import evaluate, feature_kd, losses, method_loss, models, token_losses
+from workflows.loop import Loop
+
+
+def _all_reduce(values: list[float]) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+TEACHER_COLUMNS = ("logits", "values", "indices", "lse", "tail_values", "tail_indices")
+
+
+def _teacher(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+    t = {k: batch[k] for k in TEACHER_COLUMNS if k in batch}
+    return t or None
+
+
+def _losses(model, batch, cfg: Loop, weights, progress: float = 0.0, online=None) -> tuple[torch.Tensor, int]:
+    """Returns (loss to backprop, rows). Classification: `method_loss.student_loss` (α·KD + (1 − α)·CE
+    batch means, plus the method's terms) at training progress `progress` ∈ [0, 1]; teacher
+    features from the batch (stored) or from `online` (a teacher run on this worker); the batch
+    mean is weighted by this worker's share of the global batch's rows, so with DDP averaging
+    gradients every row of the global batch counts the same, however the rows are split.
+    LM: sums over tokens divided by the global token counts (all workers), scaled by the world
+    size because DDP averages gradients over workers."""
+    logits = model(batch["x"])
+    teacher = _teacher(batch) if weights is not None else None
+    if cfg.task == "lm":
+        kd, ce = token_losses.lm_distillation_sums(logits, batch["x"], teacher, weights, kind=cfg.divergence,
+                                                   temperature=cfg.temperature, tail=cfg.tail, beta=cfg.beta)
+        b, length = batch["x"].shape
+        n_kd, n_ce, world = _all_reduce([b * length, b * (length - 1), 1])
+        return world * losses.mix(kd / n_kd, ce / n_ce, cfg.alpha if teacher is not None else 0.0), b
+    if teacher is not None:
+        s_feat = t_feat = None
+        if cfg.features is not None:
+            s_feat = models.unwrap(model).features
+            t_feat = batch["features"] if online is None else feature_kd.teacher_features(online, batch["x"])
+        loss, _ = method_loss.student_loss(logits, teacher["logits"].transpose(0, 1), batch["y"], weights,
+                                           temperature=cfg.temperature, alpha=cfg.alpha, method=cfg.method,
+                                           progress=progress, student_features=s_feat, teacher_features=t_feat)
+    else:
+        loss = losses.hard_label_loss(logits, batch["y"])
+    return loss * _row_share(len(logits)), len(logits)
+
+
+def _row_share(rows: int) -> float:
+    """rows × world / global rows of this step (1.0 on one worker)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return 1.0
+    total, world = _all_reduce([rows, 1])
+    return rows * world / total
+
+
+def step(model, opt, sched, batch: dict[str, torch.Tensor], cfg: Loop, weights, online=None) -> tuple[float, int]:
+    """One optimisation step on one batch; returns (its loss, its rows). `kd bench ingest` times
+    this same function on in-memory tensors."""
+    loss, rows = _losses(model, batch, cfg, weights, sched.last_epoch / sched.total_steps, online)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if cfg.max_grad_norm:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+    opt.step()
+    if sched.last_epoch + 1 < sched.total_steps:
+        sched.step()
+    return float(loss.detach()), rows
+
+
+def worker_batch(cfg: Loop, world: int) -> int:
+    """Rows per step on one worker: `batch_size` is the global batch, split over the workers, so
+    N workers take the same steps with the same global batch as one (and the same schedule)."""
+    return max(1, math.ceil(cfg.batch_size / world))
+
+
+def schedule(opt, cfg: Loop, world: int):
+    """One-cycle: warm up then anneal; the step count is an upper bound per worker, never overrun."""
+    steps = cfg.epochs * max(1, math.ceil(cfg.train_rows / world / worker_batch(cfg, world)))
+    return torch.optim.lr_scheduler.OneCycleLR(opt, cfg.lr, total_steps=steps + world)
+
+
+def _evaluate(model, shard, device, weights: torch.Tensor | None, cfg: Loop) -> dict[str, float]:
+    """The counts of `kd_ops.evaluate` (the same the pipeline's evaluation uses) over this worker's
+    validation shard, summed over all workers. Classification: val_accuracy and, with teachers,
+    val_agreement (top-1 vs the weighted ensemble) and val_kl. LM: val_loss, val_perplexity and,
+    with teachers, val_agreement (vs the highest-weighted teacher's top-1) and val_kl (forward KL
+    with tail bucket, T=1), per position."""
+    model.eval()
+    lm = cfg.task == "lm"
+    keys = ("nll", "tokens", "positions", "agree", "kl") if lm else ("rows", "correct", "agree", "kl")
+    total = dict.fromkeys(keys, 0.0)  # every worker reduces the same keys, batches or not
+    with torch.inference_mode():
+        for batch in shard.iter_torch_batches(batch_size=cfg.batch_size, device=device):
+            logits = model(batch["x"])
+            teacher = _teacher(batch) if weights is not None else None
+            sums = (evaluate.lm_sums(logits, batch["x"], teacher, weights, kl=True) if lm else
+                    evaluate.classification_sums(logits, batch["y"], teacher and teacher["logits"], weights, kl=True))
+            for k in keys:
+                total[k] += sums.get(k, 0.0)
+    total = dict(zip(keys, _all_reduce([total[k] for k in keys])))
+    r = evaluate.rates(total, cfg.task)
+    out = ({"val_loss": total["nll"] / max(total["tokens"], 1), "val_perplexity": r["perplexity"]} if lm
+           else {"val_accuracy": r["accuracy"]})
+    if weights is not None:
+        out |= {"val_agreement": r["top1_agreement" if lm else "agreement"], "val_kl": r["kl"]}
+    return out
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    """Ray Train worker function; config = {"loop": Loop}. Rank 0 logs per-epoch metrics to
+    MLflow when `loop.mlflow` names a run. A restarted worker group (a lost worker or node, a
+    rerun after the driver died) continues from the latest checkpoint (`kd_ops.checkpoint`)."""
+    cfg: Loop = config["loop"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(cfg.seed)
+    torch.set_num_threads(cfg.cpus_per_worker)
+    device = ray.train.torch.get_device()
+    student = models.build(cfg.factory, cfg.kwargs)
+    net, online = _with_features(student, cfg, device)
+    model = ray.train.torch.prepare_model(net)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = schedule(opt, cfg, world)
+    batch_rows = worker_batch(cfg, world)
+    metric, mode = cfg.objective
+    progress, best_weights = ckpt.Progress(0, -math.inf, {}), None
+    if (resume := ray.train.get_checkpoint()) is not None:
+        with resume.as_directory() as d:
+            progress, best_weights = ckpt.restore(d, model=model, optimizer=opt, scheduler=sched)
+        if rank == 0:
+            _say(f"[{cfg.label}] resumed from the checkpoint of epoch {progress.epoch}")
+    resumed_from = progress.epoch
+    kd = cfg.teacher_weights is not None
+    weights = torch.tensor(cfg.teacher_weights, dtype=torch.float32, device=device) if kd else None
+    train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
+    client = _mlflow_client(cfg) if rank == 0 else None
+    last_checkpoint = time.monotonic()
+    for epoch in range(progress.epoch + 1, cfg.epochs + 1):
+        start, model_loss, seen, wait, first, ids = time.perf_counter(), 0.0, 0, 0.0, None, []
+        model.train()
+        ready = start
+        for batch in train_shard.iter_torch_batches(batch_size=batch_rows, device=device,
+                                                    local_shuffle_buffer_size=max(cfg.shuffle_buffer, batch_rows) if cfg.shuffle_buffer else None,
+                                                    local_shuffle_seed=cfg.seed + epoch):
+            wait += time.perf_counter() - ready  # the step waited for its data (ingest not keeping up)
+            first = wait if first is None else first  # the epoch's start-up: all of the wait so far
+            loss, rows = step(model, opt, sched, batch, cfg, weights, online)
+            model_loss += loss * rows
+            seen += rows
+            if cfg.trace_dir:
+                ids.append(batch["id"].cpu().numpy())
+            ready = time.perf_counter()
+        train_seconds = time.perf_counter() - start
+        if cfg.trace_dir:
+            np.save(os.path.join(cfg.trace_dir, f"rank{rank}-epoch{epoch}.npy"),
+                    np.concatenate(ids) if ids else np.zeros(0, np.int64))
+        total, count = _all_reduce([model_loss, seen])
+        metrics = {"epoch": epoch, "train_loss": total / max(count, 1), "train_rows": count,
+                   "train_seconds": train_seconds, "data_wait_seconds": wait, "data_first_batch_seconds": first or 0.0,
+                   **_evaluate(model, val_shard, device, weights, cfg),
+                   "epoch_seconds": time.perf_counter() - start, "resumed_from": resumed_from}
+        score = metrics[metric] if mode == "max" else -metrics[metric]
+        if score > progress.best_score:
+            progress.best_score, progress.best_metrics = score, metrics
+            best_weights = ckpt.weights_of(student)  # the student alone, without a feature projection
+        progress.epoch = epoch
+        # A checkpoint costs ~1.5 s of Ray Train bookkeeping at this scale: one every
+        # checkpoint_interval_s and one at the end; a restart repeats at most that much work.
+        due = epoch == cfg.epochs or time.monotonic() - last_checkpoint >= cfg.checkpoint_interval_s
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint = None
+            if rank == 0 and due:
+                ckpt.save(tmp, model=model, optimizer=opt, scheduler=sched, progress=progress,
+                          best_weights=best_weights, spec={"factory": cfg.factory, "kwargs": cfg.kwargs})
+                checkpoint = ray.train.Checkpoint.from_directory(tmp)
+            if rank == 0:
+                _say(_epoch_line(cfg.label, epoch, cfg.epochs, metrics))
+                if client is not None:
+                    client.log_batch(cfg.mlflow["run_id"], metrics=_mlflow_metrics(metrics, epoch))
+            ray.train.report(metrics, checkpoint=checkpoint)
+        if due:
+            last_checkpoint = time.monotonic()
+    if cfg.trace_dir:
+        with open(os.path.join(cfg.trace_dir, f"rank{rank}.sha256"), "w") as f:
+            f.write(ckpt.weights_digest(model))
+
+
+def _with_features(student: torch.nn.Module, cfg: Loop, device):
+    """(the module to train, the online feature teacher or None): with feature KD the student is
+    wrapped with its layer tap and projection (`feature_kd.feature_student`)."""
+    f = cfg.features
+    if f is None:
+        return student, None
+    example = torch.zeros(2, *f.input_shape, dtype=getattr(torch, f.input_dtype))
+    net = feature_kd.feature_student(student, f.student_layer, example, f.teacher_shape, cfg.method.feature or "attention")
+    online = None
+    if f.source == "online":
+        teacher = models.load_weights(models.build(f.teacher_factory, f.teacher_kwargs), f.teacher_weights)
+        online = feature_kd.LayerOutput(teacher, f.teacher_layer, f.pool).to(device).eval()
+    return net, online
+
+
+def _say(line: str) -> None:
+    # straight to stdout: Train V2 patches print() into a logger that echoes it twice
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def _epoch_line(label: str, epoch: int, epochs: int, m: dict[str, float]) -> str:
+    extra = f" agree {m['val_agreement']:.4f} kl {m['val_kl']:.4f}" if "val_agreement" in m else ""
+    val = f"val_ppl {m['val_perplexity']:.3f}" if "val_perplexity" in m else f"val_acc {m['val_accuracy']:.4f}"
+    return f"[{label}] epoch {epoch}/{epochs} loss {m['train_loss']:.4f} {val}{extra} ({m['epoch_seconds']:.1f}s)"
+
+
+def _mlflow_client(cfg: Loop):
+    if not cfg.mlflow:
+        return None
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=cfg.mlflow["tracking_uri"])
+
+
+def _mlflow_metrics(metrics: dict[str, float], step: int):
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    return [Metric(k, float(v), now, step) for k, v in metrics.items() if k != "epoch"]
