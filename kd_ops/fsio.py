@@ -141,7 +141,7 @@ class Loc:
     def files(self, suffix: str = "", recursive: bool = False) -> list["Loc"]:
         """Files under this directory whose names end in `suffix`, sorted; [] if it does not exist."""
         sel = pafs.FileSelector(self.path, allow_not_found=True, recursive=recursive)
-        return [Loc(self.fs, i.path) for i in sorted(self.fs.get_file_info(sel), key=lambda i: i.path)
+        return [self / i.path[len(self.path) + 1:] for i in sorted(self.fs.get_file_info(sel), key=lambda i: i.path)
                 if i.type == pafs.FileType.File and i.base_name.endswith(suffix)]
 
     def size(self) -> int:

@@ -36,6 +36,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import posixpath
 import re
 import time
 import uuid
@@ -183,7 +184,10 @@ def is_current(store: str | Path | Loc, teacher: str, teacher_fp: str, inputs: d
                settings: dict[str, Any] | None = None) -> bool:
     """True if the published shards were made from exactly these weights, input files (their keys:
     size, rows, footer hash) and settings (e.g. kind and k)."""
-    m = read_manifest(store, teacher)
+    try:
+        m = read_manifest(store, teacher)
+    except StoreError:  # it names files outside its entry: not ours to trust, recomputed and rewritten
+        return False
     return bool(m and m.get("format_version") == FORMAT_VERSION and m.get("teacher_fingerprint") == teacher_fp
                 and m.get("inputs") == inputs and all(m.get(k) == v for k, v in (settings or {}).items()))
 
@@ -410,7 +414,10 @@ def size_bytes(store: str | Path | Loc) -> int:
     """Bytes of the published shards and manifests (what a reader uses)."""
     root, total = Loc.of(store), 0
     for mf in root.files(MANIFEST, recursive=True):
-        m = read_manifest(root, json.loads(mf.read_text())["teacher"])
-        tdir = teacher_loc(root, m["teacher"])
+        name = posixpath.basename(posixpath.dirname(mf.path))
+        m = read_manifest(root, name)
+        if m is None:
+            continue
+        tdir = teacher_loc(root, name)
         total += mf.size() + sum(tdir.inside(s["file"]).size() for s in m["shards"].values())
     return total

@@ -71,7 +71,7 @@ def run(cfg: RunConfig, task, teachers: list[TeacherConfig], dirs, lay: Layout, 
             row = {"name": name, **task.model_report(loop, res.weights, {"test": test_set})}
             path = lay.teachers / f"{name}.safetensors"
             models.save_weights(models.load_weights(models.build(loop.factory, loop.kwargs), res.weights), path)
-            stage_teacher = TeacherConfig(name=name, factory=loop.factory, kwargs=kwargs, weights=str(path))
+            stage_teacher = TeacherConfig(name=name, factory=loop.factory, kwargs=kwargs, weights=path.uri)
             stages.stage_precompute(cfg, task, [stage_teacher], dirs, lay, tracker)
             if tracker:
                 import mlflow

@@ -30,7 +30,7 @@ def _setup(cfg: RunConfig, out: Path, tracking_uri, ray_address):
 
 def _teachers_with_weights(cfg: RunConfig, lay: stages.Layout):
     teachers = [t.model_copy(update={"weights": stages.teacher_weights_path(t, lay)}) for t in cfg.teachers]
-    teachers = [t.model_copy(update={"weights": str(t.weights)}) for t in teachers]
+    teachers = [t.model_copy(update={"weights": Loc.of(t.weights).uri}) for t in teachers]
     missing = [t.name for t in teachers if not Loc.of(t.weights).is_file()]
     if missing:
         raise ValueError(f"teachers {missing} have no weights file (looked in teachers[].weights and {lay.teachers}); "

@@ -164,18 +164,6 @@ def feature_plan(cfg: RunConfig, task, dirs, lay: Layout) -> FeaturePlan | None:
                        teacher_kwargs=t.kwargs, teacher_weights=Loc.of(teacher_weights_path(t, lay)).uri)
 
 
-def method(cfg: RunConfig):
-    """The classification method settings of the distill section."""
-    from kd_ops.method_loss import Method
-
-    d = cfg.distill
-    return Method(response=d.response, dkd_alpha=d.dkd.alpha, dkd_beta=d.dkd.beta, schedule=d.schedule,
-                  temperature_end=d.temperature_end, standardize=d.standardize,
-                  feature=d.feature.kind if d.feature else None, feature_loss=d.feature.loss if d.feature else "mse",
-                  feature_weight=d.feature.weight if d.feature else 0.0, rkd_distance=d.rkd.distance,
-                  rkd_angle=d.rkd.angle)
-
-
 def epoch_progress(loop: Loop):
     """A fit's `progress`: `label: epoch/epochs epochs (…, ETA)` on the console."""
     bar = console.progress(loop.label, "epochs")

@@ -130,7 +130,16 @@ class Classification:
 
     def method_settings(self, features) -> dict[str, Any]:
         """A student Loop's classification method (DKD, schedules, feature and relation KD)."""
-        return {"method": stages.method(self.cfg), "features": features}
+        from kd_ops.method_loss import Method
+
+        d = self.cfg.distill
+        method = Method(response=d.response, dkd_alpha=d.dkd.alpha, dkd_beta=d.dkd.beta, schedule=d.schedule,
+                        temperature_end=d.temperature_end, standardize=d.standardize,
+                        feature=d.feature.kind if d.feature else None,
+                        feature_loss=d.feature.loss if d.feature else "mse",
+                        feature_weight=d.feature.weight if d.feature else 0.0, rkd_distance=d.rkd.distance,
+                        rkd_angle=d.rkd.angle)
+        return {"method": method, "features": features}
 
     def chosen(self, loop: Loop, teachers: list[str]) -> dict[str, Any]:
         """What the summary records of the student's settings beyond T, α and weights."""

@@ -7,6 +7,7 @@ import dataclasses
 import json
 import logging
 import os
+import posixpath
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ import ray.train
 import ray.train.torch
 
 from kd_ops import checkpoint as ckpt
-from kd_ops.fsio import Loc
+from kd_ops.fsio import Loc, redacted
 from workflows import ray_session
 from workflows.loop import Loop
 from workflows.worker import train_loop
@@ -90,7 +91,7 @@ def _epoch_progress(progress, callbacks: list):
 def _loop_key(loop: Loop) -> str:
     """What makes two fits the same fit (not the MLflow run they log to, nor their label)."""
     settings = {k: v for k, v in dataclasses.asdict(loop).items() if k not in ("mlflow", "label")}
-    return json.dumps(settings, sort_keys=True, default=str)
+    return json.dumps(redacted(json.loads(json.dumps(settings, default=str))), sort_keys=True)
 
 
 def fit(loop: Loop, datasets: dict[str, ray.data.Dataset], *, name: str, storage: Loc,
@@ -114,7 +115,7 @@ def fit(loop: Loop, datasets: dict[str, ray.data.Dataset], *, name: str, storage
     (run / LOOP_KEY).write_text(key)
     with _epoch_progress(progress, callbacks or []) as callbacks:
         result = _fit(loop, datasets, name, storage, num_workers, use_gpu, callbacks, max_failures, resources)
-    latest = Loc(result.checkpoint.filesystem, result.checkpoint.path)
+    latest = run / posixpath.basename(result.checkpoint.path)  # in the user's URI form
     metrics = json.loads((latest / ckpt.PROGRESS).read_text())["best_metrics"]
     (run / DONE).write_text(json.dumps({"checkpoint": latest.name, "metrics": metrics}))  # Train keeps it under run/
     return Trained(latest / ckpt.BEST, metrics)

@@ -28,9 +28,12 @@ from workflows.loop import Loop
 
 
 def _all_reduce(values: list[float]) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t)
+    if not (dist.is_available() and dist.is_initialized()):
+        return list(values)
+    # NCCL (use_gpu) reduces CUDA tensors only; gloo CPU ones
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
     return t.tolist()
 
 
