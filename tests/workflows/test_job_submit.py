@@ -21,16 +21,42 @@ from test_data_plane import _env
 RAY = str(Path(sys.executable).parent / "ray")
 
 
-def _stop_cluster(temp: str) -> None:
+def _of_cluster(proc: Path, temp: str, client_port: str) -> bool:
+    """Whether a process belongs to the head started in `temp`: by its command line (the client
+    server by its port), or by the log files it holds open there (Ray's agents rename themselves,
+    e.g. `ray::DashboardAgent`, and a missed one lives on, orphaned, taking CPU from later tests)."""
+    cmdline = (proc / "cmdline").read_bytes()
+    if temp.encode() in cmdline or (b"ray.util.client.server" in cmdline and f"--port={client_port}".encode() in cmdline):
+        return True
+    for fd in (proc / "fd").iterdir():
+        try:
+            if os.readlink(fd).startswith(temp):
+                return True
+        except OSError:
+            pass
+    return False
+
+
+def _stop_cluster(temp: str, client_port: str) -> None:
     """Stop only this head's processes (`ray stop` would stop every Ray on the machine)."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for d in Path("/proc").iterdir():
             try:
-                if d.name.isdigit() and temp.encode() in (d / "cmdline").read_bytes():
+                if d.name.isdigit() and int(d.name) != os.getpid() and _of_cluster(d, temp, client_port):
                     os.kill(int(d.name), sig)
             except OSError:
                 pass
         time.sleep(2)
+    left = [d.name for d in Path("/proc").iterdir() if d.name.isdigit() and _alive_in(d, temp, client_port)]
+    assert not left, f"processes of the job-submit head still alive: {left}"
+
+
+def _alive_in(proc: Path, temp: str, client_port: str) -> bool:
+    try:
+        return int(proc.name) != os.getpid() and _of_cluster(proc, temp, client_port) and b"zombie" not in (
+            proc / "status").read_bytes().lower()
+    except OSError:  # gone while looking
+        return False
 
 
 def _cmdline(p: Path) -> str:
@@ -50,7 +76,8 @@ def test_ray_job_submit_runs_a_kd_run_with_working_dir_and_user_code(tmp_path):
     # that cannot bind its port leaves the head answering "No available agent to submit job"
     ports = [f"--{name}={_free_port()}" for name in ("port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
                                                      "metrics-export-port", "runtime-env-agent-port",
-                                                     "node-manager-port", "object-manager-port")]
+                                                     "node-manager-port", "object-manager-port",
+                                                     "ray-client-server-port")]
     start = subprocess.run([RAY, "start", "--head", "--node-ip-address=127.0.0.1", *ports,
                             "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--temp-dir={temp}",
                             "--num-cpus=2", "--disable-usage-stats"], env=env, capture_output=True, text=True,
@@ -100,7 +127,7 @@ def test_ray_job_submit_runs_a_kd_run_with_working_dir_and_user_code(tmp_path):
         assert status == "SUCCEEDED", (f"last status answer: {answer[-1500:]}\nentrypoint processes alive: "
                                        f"{[(p.name, _cmdline(p)[:200]) for p in entry]}\nlogs: {logs[-3000:]}")
     finally:
-        _stop_cluster(temp)
+        _stop_cluster(temp, ports[-1].split("=")[1])
         shutil.rmtree(temp, ignore_errors=True)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["name"] == "tiny" and [t["name"] for t in summary["teachers"]] == ["t1", "t2"]
