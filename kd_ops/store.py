@@ -296,14 +296,13 @@ def publish(store: str | Path | Loc, teacher: str, *, kind: str, columns: dict[s
     for split, files in inputs.items():
         for name, key in files.items():
             rec = commits.get(unit(split, name))
-            if rec is not None:
-                tdir.inside(rec["shard"])  # a commit record names a file inside this entry, or nothing is published
             if rec is None:
                 missing.append(unit(split, name))
             elif rec["rows"] != key["rows"]:
                 raise StoreError(f"teacher {teacher!r}: shard for {unit(split, name)} has {rec['rows']} rows, "
                                  f"the input file {key['rows']}; store not published")
             else:
+                tdir.inside(rec["shard"])  # a commit record names a file inside this entry, or nothing is published
                 shards[unit(split, name)] = {"file": rec["shard"], "rows": rec["rows"], "key": rec.get("key"),
                                              "ids_sha256": rec.get("ids_sha256")}
     if missing:
@@ -316,7 +315,7 @@ def publish(store: str | Path | Loc, teacher: str, *, kind: str, columns: dict[s
                 "bytes_per_row": sum(np.dtype(c["dtype"]).itemsize * int(np.prod(c["shape"])) for c in columns.values()),
                 "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **settings, **(extra or {})}
     (tdir / MANIFEST).write_text(json.dumps(manifest, indent=2))
-    named = {tdir.inside(s["file"]).path for s in shards.values()}
+    named = {(tdir / s["file"]).path for s in shards.values()}  # each checked above
     for f in tdir.files(".parquet", recursive=True):
         if f.path not in named:
             f.delete()
@@ -418,6 +417,6 @@ def size_bytes(store: str | Path | Loc) -> int:
         m = read_manifest(root, name)
         if m is None:
             continue
-        tdir = teacher_loc(root, name)
-        total += mf.size() + sum(tdir.inside(s["file"]).size() for s in m["shards"].values())
+        tdir = teacher_loc(root, name)  # read_manifest checked every shard path
+        total += mf.size() + sum((tdir / s["file"]).size() for s in m["shards"].values())
     return total
