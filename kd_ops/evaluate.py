@@ -1,6 +1,10 @@
 """Evaluation metrics on logits; batched inference for a module."""
 from __future__ import annotations
 
+from typing import Any
+
+import re
+
 import numpy as np
 import torch
 from torch import nn
@@ -48,6 +52,7 @@ def classification_sums(student_logits: torch.Tensor | None, labels: torch.Tenso
     student = student_logits[keep].argmax(-1) if student_logits is not None else None
     if student is not None:
         out["correct"] = float((student == y).sum())
+        out |= _calibration_sums("", torch.softmax(student_logits[keep].float(), -1), y)
     if teacher_logits is not None:
         from kd_ops.losses import ensemble_probs, soft_cross_entropy
 
@@ -55,12 +60,48 @@ def classification_sums(student_logits: torch.Tensor | None, labels: torch.Tenso
         p = ensemble_probs(t.transpose(0, 1), weights, 1.0)
         ens = p.argmax(-1)
         out["ensemble_correct"] = float((ens == y).sum())
+        out |= _calibration_sums("ensemble_", p, y)
         out |= {f"teacher{i}_correct": float((t[:, i].argmax(-1) == y).sum()) for i in range(t.shape[1])}
         if student is not None:
             out["agree"] = float((student == ens).sum())
             if kl:
                 out["kl"] = float(soft_cross_entropy(student_logits[keep], p, 1.0).sum())
     return out
+
+
+ECE_BINS = 15  # equal-width confidence bins (Guo et al. 2017)
+
+
+def _calibration_sums(prefix: str, probs: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    """Per confidence bin: rows, summed confidence, correct rows; per class: rows, correct rows.
+    probs [B, C] (labelled rows only); y [B]. `rates` turns them into `ece` and `per_class_accuracy`."""
+    conf, pred = probs.max(-1)
+    hit = (pred == y).float()
+    b = torch.clamp((conf * ECE_BINS).long(), max=ECE_BINS - 1)
+    out = {}
+    for name, values in (("n", torch.ones_like(conf)), ("conf", conf), ("hit", hit)):
+        out |= {f"{prefix}bin{i}_{name}": float(v) for i, v in
+                enumerate(torch.zeros(ECE_BINS, dtype=torch.float64).index_add_(0, b, values.double()))}
+    classes = probs.shape[-1]
+    for name, values in (("n", torch.ones_like(hit)), ("hit", hit)):
+        out |= {f"{prefix}class{i}_{name}": float(v) for i, v in
+                enumerate(torch.zeros(classes, dtype=torch.float64).index_add_(0, y.long(), values.double()))}
+    return out
+
+
+def _calibration_rates(sums: dict[str, float], prefix: str) -> dict[str, object]:
+    """Expected calibration error (Σ_bins |hits − confidence| / rows) and accuracy per class (NaN: no rows)."""
+    if f"{prefix}bin0_n" not in sums:
+        return {}
+    rows = sum(sums[f"{prefix}bin{i}_n"] for i in range(ECE_BINS))
+    ece = sum(abs(sums[f"{prefix}bin{i}_hit"] - sums[f"{prefix}bin{i}_conf"]) for i in range(ECE_BINS)) / max(rows, 1)
+    classes = sorted(int(k[len(prefix) + 5:-2]) for k in sums if k.startswith(f"{prefix}class") and k.endswith("_n"))
+    per_class = [sums[f"{prefix}class{c}_hit"] / sums[f"{prefix}class{c}_n"] if sums[f"{prefix}class{c}_n"]
+                 else float("nan") for c in classes]
+    return {f"{prefix}ece": ece, f"{prefix}per_class_accuracy": per_class}
+
+
+_CALIBRATION_KEY = re.compile(r"^(ensemble_)?(bin|class)\d+_")
 
 
 def teacher_top1(teacher: dict[str, torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
@@ -90,9 +131,9 @@ def lm_sums(logits: torch.Tensor, input_ids: torch.Tensor, teacher: dict[str, to
     return out
 
 
-def rates(sums: dict[str, float], task: str) -> dict[str, float]:
+def rates(sums: dict[str, float], task: str) -> dict[str, Any]:
     """Summed counts → metrics. Classification: accuracy, agreement, ensemble/teacher accuracies and
-    kl per labelled row; LM: perplexity, top1_agreement and kl per position."""
+    kl per labelled row, ece and per_class_accuracy (a list) for the model and the ensemble; LM: perplexity, top1_agreement and kl per position."""
     if task == "lm":
         out = {"perplexity": float(np.exp(min(sums["nll"] / max(sums["tokens"], 1), 50)))} if "nll" in sums else {}
         if "agree" in sums:
@@ -101,5 +142,6 @@ def rates(sums: dict[str, float], task: str) -> dict[str, float]:
             out["kl"] = sums["kl"] / max(sums["positions"], 1)
         return out
     n = max(sums["rows"], 1)
-    return {k.replace("correct", "accuracy").replace("agree", "agreement"): v / n
-            for k, v in sums.items() if k != "rows"}
+    out = {k.replace("correct", "accuracy").replace("agree", "agreement"): v / n
+           for k, v in sums.items() if k != "rows" and not _CALIBRATION_KEY.match(k)}
+    return out | _calibration_rates(sums, "") | _calibration_rates(sums, "ensemble_")

@@ -114,8 +114,10 @@ def load_weights(model: nn.Module, path: str | Path | Loc) -> nn.Module:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The module inside a DistributedDataParallel wrapper, or the module itself."""
-    return getattr(model, "module", model)
+    """The module inside wrappers that keep it as `.module` (DistributedDataParallel, kd_ops.qat.FakeQuant)."""
+    while isinstance(getattr(model, "module", None), nn.Module):
+        model = model.module
+    return model
 
 
 def file_sha256(path: str | Path | Loc) -> str:

@@ -48,7 +48,8 @@ def parser() -> argparse.ArgumentParser:
             sp.add_argument("--restart", action="store_true", help="start over: ignore (and delete) the checkpoints, "
                             "search, store and trained teachers a previous run left under --out (the default "
                             "continues a run whose driver died where it stopped)")
-    rep = sub.add_parser("report", help="print the summary table of a finished run")
+    rep = sub.add_parser("report", help="print the summary table of a finished run and write its page "
+                         "(<out>/report.html: one self-contained HTML file)")
     rep.add_argument("out", help="the run's --out directory")
     bench = sub.add_parser("bench", help="benchmarks that time or size both sides of a comparison in one run")
     bsub = bench.add_subparsers(dest="bench", required=True)
@@ -160,12 +161,15 @@ def _dispatch(args) -> int:
         module = {"store": "store", "scale": "scale", "methods": "methods", "ingest": "ingest"}.get(args.bench, "speed")
         return importlib.import_module(f"workflows.bench.{module}").main(args)
     if args.command == "report":
+        from workflows import report_page
         from workflows.report import print_summary
 
         path = Loc.of(args.out) / "summary.json"
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found: the run did not finish (or --out is wrong)")
-        print_summary(json.loads(path.read_text()))
+        summary = json.loads(path.read_text())
+        print_summary(summary)
+        print(f"report: {report_page.write(summary, Loc.of(args.out))}")
         return 0
     cfg = load_config(args.config, args.overrides)
     out = args.out  # a local path or a URI (s3://…): pathlib would mangle the latter

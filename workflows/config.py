@@ -264,7 +264,7 @@ class TuneConfig(Strict):
     grace_period: int = Field(2, ge=1, description="epochs before ASHA may stop a trial")
     reduction_factor: int = Field(2, ge=2)
     temperature: Dim | None = Dim(choice=[1.0, 2.0, 4.0])
-    alpha: Dim | None = Dim(uniform=(0.5, 1.0))
+    alpha: Dim | None = Dim(uniform=(0.0, 1.0))  # reaches 0: a search can find that labels should dominate
     student_width: Dim | None = Dim(choice=[12, 16])
     teacher_weights: Dim | None = Dim(uniform=(0.1, 1.0))
     # methods (classification): searched when given, else the distill section's value
@@ -305,6 +305,44 @@ class TuneConfig(Strict):
         return self
 
 
+class DeployTarget(Strict):
+    """The hardware the student will run on, as Ray sees it: latency is measured by a Ray task placed there."""
+    resources: dict[str, float] = Field({}, description="custom Ray resources of the target node, e.g. {edge_cpu: 1} "
+                                        "(start that node with --resources '{\"edge_cpu\": 1}'); empty: any node")
+    accelerator_type: str | None = Field(None, description="a Ray accelerator type (e.g. H100): the task takes one GPU "
+                                         "of that type and PyTorch runs on it")
+    threads: int = Field(1, ge=1, description="CPU threads for inference (torch and ONNX Runtime) and CPUs the task takes")
+    batch_sizes: list[int] = Field([1, 256], min_length=1, description="batch sizes to time")
+    runs: int = Field(200, ge=10, description="timed runs per runtime and batch size (median and p95)")
+    warmup: int = Field(20, ge=0, description="untimed runs first")
+
+    @field_validator("batch_sizes")
+    @classmethod
+    def _positive(cls, v: list[int]) -> list[int]:
+        if any(b < 1 for b in v):
+            raise ValueError(f"batch sizes must be >= 1, got {v}")
+        return v
+
+
+class DeployConfig(Strict):
+    """What ships: the student exported to ONNX, quantized to INT8, timed on the target, chosen under a budget."""
+    enabled: bool = Field(True, description="export, quantize and time the student after the run")
+    opset: int = Field(18, ge=18, description="ONNX opset of the exported graphs")
+    int8: bool = Field(True, description="post-training static INT8 quantization (ONNX Runtime QDQ, per-channel)")
+    calibration_rows: int = Field(512, ge=1, description="real input rows from the training split that calibrate INT8")
+    int8_max_drop: float = Field(0.01, ge=0, description="largest loss of INT8 against fp32 before quantization-aware "
+                                 "distillation runs: test accuracy points/100 (classification), relative perplexity "
+                                 "rise (LM)")
+    qat_epochs: int = Field(5, ge=0, description="epochs of quantization-aware distillation (0: never)")
+    qat_lr_scale: float = Field(0.1, gt=0, description="its learning rate, as a fraction of train.fit.lr")
+    target: DeployTarget = DeployTarget()
+    latency_budget_ms: float | None = Field(None, gt=0, description="the student must answer a batch of "
+                                            "budget_batch_size within this (ONNX Runtime fp32 on the target, median)")
+    quality_target: float | None = Field(None, gt=0, description="classification: validation accuracy as a ratio to "
+                                         "the teacher ensemble's (e.g. 0.97); LM: a validation perplexity ceiling")
+    budget_batch_size: int = Field(1, ge=1)
+
+
 class TrackingConfig(Strict):
     tracking_uri: str | None = Field(None, description="default: sqlite:///<cwd>/mlflow.db")
     experiment: str = "kd-ops"
@@ -322,6 +360,7 @@ class RunConfig(Strict):
     precompute: PrecomputeConfig = PrecomputeConfig()
     tune: TuneConfig = TuneConfig()
     tracking: TrackingConfig = TrackingConfig()
+    deploy: DeployConfig = DeployConfig()
     code: list[Path] = Field([], description="local module files or package directories (e.g. the module of "
                              "your factories) shipped to every Ray worker as runtime_env py_modules; relative to "
                              "the config file")
@@ -355,6 +394,10 @@ class RunConfig(Strict):
             raise ValueError("give distill.assistants (TAKD) or distill.generations (born-again), not both")
         if self.tune.feature_weight is not None and d.feature is None:
             raise ValueError("tune.feature_weight searches the feature term's weight: set distill.feature (layers) too")
+        dp = self.deploy
+        if (dp.latency_budget_ms is not None or dp.quality_target is not None) and not (dp.enabled and self.tune.enabled):
+            raise ValueError("deploy.latency_budget_ms / quality_target choose the smallest student among the tune "
+                             "trials: set tune.enabled: true and deploy.enabled: true")
         if self.precompute.tail_samples and (self.task != "lm" or self.precompute.top_k is None):
             raise ValueError("precompute.tail_samples samples the tail outside a top-k store: it needs task: lm "
                              "and precompute.top_k (full logits have no tail)")

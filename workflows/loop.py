@@ -60,6 +60,8 @@ class Loop:
     tail: bool = _DISTILL["tail"]
     method: method_loss.Method = method_loss.Method()   # classification students: the method's own settings
     features: FeaturePlan | None = None      # feature KD
+    init_weights: str | None = None          # start from these safetensors (a local path or URI) instead of a fresh init
+    fake_quant: bool = False                 # quantization-aware: train through INT8 fake quantization (kd_ops.qat)
     mlflow: dict[str, str] | None = field(default=None, compare=False)  # {tracking_uri, run_id}: rank 0 logs there
     trace_dir: str | None = None             # each worker writes the ids it trained on per epoch and its final
                                              # weights' digest here (rank<r>-epoch<e>.npy, rank<r>.sha256)

@@ -14,10 +14,10 @@ from typing import Any
 import mlflow
 
 from kd_ops import store
-from kd_ops.fsio import redacted
+from kd_ops.fsio import Loc, redacted
 from rich.console import Console
 
-from workflows import chain, console, ray_session, stages, tasks
+from workflows import advice, chain, console, deploy, ray_session, report_page, stages, tasks
 from workflows.config import RunConfig
 from workflows.report import print_summary
 from workflows.tracking import Tracker
@@ -52,10 +52,11 @@ def run(cfg: RunConfig, out: Path, *, tracking_uri: str | None = None, ray_addre
         step("teachers")
         teachers = task.teachers(dirs, lay, tracker)
         step("precompute")
-        stages.stage_precompute(cfg, task, teachers, dirs, lay, tracker)
+        precomputed = stages.stage_precompute(cfg, task, teachers, dirs, lay, tracker)
         stages.precompute_features(cfg, task, teachers, dirs, lay, tracker)
         kd_sets, rows, cached = stages.datasets(cfg, task, dirs, lay, teachers=True,
                                         splits={"train": task.train_splits(), "val": ("val",), "test": ("test",)})
+        rows_test = rows["test"]
         teacher_rows, reference = task.teacher_report(teachers, kd_sets)
         mlflow.log_metrics(task.log_metrics(teacher_rows, reference))
         # TAKD / born-again stages, each stored as a new teacher; the student distils from the last
@@ -70,15 +71,22 @@ def run(cfg: RunConfig, out: Path, *, tracking_uri: str | None = None, ray_addre
                            teacher_weights=teacher_weights, features=features)
         tune_rows: list[dict] = []
         tune_failed: list[dict] = []
+        best, budget, pareto = None, None, None
         if cfg.tune.enabled:
             step("tune")
             # after a chain, the weights between teachers and the last stage are the chain's design
             search = cfg.tune.model_copy(update={"teacher_weights": None}) if chain_rows else cfg.tune
+            search_base = base
             base, best, tune_rows, tune_failed = run_tune(search, base, names, cfg.student.width_kwarg,
                                              train_sets, storage=lay.ray,
                                              workers=stages.workers(cfg), tracking_uri=tracker.uri, experiment=tracker.experiment,
                                              parent_run_id=parent_id)
             log.info("tune: best %s", best)
+            if cfg.deploy.enabled:
+                step("latency of the trials")
+                chosen, budget, pareto = _trials_on_target(cfg, task, lay, tracker, search_base, names, tune_rows,
+                                                           kd_sets, dirs)
+                base = chosen or base
         base = base.replace(epochs=cfg.train.fit.epochs, label="student")
 
         step("student")
@@ -92,7 +100,7 @@ def run(cfg: RunConfig, out: Path, *, tracking_uri: str | None = None, ray_addre
                 raise ValueError(f"the student's training diverged (metrics {res.metrics}); not registered. Lower "
                                  "train.fit.lr or set train.fit.max_grad_norm")
             srow = task.model_report(base, res.weights, kd_sets)
-            mlflow.log_metrics({k: v for k, v in srow.items()})
+            mlflow.log_metrics({k: v for k, v in srow.items() if isinstance(v, (int, float))})
             tracker.log_file(res.weights, "weights", "model.safetensors")
             registered = tracker.register(res.weights, {"factory": base.factory, "kwargs": base.kwargs},
                                           cfg.tracking.registered_model,
@@ -106,7 +114,15 @@ def run(cfg: RunConfig, out: Path, *, tracking_uri: str | None = None, ray_addre
         with stages.child_fit(cfg, tracker, "label-only-student", {"student_kwargs": chosen["student_kwargs"],
                               **cfg.train.label_only_fit.model_dump()}, lo, lo_sets, name="label-only", lay=lay) as res_lo:
             lorow = task.model_report(lo, res_lo.weights, kd_sets)
-            mlflow.log_metrics(lorow)
+            mlflow.log_metrics({k: v for k, v in lorow.items() if isinstance(v, (int, float))})
+
+        dep = None
+        if cfg.deploy.enabled:
+            step("deploy")
+            with stages.child_run(tracker, "deploy", cfg.deploy.model_dump(mode="json")):
+                dep = deploy.stage(cfg, task, lay, base, res.weights, kd_sets, dirs, train_sets, srow, teachers, tracker)
+                dep |= {"budget": budget, "pareto_png": pareto}
+                mlflow.log_dict(dep, "deploy.json")
 
         store_bytes = store.size_bytes(lay.store)
         summary = {"name": cfg.name, **task.summary(teacher_rows, reference, srow, lorow, res)}
@@ -120,13 +136,20 @@ def run(cfg: RunConfig, out: Path, *, tracking_uri: str | None = None, ray_addre
             "tune_trials": tune_rows,
             "tune_failed_trials": tune_failed,
             "store_bytes": store_bytes,
+            "test_rows": rows_test,
+            "deploy": dep,
+            "teacher_compute": advice.teacher_compute(
+                stages.timings(lay), sum(r.manifest["rows"] for r in precomputed), rows["train"], tune_rows,
+                base.epochs, ((dep or {}).get("int8") or {}).get("qat_epochs") or 0, len(names)),
             "wall_seconds": time.perf_counter() - start,
             "mlflow": {"tracking_uri": tracker.uri, "experiment": tracker.experiment, "parent_run_id": parent_id,
                        "registered_model": registered},
         }
+        summary["warnings"] = advice.warnings(summary, cfg, best)
         mlflow.log_metrics({k: v for k, v in summary.items() if isinstance(v, float)})
         mlflow.log_dict(summary, "summary.json")
-    write_summary(summary, lay)
+        page = write_summary(summary, lay)
+        tracker.log_file(page, "report")
     return summary
 
 
@@ -155,10 +178,41 @@ def _previous_run(cfg: RunConfig, lay: stages.Layout, tracker: Tracker, restart:
     return None
 
 
-def write_summary(summary: dict[str, Any], lay: stages.Layout) -> None:
-    """summary.json appears only when the run finished (written whole), then the table."""
+def write_summary(summary: dict[str, Any], lay: stages.Layout) -> Loc:
+    """The report page, then summary.json (it appears only when the run finished, written whole),
+    then the table and one console line per warning. Returns the page's location."""
+    page = report_page.write(summary, lay.out)
     (lay.out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     print_summary(summary, Console(file=console.out()))
+    for w in summary.get("warnings") or []:
+        console.say(f"warning: {w}")
+    console.say(f"report: {page}")
+    return page
+
+
+def _trials_on_target(cfg, task, lay, tracker, search_base, names, trials, kd_sets, dirs):
+    """Each trial's latency on the target beside its validation score, the Pareto picture, and
+    with a budget the smallest student that meets it (else exit 2 naming the closest trial)."""
+    from workflows.tune import apply_trial
+
+    d, lm = cfg.deploy, task.kind == "lm"
+    rows = deploy.sample_rows(dirs[task.eval_split], task, 256, seed=1)
+    lat = deploy.trial_latencies(cfg, task, search_base, trials, cfg.student.width_kwarg, rows)
+    reference = None if lm else task.ensemble_val_accuracy(kd_sets)
+    deploy.annotate_trials(trials, lat, search_base, cfg.student.width_kwarg, reference, lm)
+    budget, base = None, None
+    if d.latency_budget_ms is not None or d.quality_target is not None:
+        budget = {"latency_budget_ms": d.latency_budget_ms, "quality_target": d.quality_target,
+                  "batch_size": d.budget_batch_size,
+                  **deploy.pick_under_budget(trials, d.latency_budget_ms, d.quality_target, lm)}
+        chosen = next(t for t in trials if t["trial_id"] == budget["chosen_trial"])
+        base = apply_trial(search_base, chosen, names, cfg.student.width_kwarg)
+        console.say(f"budget: trial {chosen['trial_id']}: {budget['reason']}")
+    png = deploy.pareto_png(trials, budget and budget["chosen_trial"], d.latency_budget_ms, d.quality_target, lm)
+    (lay.out / "deploy" / "pareto.png").write_bytes(png)
+    tracker.log_file(lay.out / "deploy" / "pareto.png", "deploy")
+    mlflow.log_dict({"trials": trials, "budget": budget}, "deploy/trials.json")
+    return base, budget, "deploy/pareto.png"
 
 
 def step(name: str) -> None:

@@ -26,7 +26,12 @@ def print_summary(s: dict[str, Any], console: Console | None = None) -> None:
         r = s[key]
         t.add_row(label, f"{r['params']:,}", f"{r['test_accuracy']:.4f}", f"{r['test_accuracy'] / ens:.3f}",
                   f"{r.get('test_agreement', float('nan')):.4f}")
+    i8 = (s.get("deploy") or {}).get("int8")
+    if i8:
+        t.add_row(f"INT8 student ({i8['method'].upper()})", f"{s['student']['params']:,}", f"{i8['test_accuracy']:.4f}",
+                  f"{i8['test_accuracy'] / ens:.3f}", f"{i8.get('test_agreement', float('nan')):.4f}")
     console.print(t)
+    _print_deploy(s, console)
     c = s["student"]["config"]
     weights = ", ".join(f"{w:.2f}" for w in c["teacher_weights"])
     console.print(f"chosen: T={c['temperature']:.2f} alpha={c['alpha']:.2f} student={c['student_kwargs']} "
@@ -58,11 +63,55 @@ def _print_lm(s: dict[str, Any], console: Console) -> None:
     for label, key in (("KD student", "student"), ("label-only student", "label_only_student")):
         r = s[key]
         t.add_row(label, f"{r['params']:,}", f"{r['val_perplexity']:.3f}", f"{r['top1_agreement']:.4f}")
+    i8 = (s.get("deploy") or {}).get("int8")
+    if i8:
+        t.add_row(f"INT8 student ({i8['method'].upper()})", f"{s['student']['params']:,}",
+                  f"{i8['val_perplexity']:.3f}", f"{i8.get('top1_agreement', float('nan')):.4f}")
     console.print(t)
+    _print_deploy(s, console)
     c = s["student"]["config"]
     console.print(f"chosen: T={c['temperature']:.2f} alpha={c['alpha']:.2f} divergence={c['divergence']} "
                   f"tail={c['tail']} student={c['student_kwargs']}")
     console.print(_footer(s, f"store {s['store_bytes_per_token']:.1f} bytes/token"))
+
+
+def _print_deploy(s: dict[str, Any], console: Console) -> None:
+    """Sizes and latencies of what ships (the deploy stage), and the teacher compute the store saved."""
+    d = s.get("deploy") or {}
+    if d.get("onnx_error"):
+        console.print(f"ONNX export: not done ({d['onnx_error']})")
+    if d.get("latency"):
+        o, i8 = d["onnx"], d.get("int8")
+        sizes = f"ONNX fp32 {o['fp32_file_bytes']:,} B file, {o['fp32_weight_bytes']:,} B weights"
+        if i8:
+            sizes += (f"; INT8 {i8['file_bytes']:,} B file ({i8['file_bytes'] / o['fp32_file_bytes']:.2f}×), "
+                      f"{i8['weight_bytes']:,} B weights ({i8['weight_bytes'] / o['fp32_weight_bytes']:.2f}×)")
+        console.print(sizes + f"; max |Δlogit| ONNX vs PyTorch {o['max_abs_logit_diff']:.1e}")
+        t = Table(title=f"latency on the target: {d['target']['description']} ({d['target']['cpu']})")
+        for col in ("runtime", "batch", "median ms", "p95 ms", "× PyTorch fp32", "note"):
+            t.add_column(col, justify="left" if col in ("runtime", "note") else "right")
+        by = {(r["runtime"], r["batch"]): r for r in d["latency"]}
+        for r in d["latency"]:
+            ref = by.get(("pytorch-fp32", r["batch"]))
+            note = ""
+            if r["runtime"] == "onnxruntime-int8" and ("onnxruntime-fp32", r["batch"]) in by:
+                f32 = by[("onnxruntime-fp32", r["batch"])]["median_ms"]
+                note = (f"INT8 {f32 / r['median_ms']:.2f}× faster than ORT fp32" if r["median_ms"] < f32
+                        else f"INT8 not faster here ({r['median_ms'] / f32:.2f}× ORT fp32's time)")
+            t.add_row(r["runtime"], str(r["batch"]), f"{r['median_ms']:.3f}", f"{r['p95_ms']:.3f}",
+                      f"{ref['median_ms'] / r['median_ms']:.2f}× speed" if ref else "", note)
+        console.print(t)
+        console.print(d.get("gpu", ""))
+    b = d.get("budget")
+    if b:
+        console.print(f"budget {b['latency_budget_ms']} ms, quality ≥ {b['quality_target']}: trial {b['chosen_trial']}, "
+                      f"{b['reason']}")
+    tc = s.get("teacher_compute")
+    if tc and tc.get("ratio"):
+        secs = (f"; {tc['online_teacher_seconds']:,.0f} teacher-s online vs {tc['precompute_teacher_seconds']:,.0f} "
+                f"teacher-s precomputed" if tc.get("online_teacher_seconds") else "")
+        console.print(f"teacher compute: online KD would run {tc['online_forward_rows']:,} teacher forward rows, the "
+                      f"store took {tc['precompute_forward_rows']:,} ({tc['ratio']:.1f}× fewer){secs}")
 
 
 def _footer(s: dict[str, Any], store_text: str) -> str:

@@ -5,6 +5,8 @@ Orchestration only: the maths lives in kd_ops; Ray does the work; MLflow records
 """
 from __future__ import annotations
 
+import json
+
 import logging
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -106,7 +108,27 @@ def stage_precompute(cfg: RunConfig, task, teachers: list[TeacherConfig], dirs: 
                 mlflow.log_metric(f"{r.name}.shards_computed", r.shards_computed)
             mlflow.log_metric("store_bytes", store.size_bytes(lay.store))
             mlflow.set_tag("kd.reused", ",".join(r.name for r in results if r.reused) or "none")
+    _remember_timings(lay, results)
     return results
+
+
+TIMINGS = "precompute-timings.json"  # {teacher: {rows, seconds}} of its last full precompute
+
+
+def _remember_timings(lay: Layout, results: list[pre.TeacherResult]) -> None:
+    """Keep each teacher's measured throughput, so a rerun that reuses the store can still say
+    what the store saved in teacher-seconds."""
+    path = lay.out / TIMINGS
+    known = json.loads(path.read_text()) if path.is_file() else {}
+    for r in results:
+        if not r.reused and r.shards_computed == len(r.manifest.get("shards", {})) and r.seconds > 0:
+            known[r.name] = {"rows": r.manifest["rows"], "seconds": r.seconds}
+    path.write_text(json.dumps(known))
+
+
+def timings(lay: Layout) -> dict[str, dict[str, float]]:
+    path = lay.out / TIMINGS
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def feature_spec(cfg: RunConfig, teachers: list[TeacherConfig]) -> pre.TeacherSpec | None:

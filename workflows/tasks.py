@@ -108,7 +108,14 @@ class Classification:
         acc = evaluate.rates(evaluation.score(kd_sets["test"], task=self.kind, teacher_weights=[1 / n] * n), self.kind)
         rows = [{"name": t.name, "params": models.num_params(models.build(t.factory, t.kwargs)),
                  "test_accuracy": acc[f"teacher{i}_accuracy"]} for i, t in enumerate(teachers)]
-        return rows, {"ensemble_test_accuracy": acc["ensemble_accuracy"]}
+        return rows, {"ensemble_test_accuracy": acc["ensemble_accuracy"], "ensemble_test_ece": acc["ensemble_ece"],
+                      "ensemble_per_class_accuracy": acc["ensemble_per_class_accuracy"]}
+
+    def ensemble_val_accuracy(self, kd_sets) -> float:
+        """The uniform teacher ensemble's validation accuracy (what tune trials' scores are compared with)."""
+        n = len(self.cfg.teachers)
+        sums = evaluation.score(kd_sets["val"], task=self.kind, teacher_weights=[1 / n] * n)
+        return evaluate.rates(sums, self.kind)["ensemble_accuracy"]
 
     def model_report(self, loop: Loop, weights: Path, kd_sets) -> dict[str, Any]:
         """Test accuracy and agreement with the uniform teacher ensemble, computed on the cluster."""
@@ -117,16 +124,21 @@ class Classification:
                                                 kwargs=loop.kwargs, weights=weights, teacher_weights=[1 / n] * n),
                                self.kind)
         return {"params": models.num_params(models.build(loop.factory, loop.kwargs)),
-                "test_accuracy": acc["accuracy"], "test_agreement": acc["agreement"]}
+                "test_accuracy": acc["accuracy"], "test_agreement": acc["agreement"], "test_ece": acc["ece"],
+                "per_class_accuracy": acc["per_class_accuracy"]}
 
     def summary(self, teacher_rows, reference, srow, lorow, res) -> dict[str, Any]:
         ens = reference["ensemble_test_accuracy"]
-        return {"teachers": teacher_rows, "ensemble_test_accuracy": ens,
+        per_class = {"teacher ensemble": reference["ensemble_per_class_accuracy"],
+                     "KD student": srow.pop("per_class_accuracy"), "label-only student": lorow.pop("per_class_accuracy")}
+        return {"teachers": teacher_rows, "ensemble_test_accuracy": ens, "ensemble_test_ece": reference["ensemble_test_ece"],
                 "student": srow | {"val_accuracy": res.metrics["val_accuracy"]},
-                "label_only_student": lorow, "student_vs_ensemble": srow["test_accuracy"] / ens}
+                "label_only_student": lorow, "student_vs_ensemble": srow["test_accuracy"] / ens,
+                "per_class_accuracy": per_class}
 
     def log_metrics(self, teacher_rows, reference) -> dict[str, float]:
-        return {**reference, **{f"teacher.{r['name']}.test_accuracy": r["test_accuracy"] for r in teacher_rows}}
+        return {**{k: v for k, v in reference.items() if isinstance(v, float)},
+                **{f"teacher.{r['name']}.test_accuracy": r["test_accuracy"] for r in teacher_rows}}
 
     def method_settings(self, features) -> dict[str, Any]:
         """A student Loop's classification method (DKD, schedules, feature and relation KD)."""

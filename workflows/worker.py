@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from kd_ops import checkpoint as ckpt
-from kd_ops import evaluate, feature_kd, losses, method_loss, models, token_losses
+from kd_ops import evaluate, feature_kd, losses, method_loss, models, qat, token_losses
 from workflows.loop import Loop
 
 
@@ -146,6 +146,10 @@ def train_loop(config: dict[str, Any]) -> None:
     torch.set_num_threads(cfg.cpus_per_worker)
     device = ray.train.torch.get_device()
     student = models.build(cfg.factory, cfg.kwargs)
+    if cfg.init_weights is not None:
+        models.load_weights(student, cfg.init_weights)
+    if cfg.fake_quant:  # the saved weights stay the plain module's (models.unwrap looks through the wrapper)
+        student = qat.wrap(student)
     net, online = _with_features(student, cfg, device)
     model = ray.train.torch.prepare_model(net)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)

@@ -88,12 +88,17 @@ def tiny_config(tmp_path: Path, **sections) -> Path:
         "tune": {"num_samples": 2, "max_concurrent_trials": 2, "epochs": 2, "grace_period": 1,
                  "student_width": {"choice": [4, 6]}},
         "tracking": {"experiment": "tiny", "registered_model": "tiny-student"},
+        "deploy": {"enabled": False},  # tests of the deploy stage turn it on (TINY_DEPLOY)
     }
     for k, v in sections.items():
         cfg[k] = v
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+# the deploy stage, quick: few timed runs, small batches, one QAT epoch
+TINY_DEPLOY = {"target": {"runs": 10, "warmup": 2, "batch_sizes": [1, 16]}, "calibration_rows": 64, "qat_epochs": 1}
 
 
 def ddp_fits(cfg, out, tmp_path, fit, kwargs, distill: bool = True):

@@ -12,7 +12,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 import counting_teacher
-from conftest import COUNTER, assert_ddp_split, ddp_fits, tiny_config
+from conftest import COUNTER, TINY_DEPLOY, assert_ddp_split, ddp_fits, tiny_config
 from kd_ops import data, evaluate, models, store
 from workflows import commands, pipeline, stages, tasks
 from workflows.config import load_config
@@ -23,8 +23,10 @@ def tiny_run(ray_session, mlflow_server, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("tiny-run")
     # credentials in the URI (the test server ignores them): they must not be shown or stored
     with_secret = mlflow_server.replace("http://", f"http://kd:{SECRET}@")
+    # a budget both trials meet: the smaller student is chosen
     cfg = load_config(tiny_config(tmp, tracking={"tracking_uri": with_secret, "experiment": "tiny",
-                                                 "registered_model": "tiny-student"}))
+                                                 "registered_model": "tiny-student"},
+                                  deploy={**TINY_DEPLOY, "latency_budget_ms": 1000.0, "quality_target": 0.01}))
     out = tmp / "out"
     summary = pipeline.run(cfg, out)
     return cfg, out, summary, mlflow_server
@@ -152,3 +154,70 @@ def test_two_train_workers_split_each_epoch_and_hold_the_same_weights(tiny_run, 
     # 100 validation rows: the difference of two accuracies has a standard deviation of at most
     # sqrt(2 · 0.25 / 100) ≈ 0.071; 3σ
     assert abs(one["val_accuracy"] - two["val_accuracy"]) <= 0.21, (one["val_accuracy"], two["val_accuracy"])
+
+
+def test_the_student_ships_as_onnx_and_int8_timed_on_the_target(tiny_run):
+    import onnx
+
+    from kd_ops import deploy as dp
+
+    cfg, out, summary, _ = tiny_run
+    d = summary["deploy"]
+    assert d["onnx"]["opset"] >= 18 and d["onnx"]["max_abs_logit_diff"] < 1e-3
+    test = data.read_inputs(out / "data" / "test", ["x"])
+    # the shipped files score exactly what the summary says, on the whole test split
+    for name, acc in (("student.onnx", summary["student"]["test_accuracy"]),
+                      ("student.int8.onnx", d["int8"]["test_accuracy"])):
+        logits = dp.onnx_logits(dp.onnx_session(str(out / "deploy" / name)), test.x)
+        assert evaluate.accuracy(logits, test.y) == pytest.approx(acc, abs=1e-9), name
+    graph = onnx.load(str(out / "deploy" / "student.int8.onnx")).graph
+    assert {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in graph.node}
+    assert 0 < d["int8"]["weight_bytes"] < d["onnx"]["fp32_weight_bytes"]
+    assert d["int8"]["method"] in ("ptq", "qat") and d["int8"]["calibration_rows"] == 64
+    if d["int8"]["method"] == "qat":  # PTQ lost more than the tolerance and QAT did better
+        assert d["int8"]["ptq_drop"] > cfg.deploy.int8_max_drop and d["int8"]["qat_drop"] < d["int8"]["ptq_drop"]
+    timed = {(r["runtime"], r["batch"]) for r in d["latency"]}
+    assert timed == {(rt, b) for rt in ("teacher-pytorch-fp32", "pytorch-fp32", "onnxruntime-fp32", "onnxruntime-int8")
+                     for b in (1, 16)}
+    assert all(0 < r["median_ms"] <= r["p95_ms"] and r["runs"] == 10 for r in d["latency"])
+    assert d["gpu"].startswith("GPU latency: not measured")
+    tc = summary["teacher_compute"]
+    trial_epochs = sum(t["epochs"] for t in summary["tune_trials"])
+    epochs = trial_epochs + cfg.train.fit.epochs + (d["int8"]["qat_epochs"] or 0)
+    assert tc["online_forward_rows"] == 2 * epochs * (400 + 600)  # 2 teachers × epochs × (train + transfer rows)
+    assert tc["precompute_forward_rows"] == 2 * (400 + 100 + 100 + 600)  # every split once per teacher
+    assert tc["saved_teacher_seconds"] > 0
+
+
+def test_a_budget_several_trials_meet_picks_the_smallest(tiny_run):
+    cfg, out, summary, _ = tiny_run
+    trials = summary["tune_trials"]
+    assert all({"latency_ms", "params", "quality"} <= set(t) for t in trials)
+    smallest = min(trials, key=lambda t: (t["params"], t["latency_ms"]))
+    assert summary["deploy"]["budget"]["chosen_trial"] == smallest["trial_id"]
+    assert summary["deploy"]["budget"]["met"] == len(trials) == 2
+    assert summary["student"]["config"]["student_kwargs"]["width"] == smallest["student_width"]
+    import matplotlib.image
+
+    assert matplotlib.image.imread(out / summary["deploy"]["pareto_png"]).shape[2] in (3, 4)
+
+
+def test_a_budget_no_trial_meets_exits_2_naming_the_closest(tiny_run, tmp_path, capsys):
+    """Last in this module: the failed rerun deletes the run's summary (a summary only describes a
+    finished run); the test puts it back."""
+    import yaml
+
+    from workflows import cli
+
+    cfg, out, summary, uri = tiny_run
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    capsys.readouterr()
+    code = cli.main(["run", str(path), "--out", str(out), "--tracking-uri", uri, "--set", "deploy.quality_target=5.0"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    closest = max(summary["tune_trials"], key=lambda t: t["quality"])  # the search was reused: same scores
+    assert len(err) == 1 and err[0].startswith("kd: error: no tune trial meets"), err
+    assert f"the closest, trial {closest['trial_id']}" in err[0] and "(target ≥ 5.0)" in err[0], err
+    assert not (out / "summary.json").exists()
+    (out / "summary.json").write_text(json.dumps(summary, default=str))

@@ -1,0 +1,93 @@
+"""What a finished run should tell its user beyond the numbers: the teacher compute the store
+saved, and honest warnings (weak teachers, an INT8 model that lost too much, a search whose best
+value sits on the edge of its range). Reads the summary; computes nothing new."""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+
+def teacher_compute(timings: dict[str, dict[str, float]], precompute_rows: int, train_rows: int,
+                    trials: list[dict], final_epochs: int, qat_epochs: int, teachers: int) -> dict[str, Any]:
+    """Teacher forward passes (rows) that online KD would have run — every teacher over every
+    training row, each epoch of every tune trial, of the final fit and of quantization-aware
+    distillation — against the one precompute pass over all splits; in teacher-seconds at the
+    measured precompute throughput (None when this --out never timed a full precompute)."""
+    epochs = sum(int(t.get("epochs") or 0) for t in trials) + final_epochs + qat_epochs
+    online = train_rows * teachers * epochs
+    rows = sum(t["rows"] for t in timings.values())
+    seconds = sum(t["seconds"] for t in timings.values())
+    rate = rows / seconds if rows and seconds else None
+    return {"precompute_forward_rows": precompute_rows, "online_forward_rows": online, "epochs_counted": epochs,
+            "ratio": online / precompute_rows if precompute_rows else None,
+            "teacher_rows_per_second": rate,
+            "precompute_teacher_seconds": precompute_rows / rate if rate else None,
+            "online_teacher_seconds": online / rate if rate else None,
+            "saved_teacher_seconds": (online - precompute_rows) / rate if rate else None}
+
+
+def _noise(a: float, b: float, n: int) -> float:
+    """Two standard errors of the difference of two accuracies measured on the same n rows."""
+    return 2 * math.sqrt((a * (1 - a) + b * (1 - b)) / max(n, 1))
+
+
+def warnings(s: dict[str, Any], cfg, best: dict[str, Any] | None) -> list[str]:
+    """One sentence per problem, in the order a user should look at them."""
+    out: list[str] = []
+    lm = s.get("task") == "lm"
+    kd, lo = s["student"], s["label_only_student"]
+    if lm:
+        if lo["val_perplexity"] < kd["val_perplexity"] * 0.98:
+            out.append(f"the label-only student (val perplexity {lo['val_perplexity']:.3f}) beats the KD student "
+                       f"({kd['val_perplexity']:.3f}): the teachers add nothing here; use stronger teachers, lower "
+                       "distill.alpha or search it (tune)")
+        for t in s["teachers"]:
+            if t["val_perplexity"] > lo["val_perplexity"]:
+                out.append(f"teacher {t['name']} (val perplexity {t['val_perplexity']:.3f}) is worse than the "
+                           f"label-only student ({lo['val_perplexity']:.3f}): train it longer or drop it")
+    else:
+        n = int(s.get("test_rows") or 0)
+        a, b = lo["test_accuracy"], kd["test_accuracy"]
+        if a - b > _noise(a, b, n):
+            out.append(f"the label-only student ({a:.4f}) beats the KD student ({b:.4f}) by more than seed noise "
+                       f"(±{_noise(a, b, n):.4f} on {n} test rows): the teachers mislead the student; check their "
+                       "accuracy, train them longer, or let labels dominate (lower distill.alpha; tune.alpha down to 0)")
+        for t in s["teachers"]:
+            if a - t["test_accuracy"] > _noise(a, t["test_accuracy"], n):
+                out.append(f"teacher {t['name']} ({t['test_accuracy']:.4f}) is worse than the label-only student "
+                           f"({a:.4f}): train it longer, give it more capacity, or drop it from teachers")
+    i8 = (s.get("deploy") or {}).get("int8")
+    if i8:
+        lost = i8.get("qat_drop", i8["ptq_drop"]) if i8["method"] == "qat" else i8["ptq_drop"]
+        if lost > i8["max_drop"]:
+            what = "relative perplexity" if lm else "accuracy"
+            out.append(f"the INT8 student loses {lost:.4f} {what} against fp32 (tolerance deploy.int8_max_drop="
+                       f"{i8['max_drop']}" + (f", after {i8['qat_epochs']} QAT epochs" if i8.get("qat_epochs") else "")
+                       + "): ship fp32, raise deploy.qat_epochs, or widen the student")
+    if best is not None:
+        out += _edges(cfg.tune, best)
+    return out
+
+
+def _edges(tc, best: dict[str, Any]) -> list[str]:
+    """The search's best value at the end of a searched range: the optimum may lie outside it."""
+    out = []
+    for key, dim in (("temperature", tc.temperature), ("alpha", tc.alpha), ("student_width", tc.student_width)):
+        if dim is None or key not in best:
+            continue
+        v = float(best[key])
+        if dim.choice is not None:
+            values = sorted(float(c) for c in dim.choice)
+            if len(values) < 2 or values[0] < v < values[-1]:
+                continue
+            lo, hi, near = values[0], values[-1], v in (values[0], values[-1])
+        else:
+            lo, hi = (dim.uniform or dim.loguniform)
+            near = v <= lo + 0.05 * (hi - lo) or v >= hi - 0.05 * (hi - lo)
+        if near:
+            side = "bottom" if abs(v - lo) <= abs(v - hi) else "top"
+            if key == "alpha" and (lo if side == "bottom" else hi) in (0.0, 1.0):
+                continue  # α cannot go beyond [0, 1]
+            out.append(f"tune: the best {key} ({v:g}) sits at the {side} of its range [{lo:g}, {hi:g}]: the optimum "
+                       f"may lie beyond it; widen tune.{key}")
+    return out

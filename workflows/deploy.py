@@ -1,0 +1,350 @@
+"""`kd run`'s deploy stage: the registered student exported to ONNX and checked against PyTorch on
+real test rows, quantized to INT8 (ONNX Runtime, calibrated on real training rows), fine-tuned
+with quantization-aware distillation through the same Train loop when INT8 loses more than
+`deploy.int8_max_drop`, and timed by a Ray task placed on `deploy.target`. Also the latency of
+each tune trial's architecture, the smallest student under a budget and the Pareto picture.
+The maths (export, quantization, timing) is kd_ops.deploy's; this file places and records it."""
+from __future__ import annotations
+
+import io
+import logging
+import math
+import platform
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+
+from kd_ops import data, deploy as dp, models
+from kd_ops.fsio import Loc
+from workflows import console, stages
+from workflows.config import RunConfig
+from workflows.loop import Loop
+
+log = logging.getLogger("kd")
+
+RUNTIMES = ("pytorch-fp32", "onnxruntime-fp32", "onnxruntime-int8")
+
+
+def sample_rows(split_dir, task, n: int, seed: int = 0) -> np.ndarray:
+    """`n` real input rows of a split, drawn at random from its files (read in a seeded random order
+    until there are enough), e.g. to calibrate INT8 — never random tensors."""
+    rng = np.random.default_rng(seed)
+    files = data.parquet_files(split_dir)
+    parts, have = [], 0
+    for i in rng.permutation(len(files)):
+        table = data.read_table(files[i], columns=task.feature_columns)
+        parts.append(data.features(table, task.feature_columns, str(files[i]), np.dtype(task.input_dtype)))
+        have += len(parts[-1])
+        if have >= 4 * n:
+            break
+    rows = np.concatenate(parts)
+    return rows[np.sort(rng.choice(len(rows), size=min(n, len(rows)), replace=False))]
+
+
+def _example(x: np.ndarray, task) -> np.ndarray:
+    return x.astype(task.example_dtype)
+
+
+def _export(model, rows: np.ndarray, task, path: Path, opset: int) -> float:
+    """Export to `path`; returns max |Δlogit| between ONNX Runtime and PyTorch on `rows`."""
+    import torch
+
+    dp.export_onnx(model, torch.from_numpy(_example(rows[:2], task)), path, opset=opset)
+    return dp.max_abs_diff(model, path, _example(rows, task))
+
+
+def stage(cfg: RunConfig, task, lay: stages.Layout, loop: Loop, weights, kd_sets, dirs, train_sets, fp32_row: dict,
+          teachers, tracker) -> dict[str, Any]:
+    """Export, INT8 (PTQ, then QAT when PTQ loses too much), latency on the target. Returns the
+    summary's `deploy` section; files under --out/deploy and in the MLflow run's `deploy/`."""
+    d = cfg.deploy
+    out: dict[str, Any] = {}
+    work = Path(tempfile.mkdtemp(prefix="kd-deploy-"))
+    student = models.load_weights(models.build(loop.factory, loop.kwargs), weights).eval()
+    test_rows = sample_rows(dirs[task.eval_split], task, 256, seed=1)
+    fp32 = work / "student.onnx"
+    try:
+        diff = _export(student, test_rows, task, fp32, d.opset)
+    except ValueError as e:  # e.g. an LM whose graph the exporter cannot take: the run still finishes
+        console.say(f"deploy: ONNX export skipped: {e}")
+        return {"onnx_error": str(e), "gpu": _gpu_note(d)}
+    scale = max(1.0, float(np.abs(_logits(student, test_rows, task)).max()))
+    if not diff <= 1e-3 * scale:
+        raise ValueError(f"deploy: the ONNX export differs from PyTorch by {diff:.2e} on real test rows "
+                         f"(bound {1e-3 * scale:.1e}); set deploy.enabled: false to skip it, and report it")
+    out["onnx"] = {"opset": d.opset, "max_abs_logit_diff": diff, "fp32_file_bytes": dp.file_bytes(fp32),
+                   "fp32_weight_bytes": dp.weight_bytes(fp32), "rows_checked": len(test_rows)}
+    console.say(f"deploy: ONNX opset {d.opset}, max |Δlogit| vs PyTorch {diff:.1e} on {len(test_rows)} test rows")
+    files = {"student.onnx": fp32}
+    int8 = None
+    if d.int8:
+        calib = sample_rows(dirs["train"], task, d.calibration_rows, seed=2)
+        int8, out["int8"], qat_weights = _int8(cfg, task, lay, loop, weights, kd_sets, train_sets, fp32_row, calib,
+                                                fp32, work, tracker)
+        files["student.int8.onnx"] = int8
+        if qat_weights is not None:
+            files["student.qat.onnx"] = work / "student.qat.onnx"
+    teacher = teachers[0]
+    teacher_spec = ({"factory": teacher.factory, "kwargs": teacher.kwargs,
+                     "weights": Loc.of(teacher.weights).read_bytes()} if teacher.factory else None)
+    if teacher_spec:
+        out["teacher_file_bytes"] = len(teacher_spec["weights"])
+    out["student_file_bytes"] = Loc.of(weights).size()
+    out |= latency_on_target(d, task, {"factory": loop.factory, "kwargs": loop.kwargs,
+                                       "weights": Loc.of(weights).read_bytes()},
+                             fp32.read_bytes(), int8.read_bytes() if int8 else None, teacher_spec, test_rows)
+    for name, f in files.items():
+        (lay.out / "deploy" / name).write_bytes(f.read_bytes())
+        if tracker:
+            tracker.log_file(lay.out / "deploy" / name, "deploy")
+    out["files"] = sorted(files)
+    return out
+
+
+def _logits(model, rows, task) -> np.ndarray:
+    import torch
+
+    with torch.inference_mode():
+        return model(torch.from_numpy(_example(rows, task))).float().numpy()
+
+
+def _quality(task, row: dict) -> float:
+    return row["val_perplexity"] if task.kind == "lm" else row["test_accuracy"]
+
+
+def int8_drop(task, fp32_row: dict, int8_row: dict) -> float:
+    """What INT8 lost: accuracy points/100 (classification), relative perplexity rise (LM)."""
+    if task.kind == "lm":
+        return int8_row["val_perplexity"] / fp32_row["val_perplexity"] - 1
+    return fp32_row["test_accuracy"] - int8_row["test_accuracy"]
+
+
+def _score_onnx(task, loop: Loop, path: Path, kd_sets) -> dict[str, Any]:
+    """The task's model report for an ONNX file (scored on the cluster like any model)."""
+    row = task.model_report(loop.replace(factory="kd_ops.deploy:onnx_module", kwargs={"data": path.read_bytes()}),
+                            None, kd_sets)
+    row.pop("params", None)
+    return row
+
+
+def _int8(cfg, task, lay, loop: Loop, weights, kd_sets, train_sets, fp32_row, calib, fp32: Path, work: Path, tracker):
+    d = cfg.deploy
+    int8 = dp.quantize_int8(fp32, calib, work / "student.int8.onnx")
+    ptq = _score_onnx(task, loop, int8, kd_sets)
+    drop = int8_drop(task, fp32_row, ptq)
+    row = {"method": "ptq", "calibration_rows": len(calib), "file_bytes": dp.file_bytes(int8),
+           "weight_bytes": dp.weight_bytes(int8), "ptq_drop": drop, "ptq_" + _key(task): _quality(task, ptq),
+           "qat_epochs": None, "qat_" + _key(task): None, "max_drop": d.int8_max_drop, **ptq}
+    console.say(f"deploy: INT8 (PTQ, {len(calib)} calibration rows) {_key(task)} {_quality(task, ptq):.4f}, "
+                f"fp32 {_quality(task, fp32_row):.4f}: drop {drop:.4f} (tolerance {d.int8_max_drop})")
+    if drop <= d.int8_max_drop or d.qat_epochs == 0:
+        return int8, row, None
+    # quantization-aware distillation: the fp32 student fine-tuned through INT8 fake quantization
+    # with the same stored soft labels and loss, then exported and quantized again
+    qloop = loop.replace(init_weights=Loc.of(weights).uri, fake_quant=True, epochs=d.qat_epochs,
+                         lr=loop.lr * d.qat_lr_scale, label="qat student", features=None)
+    with stages.child_fit(cfg, tracker, "qat-student", {"epochs": d.qat_epochs, "lr": qloop.lr}, qloop, train_sets,
+                          name="qat-student", lay=lay) as res:
+        model = models.load_weights(models.build(loop.factory, loop.kwargs), res.weights).eval()
+        _export(model, calib[:64], task, work / "student.qat.onnx", d.opset)
+        qint8 = dp.quantize_int8(work / "student.qat.onnx", calib, work / "student.qat.int8.onnx")
+        qat = _score_onnx(task, loop, qint8, kd_sets)
+    qdrop = int8_drop(task, fp32_row, qat)
+    console.say(f"deploy: INT8 after {d.qat_epochs} epochs of quantization-aware distillation "
+                f"{_key(task)} {_quality(task, qat):.4f}: drop {qdrop:.4f} (PTQ alone {drop:.4f})")
+    if qdrop >= drop:  # keep whichever INT8 model is better
+        row |= {"qat_epochs": d.qat_epochs, "qat_" + _key(task): _quality(task, qat), "qat_drop": qdrop}
+        return int8, row, None
+    row |= qat | {"method": "qat", "qat_epochs": d.qat_epochs, "qat_" + _key(task): _quality(task, qat),
+                  "qat_drop": qdrop, "file_bytes": dp.file_bytes(qint8), "weight_bytes": dp.weight_bytes(qint8)}
+    return qint8, row, res.weights
+
+
+def _key(task) -> str:
+    return "val_perplexity" if task.kind == "lm" else "test_accuracy"
+
+
+def _gpu_note(d) -> str:
+    return ("GPU latency: measured on the target's GPU" if d.target.accelerator_type
+            else "GPU latency: not measured (deploy.target names no accelerator)")
+
+
+def _options(d) -> dict[str, Any]:
+    t = d.target
+    opts: dict[str, Any] = {"num_cpus": t.threads}
+    if t.resources:
+        opts["resources"] = dict(t.resources)
+    if t.accelerator_type:
+        opts |= {"num_gpus": 1, "accelerator_type": t.accelerator_type}
+    return opts
+
+
+def latency_on_target(d, task, student: dict, fp32: bytes, int8: bytes | None, teacher: dict | None,
+                      rows: np.ndarray) -> dict[str, Any]:
+    """Median and p95 latency of the teacher (PyTorch), the student in PyTorch fp32, ONNX Runtime
+    fp32 and INT8, per batch size, measured by one Ray task placed on `deploy.target`."""
+    t = d.target
+    console.say(f"deploy: timing on the target ({_describe(t)}), {t.runs} runs per runtime and batch size")
+    ref = ray.remote(_measure).options(**_options(d)).remote(
+        student, fp32, int8, teacher, _example(rows, task), t.batch_sizes, t.threads, t.runs, t.warmup,
+        bool(t.accelerator_type))
+    res = ray.get(ref)
+    return {"latency": res["rows"], "target": {"description": _describe(t), "node": res["node"], "cpu": res["cpu"],
+                                               "threads": t.threads}, "gpu": res.get("gpu") or _gpu_note(d)}
+
+
+def _describe(t) -> str:
+    where = (f"Ray resources {dict(t.resources)}" if t.resources else "any node") + \
+        (f", accelerator {t.accelerator_type}" if t.accelerator_type else "")
+    return f"{where}, {t.threads} thread(s), batch sizes {t.batch_sizes}"
+
+
+def _torch_model(spec: dict, device: str):
+    from safetensors.torch import load
+
+    model = models.build(spec["factory"], spec["kwargs"])
+    models.unwrap(model).load_state_dict(load(spec["weights"]))
+    return model.eval().to(device)
+
+
+def _measure(student: dict, fp32: bytes, int8: bytes | None, teacher: dict | None, rows: np.ndarray,
+             batch_sizes: list[int], threads: int, runs: int, warmup: int, gpu: bool) -> dict[str, Any]:
+    """Runs on the target: the timings of kd_ops.deploy.measure_latency for each runtime."""
+    import torch
+
+    torch.set_num_threads(threads)
+    device = "cuda" if gpu and torch.cuda.is_available() else "cpu"
+    runners = {}
+    if teacher:
+        runners["teacher-pytorch-fp32"] = dp.torch_runner(_torch_model(teacher, device), threads)
+    runners["pytorch-fp32"] = dp.torch_runner(_torch_model(student, device), threads)
+    runners["onnxruntime-fp32"] = dp.onnx_runner(fp32, threads)
+    if int8 is not None:
+        runners["onnxruntime-int8"] = dp.onnx_runner(int8, threads)
+    note = None
+    if gpu:
+        note = (f"GPU latency: PyTorch on {torch.cuda.get_device_name() if device == 'cuda' else 'no GPU visible'}; "
+                "ONNX Runtime rows ran on the CPU (this onnxruntime build has no CUDA provider)")
+    return {"rows": dp.measure_latency(runners, rows, batch_sizes, runs=runs, warmup=warmup),
+            "node": platform.node(), "cpu": _cpu_name(), "gpu": note}
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+# ---- tune trials: latency per architecture, the smallest student under a budget, the Pareto front
+
+
+def trial_latencies(cfg: RunConfig, task, loop: Loop, trials: list[dict], width_kwarg: str,
+                    rows: np.ndarray) -> dict[int, dict[str, float]]:
+    """{width: {latency_ms, params}} for every student width the search tried: ONNX Runtime fp32 at
+    deploy.budget_batch_size on the target (latency depends on the architecture, not the weights)."""
+    widths = sorted({int(t.get("student_width", loop.kwargs.get(width_kwarg, 0))) for t in trials})
+    d = cfg.deploy
+    ref = ray.remote(_measure_widths).options(**_options(d)).remote(
+        loop.factory, loop.kwargs, width_kwarg, widths, _example(rows, task), d.budget_batch_size,
+        d.target.threads, d.target.runs, d.target.warmup, d.opset)
+    return ray.get(ref)
+
+
+def _measure_widths(factory, kwargs, width_kwarg, widths, rows, batch, threads, runs, warmup, opset):
+    import torch
+
+    torch.set_num_threads(threads)
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for w in widths:
+            model = models.build(factory, {**kwargs, width_kwarg: w}).eval() if w else models.build(factory, kwargs).eval()
+            path = Path(tmp) / f"w{w}.onnx"
+            dp.export_onnx(model, torch.from_numpy(rows[:2]), path, opset=opset)
+            r = dp.measure_latency({"onnxruntime-fp32": dp.onnx_runner(path.read_bytes(), threads)}, rows, [batch],
+                                   runs=runs, warmup=warmup)[0]
+            out[w] = {"latency_ms": r["median_ms"], "params": models.num_params(model)}
+    return out
+
+
+def annotate_trials(trials: list[dict], lat: dict[int, dict[str, float]], loop: Loop, width_kwarg: str,
+                    reference: float | None, lm: bool) -> None:
+    """Each trial row gets latency_ms, params and its quality (val accuracy / the ensemble's, or perplexity)."""
+    for t in trials:
+        w = int(t.get("student_width", loop.kwargs.get(width_kwarg, 0)))
+        t |= lat[w]
+        score = t.get("val_perplexity" if lm else "val_accuracy")
+        t["quality"] = score if lm or score is None else score / reference
+
+
+def pick_under_budget(trials: list[dict], budget_ms: float | None, target: float | None, lm: bool) -> dict[str, Any]:
+    """The smallest (then fastest, then best) trial with latency ≤ budget and quality ≥ target
+    (LM: perplexity ≤ target). None met: ValueError naming the closest trial and what it missed by."""
+    def misses(t) -> tuple[float, float]:
+        q = t.get("quality")
+        if q is None or (isinstance(q, float) and math.isnan(q)):
+            return (math.inf, 0.0)
+        qm = 0.0 if target is None else (max(0.0, q - target) / target if lm else max(0.0, target - q) / target)
+        lm_ = 0.0 if budget_ms is None else max(0.0, t["latency_ms"] - budget_ms) / budget_ms
+        return qm, lm_
+
+    ok = [t for t in trials if misses(t) == (0.0, 0.0)]
+    if ok:
+        best = min(ok, key=lambda t: (t["params"], t["latency_ms"], t["quality"] if lm else -t["quality"]))
+        return {"chosen_trial": best["trial_id"], "met": len(ok), "of": len(trials),
+                "reason": f"the smallest of {len(ok)}/{len(trials)} trials that meet both ({best['params']:,} params, "
+                          f"{best['latency_ms']:.3f} ms, quality {best['quality']:.4f})"}
+    close = min(trials, key=lambda t: sum(misses(t)))
+    what = "validation perplexity" if lm else "× the ensemble's validation accuracy"
+    parts = []
+    if target is not None:
+        parts.append(f"quality {close['quality']:.4f}{' ' + what if not lm else ' ' + what} (target {'≤' if lm else '≥'} "
+                     f"{target})")
+    if budget_ms is not None:
+        parts.append(f"{close['latency_ms']:.3f} ms (budget {budget_ms} ms)")
+    raise ValueError(f"no tune trial meets deploy.latency_budget_ms={budget_ms} and deploy.quality_target={target}: "
+                     f"the closest, trial {close['trial_id']} ({close['params']:,} params), reached "
+                     + " and ".join(parts) + "; raise the budget, lower the target, or search other student "
+                     "widths (tune.student_width)")
+
+
+def pareto_png(trials: list[dict], chosen: str | None, budget_ms: float | None, target: float | None,
+               lm: bool) -> bytes:
+    """Quality vs latency of every trial, the Pareto front joined, the chosen trial ringed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = [t for t in trials if t.get("quality") is not None]
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
+    ax.scatter([t["latency_ms"] for t in pts], [t["quality"] for t in pts], s=[20 + t["params"] / 200 for t in pts],
+               alpha=0.6, label="tune trials (size: params)")
+    front, best = [], math.inf if lm else -math.inf
+    for t in sorted(pts, key=lambda t: (t["latency_ms"], t["quality"] if lm else -t["quality"])):
+        if (t["quality"] < best) if lm else (t["quality"] > best):
+            front.append(t)
+            best = t["quality"]
+    ax.plot([t["latency_ms"] for t in front], [t["quality"] for t in front], "-o", color="C3", label="Pareto front")
+    for t in pts:
+        if t["trial_id"] == chosen:
+            ax.scatter([t["latency_ms"]], [t["quality"]], s=220, facecolors="none", edgecolors="k", label="chosen")
+    if budget_ms is not None:
+        ax.axvline(budget_ms, color="gray", ls="--", label="latency budget")
+    if target is not None:
+        ax.axhline(target, color="gray", ls=":", label="quality target")
+    ax.set_xlabel("latency, ONNX Runtime fp32 (ms, median)")
+    ax.set_ylabel("validation perplexity" if lm else "val accuracy / ensemble's")
+    ax.set_title("Tune trials: quality vs latency")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
