@@ -508,8 +508,8 @@ def _trials_figure(trials: list[dict], key: str | None, chosen: Any) -> str:
         ax.set_xlabel(d.replace("_", " "))
         ax.set_ylabel(key.replace("_", " "))
         ax.grid(alpha=0.3)
-        if d == "student_width":
-            ax.set_xscale("log", base=2)
+        if d == "student_width":  # the widths tried, as ticks
+            ax.set_xticks(sorted({p[0] for p in pts}))
     if chosen is not None:
         axes[0].legend(fontsize=8, loc="best")
     fig.suptitle(f"tune: {key.replace('_', ' ')} per trial", fontsize=10)

@@ -49,8 +49,18 @@ def test_classification_counts_skip_unlabelled_rows_and_weight_the_ensemble():
     # teacher 0 says class 0 everywhere, teacher 1 says class 1 everywhere, weighted 0.2 / 0.8
     t = torch.tensor([[[3.0, 0.0], [0.0, 3.0]]] * 4)  # [B, M, C]
     out = evaluate.classification_sums(student, labels, t, torch.tensor([0.2, 0.8]))
-    assert out == {"rows": 3.0, "correct": 1.0, "ensemble_correct": 1.0, "teacher0_correct": 2.0,
-                   "teacher1_correct": 1.0, "agree": 1.0}
+    counts = {k: v for k, v in out.items() if not k.startswith(("bin", "class", "ensemble_bin", "ensemble_class"))}
+    assert counts == {"rows": 3.0, "correct": 1.0, "ensemble_correct": 1.0, "teacher0_correct": 2.0,
+                      "teacher1_correct": 1.0, "agree": 1.0}
+    r = evaluate.rates(out, "classification")
+    # the student is 0.8808 confident (softmax of [2, 0]) on all 3 labelled rows and right on 1:
+    # one confidence bin, |1 − 3 × 0.8808| / 3
+    p = float(torch.softmax(torch.tensor([2.0, 0.0]), 0)[0])
+    assert r["ece"] == pytest.approx(abs(1 - 3 * p) / 3)
+    assert r["per_class_accuracy"] == [0.5, 0.0]  # class 0: rows 0 (right) and 1 (wrong); class 1: row 2 (wrong)
+    # the ensemble (0.2 × class 0 + 0.8 × class 1 at T=1) predicts class 1 on every row: right only on row 2
+    assert r["ensemble_per_class_accuracy"] == [0.0, 1.0]
+    assert r["accuracy"] == pytest.approx(1 / 3) and "bin0_n" not in r
 
 
 def test_lm_counts_give_the_perplexity_of_a_uniform_model():

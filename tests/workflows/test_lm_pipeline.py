@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import assert_ddp_split, ddp_fits
+from conftest import TINY_DEPLOY, assert_ddp_split, ddp_fits
 from kd_ops import lm, store
 from workflows import cli, pipeline
 from workflows.config import load_config
@@ -38,6 +38,7 @@ def _config(tmp_path, **over) -> dict:
         "precompute": {"batch_size": 64, "num_actors": 1, "top_k": 8, "tail_samples": 4},
         "tune": {"enabled": False},
         "tracking": {"experiment": "tiny-lm-test", "registered_model": "tiny-lm-student"},
+        "deploy": TINY_DEPLOY | {"target": {"runs": 10, "warmup": 2, "batch_sizes": [1, 4]}},
     }
     for k, v in over.items():
         cfg[k] = v
@@ -74,6 +75,24 @@ def test_lm_run_writes_summary_and_a_topk_store(lm_run):
     # (8 + 4) × (2 + 2) + 4 = 52 raw bytes per token, less after Parquet compression, plus file overhead
     assert 15 < s["store_bytes_per_token"] < 80
     assert s["student"]["params"] < s["teachers"][0]["params"] / 2
+
+
+def test_the_lm_student_ships_as_onnx_and_int8(lm_run):
+    """The GPT-2 student exports (batch dynamic, sequence fixed), matches PyTorch, is quantized and
+    scored by perplexity like the student, and timed."""
+    from kd_ops import deploy as dp
+
+    tmp, s = lm_run
+    d = s["deploy"]
+    assert "onnx_error" not in d, d.get("onnx_error")
+    assert d["onnx"]["opset"] >= 18 and d["onnx"]["max_abs_logit_diff"] < 1e-3
+    assert 1.0 < d["int8"]["val_perplexity"] < 300.0 and 0 < d["int8"]["weight_bytes"] < d["onnx"]["fp32_weight_bytes"]
+    assert d["int8"]["ptq_drop"] == pytest.approx(d["int8"]["ptq_val_perplexity"] / s["student_val_perplexity"] - 1)
+    x = lm.tokenize_and_pack(lm.load_tokenizer(tmp / "out" / "tokenizer"), list(CORPUS.values())[:2], 16)[:4]
+    logits = dp.onnx_logits(dp.onnx_session(str(tmp / "out" / "deploy" / "student.onnx")), x.astype(np.int64))
+    assert logits.shape == (4, 16, 300)
+    assert {(r["runtime"], r["batch"]) for r in d["latency"]} == {
+        (rt, b) for rt in ("pytorch-fp32", "onnxruntime-fp32", "onnxruntime-int8") for b in (1, 4)}
 
 
 def test_lm_store_matches_the_teacher(lm_run):

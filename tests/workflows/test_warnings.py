@@ -8,8 +8,10 @@ import json
 import pytest
 import torch
 
+from browser import not_blank, render
 from conftest import tiny_config
 from kd_ops import models
+from test_report_page import _need_chromium
 from workflows import cli
 
 
@@ -42,3 +44,9 @@ def test_random_teachers_the_label_only_student_wins_and_the_run_says_so(ray_ses
         assert f"warning: {w}" in printed
         assert html.escape(w) in page
     assert s["teacher_compute"]["online_forward_rows"] == 2 * 3 * 1000  # 2 teachers × 3 epochs × 1,000 train rows
+    # the run's own page, in a real browser: rendered, its charts decoded, the warnings on it
+    _need_chromium()
+    shown = render(out / "report.html", tmp_path / "report.png")
+    assert shown["images_total"] >= 1 and shown["images_decoded"] == shown["images_total"]
+    assert 'id="warnings"' in shown["dom"] and html.escape(labels_win[0]) in shown["dom"]
+    assert not_blank(tmp_path / "report.png") > 0.02
