@@ -55,7 +55,8 @@ def test_a_run_on_s3_lands_in_the_bucket_and_a_rerun_reuses_the_store(s3, tmp_pa
            "precompute": {"batch_size": 100, "num_actors": 1},
            "tune": {"num_samples": 2, "max_concurrent_trials": 1, "epochs": 1, "grace_period": 1,
                     "student_width": {"choice": [4, 6]}},
-           "tracking": {"experiment": "s3", "registered_model": "s3-student"}}
+           "tracking": {"experiment": "s3", "registered_model": "s3-student"},
+           "deploy": {"enabled": False}}  # its latency task would run the counting teacher too
     path = tmp_path / "s3.yaml"
     path.write_text(yaml.safe_dump(cfg))
     counter = tmp_path / "counter.txt"
