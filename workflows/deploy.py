@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import ray
 
-from kd_ops import data, deploy as dp, models
+from kd_ops import data, deploy as dp, evaluate, models
 from kd_ops.fsio import Loc
 from workflows import console, stages
 from workflows.config import RunConfig
@@ -71,7 +71,7 @@ def stage(cfg: RunConfig, task, lay: stages.Layout, loop: Loop, weights, kd_sets
     except ValueError as e:  # e.g. an LM whose graph the exporter cannot take: the run still finishes
         console.say(f"deploy: ONNX export skipped: {e}")
         return {"onnx_error": str(e), "gpu": _gpu_note(d)}
-    scale = max(1.0, float(np.abs(_logits(student, test_rows, task)).max()))
+    scale = max(1.0, float(np.abs(evaluate.predict_logits(student, _example(test_rows, task))).max()))
     if not diff <= 1e-3 * scale:
         raise ValueError(f"deploy: the ONNX export differs from PyTorch by {diff:.2e} on real test rows "
                          f"(bound {1e-3 * scale:.1e}); set deploy.enabled: false to skip it, and report it")
@@ -104,15 +104,8 @@ def stage(cfg: RunConfig, task, lay: stages.Layout, loop: Loop, weights, kd_sets
     return out
 
 
-def _logits(model, rows, task) -> np.ndarray:
-    import torch
-
-    with torch.inference_mode():
-        return model(torch.from_numpy(_example(rows, task))).float().numpy()
-
-
 def _quality(task, row: dict) -> float:
-    return row["val_perplexity"] if task.kind == "lm" else row["test_accuracy"]
+    return row[_key(task)]
 
 
 def int8_drop(task, fp32_row: dict, int8_row: dict) -> float:
@@ -304,7 +297,7 @@ def pick_under_budget(trials: list[dict], budget_ms: float | None, target: float
     what = "validation perplexity" if lm else "× the ensemble's validation accuracy"
     parts = []
     if target is not None:
-        parts.append(f"quality {close['quality']:.4f}{' ' + what if not lm else ' ' + what} (target {'≤' if lm else '≥'} "
+        parts.append(f"quality {close['quality']:.4f} {what} (target {'≤' if lm else '≥'} "
                      f"{target})")
     if budget_ms is not None:
         parts.append(f"{close['latency_ms']:.3f} ms (budget {budget_ms} ms)")
