@@ -97,6 +97,15 @@ def parser() -> argparse.ArgumentParser:
     bm.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="config overrides for every method, e.g. --set train.fit.epochs=10")
     bm.add_argument("--json", action="store_true", help="last line of stdout: one JSON object")
+    btu = bsub.add_parser("tune", help="the fixed cost of a Tune trial (kd-ops, Ray Train trials, a plain loop) and "
+                          "what ASHA and Optuna's TPE save, one run")
+    btu.add_argument("--config", default="workflows/configs/mnist1d.yaml")
+    btu.add_argument("--out", default="runs/bench-tune", help="data, teachers and store (reused when current)")
+    btu.add_argument("--trials", type=int, default=6)
+    btu.add_argument("--epochs", type=int, default=3, help="epochs per trial (ASHA's max_t)")
+    btu.add_argument("--no-searchers", action="store_true", help="only the fixed-cost comparison")
+    btu.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    btu.add_argument("--json", action="store_true", help="last line of stdout: one JSON object")
     bt = bsub.add_parser("train", help="student-only vs offline KD vs online KD step rates, one run")
     bt.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     bt.add_argument("--pair", choices=["mnist1d", "lm"], help="default: mnist1d on cpu, the LM pair on cuda")
@@ -158,7 +167,7 @@ def _dispatch(args) -> int:
 
         # Ray's output into the bench's log file; kd-ops' progress lines and the result on the terminal
         console.setup(getattr(args, "out", None) or f"runs/bench-{args.bench}", args.verbose)
-        module = {"store": "store", "scale": "scale", "methods": "methods", "ingest": "ingest"}.get(args.bench, "speed")
+        module = {"store": "store", "scale": "scale", "methods": "methods", "ingest": "ingest", "tune": "tune"}.get(args.bench, "speed")
         return importlib.import_module(f"workflows.bench.{module}").main(args)
     if args.command == "report":
         from workflows import report_page

@@ -277,6 +277,14 @@ class TuneConfig(Strict):
     rkd_distance: Dim | None = None
     rkd_angle: Dim | None = None
     seed: int = 0
+    scheduler: Literal["asha", "fifo"] = Field("asha", description="asha: stop poor trials early (grace_period, "
+                                               "reduction_factor); fifo: every trial runs all its epochs")
+    searcher: Literal["random", "optuna"] = Field("random", description="random: sample the space (seeded); "
+                                                 "optuna: Optuna's TPE proposes each trial from the ones before "
+                                                 "(pip install optuna)")
+    trial_runner: Literal["auto", "ray_train"] = Field(
+        "auto", description="auto: a one-worker trial runs its training loop in its Tune trial (no Ray Train "
+        "controller or worker group to start); ray_train: every trial is a Ray Train run")
     max_failures: int = Field(1, ge=0, description="retries of a trial that raised, before it counts as failed "
                               "(the search goes on with the others)")
 
@@ -333,7 +341,9 @@ class DeployConfig(Strict):
     int8_max_drop: float = Field(0.01, ge=0, description="largest loss of INT8 against fp32 before quantization-aware "
                                  "distillation runs: test accuracy points/100 (classification), relative perplexity "
                                  "rise (LM)")
-    qat_epochs: int = Field(5, ge=0, description="epochs of quantization-aware distillation (0: never)")
+    qat: Literal["auto", "always", "never"] = Field("auto", description="quantization-aware distillation: auto (when "
+                                                    "INT8 loses more than int8_max_drop), always or never")
+    qat_epochs: int = Field(5, ge=1, description="epochs of quantization-aware distillation")
     qat_lr_scale: float = Field(0.1, gt=0, description="its learning rate, as a fraction of train.fit.lr")
     target: DeployTarget = DeployTarget()
     latency_budget_ms: float | None = Field(None, gt=0, description="the student must answer a batch of "

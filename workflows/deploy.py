@@ -6,10 +6,13 @@ each tune trial's architecture, the smallest student under a budget and the Pare
 The maths (export, quantization, timing) is kd_ops.deploy's; this file places and records it."""
 from __future__ import annotations
 
+import dataclasses
+
 import io
 import logging
 import math
 import platform
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -60,9 +63,16 @@ def stage(cfg: RunConfig, task, lay: stages.Layout, loop: Loop, weights, kd_sets
           teachers, tracker) -> dict[str, Any]:
     """Export, INT8 (PTQ, then QAT when PTQ loses too much), latency on the target. Returns the
     summary's `deploy` section; files under --out/deploy and in the MLflow run's `deploy/`."""
+    work = Path(tempfile.mkdtemp(prefix="kd-deploy-"))
+    try:
+        return _stage(cfg, task, lay, loop, weights, kd_sets, dirs, train_sets, fp32_row, teachers, tracker, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _stage(cfg, task, lay, loop, weights, kd_sets, dirs, train_sets, fp32_row, teachers, tracker, work: Path):
     d = cfg.deploy
     out: dict[str, Any] = {}
-    work = Path(tempfile.mkdtemp(prefix="kd-deploy-"))
     student = models.load_weights(models.build(loop.factory, loop.kwargs), weights).eval()
     test_rows = sample_rows(dirs[task.eval_split], task, 256, seed=1)
     fp32 = work / "student.onnx"
@@ -133,12 +143,14 @@ def _int8(cfg, task, lay, loop: Loop, weights, kd_sets, train_sets, fp32_row, ca
            "qat_epochs": None, "qat_" + _key(task): None, "max_drop": d.int8_max_drop, **ptq}
     console.say(f"deploy: INT8 (PTQ, {len(calib)} calibration rows) {_key(task)} {_quality(task, ptq):.4f}, "
                 f"fp32 {_quality(task, fp32_row):.4f}: drop {drop:.4f} (tolerance {d.int8_max_drop})")
-    if drop <= d.int8_max_drop or d.qat_epochs == 0:
+    if d.qat == "never" or (d.qat == "auto" and drop <= d.int8_max_drop):
         return int8, row, None
     # quantization-aware distillation: the fp32 student fine-tuned through INT8 fake quantization
-    # with the same stored soft labels and loss, then exported and quantized again
+    # with the same stored soft labels and loss, then exported and quantized again. A feature term
+    # is left out: its projection was trained beside the student but is not saved or shipped.
     qloop = loop.replace(init_weights=Loc.of(weights).uri, fake_quant=True, epochs=d.qat_epochs,
-                         lr=loop.lr * d.qat_lr_scale, label="qat student", features=None)
+                         lr=loop.lr * d.qat_lr_scale, label="qat student", features=None,
+                         method=dataclasses.replace(loop.method, feature=None, feature_weight=0.0))
     with stages.child_fit(cfg, tracker, "qat-student", {"epochs": d.qat_epochs, "lr": qloop.lr}, qloop, train_sets,
                           name="qat-student", lay=lay) as res:
         model = models.load_weights(models.build(loop.factory, loop.kwargs), res.weights).eval()

@@ -1,6 +1,7 @@
-"""Ray Tune over temperature, α, student width and teacher weights. Each trial is a per-trial
-driver function that trains through Ray Train; every trial reads the same soft-label datasets,
-so no teacher runs while tuning."""
+"""Ray Tune over temperature, α, student width and teacher weights. A one-worker trial runs the
+training loop in its own trial actor; a multi-worker one is a per-trial driver function that
+trains through Ray Train. Every trial reads the same soft-label datasets, so no teacher runs
+while tuning."""
 from __future__ import annotations
 
 import dataclasses
@@ -14,11 +15,12 @@ import ray.train
 from ray import tune
 from ray.util.queue import Queue
 from ray.air.integrations.mlflow import MLflowLoggerCallback
-from ray.tune.schedulers import ASHAScheduler
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from kd_ops.fsio import Loc
-from workflows import console, train
+from workflows import console, train, worker
 from workflows.config import METHOD_DIMS, Dim, TuneConfig
 from workflows.loop import Loop
 
@@ -56,13 +58,18 @@ def apply_trial(base: Loop, trial: dict[str, Any], teachers: list[str], width_kw
     return base.replace(**changes)
 
 
-def _trial(trial: dict[str, Any], *, base, teachers, width_kwarg, datasets, storage, workers):
-    """One Tune trial: a TorchTrainer whose per-epoch metrics reach Tune through tune.report from
-    this (the trial's own) thread. Ray 2.60's TuneReportCallback reports from the trial actor's main
-    thread instead, and a trial whose fit ends as its last report arrives can then block forever
-    on a full result queue (seen here as a hung test run), so reports are forwarded by hand."""
+def _trial(trial: dict[str, Any], *, base, teachers, width_kwarg, datasets, storage, workers, direct):
+    """One Tune trial. `direct` (one worker): the training loop runs here, in the trial actor, and
+    reports and checkpoints through Tune. Otherwise a TorchTrainer whose per-epoch metrics reach
+    Tune through tune.report from this (the trial's own) thread. Ray 2.60's TuneReportCallback
+    reports from the trial actor's main thread instead, and a trial whose fit ends as its last
+    report arrives can then block forever on a full result queue (seen here as a hung test run),
+    so reports are forwarded by hand."""
     trial_id = tune.get_context().get_trial_id()
     cfg = apply_trial(base, trial, teachers, width_kwarg).replace(label=f"trial {trial_id}")
+    if direct:
+        worker.run_loop(cfg, worker.tune_session(datasets, workers["use_gpu"]))
+        return
     queue, outcome = Queue(actor_options={"num_cpus": 0}), {}
 
     def fit() -> None:
@@ -87,12 +94,18 @@ def run_tune(tc: TuneConfig, base: Loop, teachers: list[str], width_kwarg: str,
              datasets: dict[str, ray.data.Dataset], *, storage: Loc, workers: dict[str, Any],
              tracking_uri: str | None, experiment: str | None, parent_run_id: str | None):
     """Run the search; returns (best loop config, best metrics, list of per-trial rows)."""
+    direct = tc.trial_runner == "auto" and workers["num_workers"] == 1
     trainable = tune.with_parameters(_trial, base=base.replace(epochs=tc.epochs), teachers=teachers,
                                      width_kwarg=width_kwarg, datasets=datasets, storage=Loc.of(storage),
-                                     workers=workers)
-    # The driver function only waits on its TorchTrainer: it takes no CPU (the Train workers do),
-    # but a bundle may not be empty, so it reserves the memory it really uses.
-    trainable = tune.with_resources(trainable, {"cpu": 0, "memory": 256 * 1024**2})
+                                     workers=workers, direct=direct)
+    if direct:  # the trial is the worker: it holds what one Train worker would
+        bundle = {"CPU": base.cpus_per_worker, **({"GPU": 1} if workers["use_gpu"] else {}), **(workers["resources"] or {})}
+        train.wait_for_a_node(bundle, "tune trials")
+        trainable = tune.with_resources(trainable, tune.PlacementGroupFactory([bundle]))
+    else:
+        # The driver function only waits on its TorchTrainer: it takes no CPU (the Train workers do),
+        # but a bundle may not be empty, so it reserves the memory it really uses.
+        trainable = tune.with_resources(trainable, {"cpu": 0, "memory": 256 * 1024**2})
     callbacks = []
     if tracking_uri:
         callbacks.append(MLflowLoggerCallback(tracking_uri=tracking_uri, experiment_name=experiment,
@@ -115,11 +128,9 @@ def run_tune(tc: TuneConfig, base: Loop, teachers: list[str], width_kwarg: str,
             param_space=space,
             tune_config=tune.TuneConfig(
                 metric=base.objective[0], mode=base.objective[1], num_samples=tc.num_samples,
-                scheduler=ASHAScheduler(time_attr="training_iteration", max_t=tc.epochs,
-                                        grace_period=tc.grace_period, reduction_factor=tc.reduction_factor),
-                # the concurrency cap goes here: TuneConfig.max_concurrent_trials is ignored with a
-                # SearchGenerator such as this one
-                search_alg=BasicVariantGenerator(random_state=tc.seed, max_concurrent=tc.max_concurrent_trials)),
+                scheduler=_scheduler(tc), search_alg=_searcher(tc),
+                # a direct trial's actor is kept for the next trial: torch and kd-ops stay imported
+                reuse_actors=direct),
             run_config=tune.RunConfig(name=NAME, **train.storage_args(Loc.of(storage)),
                                       callbacks=[*callbacks, _TrialProgress(tc.num_samples)], verbose=0,
                                       failure_config=tune.FailureConfig(max_failures=tc.max_failures)),
@@ -148,6 +159,29 @@ def run_tune(tc: TuneConfig, base: Loop, teachers: list[str], width_kwarg: str,
 
 
 NAME, SEARCH_KEY = "tune", "kd-search.json"
+
+
+def _scheduler(tc: TuneConfig):
+    if tc.scheduler == "fifo":
+        return FIFOScheduler()
+    return ASHAScheduler(time_attr="training_iteration", max_t=tc.epochs, grace_period=tc.grace_period,
+                         reduction_factor=tc.reduction_factor)
+
+
+def _searcher(tc: TuneConfig):
+    """The concurrency cap goes on the searcher: TuneConfig.max_concurrent_trials is ignored with
+    a SearchGenerator such as BasicVariantGenerator."""
+    if tc.searcher == "random":
+        return BasicVariantGenerator(random_state=tc.seed, max_concurrent=tc.max_concurrent_trials)
+    try:
+        import optuna
+        from ray.tune.search.optuna import OptunaSearch
+    except ImportError:
+        raise ValueError("tune.searcher: optuna needs the optuna package: pip install optuna "
+                         "(or pip install 'kd-ops[search]')") from None
+    # metric and mode come from tune.TuneConfig; the sampler is seeded so a search can be repeated
+    tpe = OptunaSearch(sampler=optuna.samplers.TPESampler(seed=tc.seed))
+    return ConcurrencyLimiter(tpe, max_concurrent=tc.max_concurrent_trials)
 
 
 class _TrialProgress(tune.Callback):

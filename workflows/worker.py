@@ -13,6 +13,8 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -135,29 +137,62 @@ def _evaluate(model, shard, device, weights: torch.Tensor | None, cfg: Loop) -> 
     return out
 
 
-def train_loop(config: dict[str, Any]) -> None:
-    """Ray Train worker function; config = {"loop": Loop}. Rank 0 logs per-epoch metrics to
-    MLflow when `loop.mlflow` names a run. A restarted worker group (a lost worker or node, a
-    rerun after the driver died) continues from the latest checkpoint (`kd_ops.checkpoint`)."""
-    cfg: Loop = config["loop"]
+@dataclass(frozen=True)
+class Session:
+    """Where the loop runs: its rank and world size, device, model preparation, datasets, and how
+    it reports and resumes. Two places: a Ray Train worker (`train_session`, 1..N workers, DDP)
+    and a one-worker Tune trial run directly in its trial actor (`tune_session`), which spares a
+    trial Train's controller, worker group and fresh worker processes."""
+    rank: int
+    world: int
+    device: torch.device
+    prepare: Callable[[torch.nn.Module], torch.nn.Module]
+    checkpoint: Callable[[], Any]
+    shard: Callable[[str], Any]            # "train" | "val" → something with iter_torch_batches
+    report: Callable[..., None]            # report(metrics, checkpoint=one from `saved` | None)
+    saved: Callable[[str], Any]            # a directory → a checkpoint `report` takes
+
+
+def train_session() -> Session:
     ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    return Session(ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device(),
+                   ray.train.torch.prepare_model, ray.train.get_checkpoint, ray.train.get_dataset_shard,
+                   ray.train.report, ray.train.Checkpoint.from_directory)
+
+
+def tune_session(datasets: dict[str, Any], use_gpu: bool) -> Session:
+    from ray import tune
+
+    device = torch.device("cuda" if use_gpu else "cpu")
+    return Session(0, 1, device, lambda m: m.to(device), tune.get_checkpoint, datasets.__getitem__, tune.report,
+                   tune.Checkpoint.from_directory)
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    """Ray Train worker function; config = {"loop": Loop}."""
+    run_loop(config["loop"], train_session())
+
+
+def run_loop(cfg: Loop, session: Session) -> None:
+    """The training loop. Rank 0 logs per-epoch metrics to MLflow when `loop.mlflow` names a run.
+    A restarted worker group or trial (a lost worker or node, a rerun after the driver died)
+    continues from the latest checkpoint (`kd_ops.checkpoint`)."""
+    rank, world, device = session.rank, session.world, session.device
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.cpus_per_worker)
-    device = ray.train.torch.get_device()
     student = models.build(cfg.factory, cfg.kwargs)
     if cfg.init_weights is not None:
         models.load_weights(student, cfg.init_weights)
     if cfg.fake_quant:  # the saved weights stay the plain module's (models.unwrap looks through the wrapper)
         student = qat.wrap(student)
     net, online = _with_features(student, cfg, device)
-    model = ray.train.torch.prepare_model(net)
+    model = session.prepare(net)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = schedule(opt, cfg, world)
     batch_rows = worker_batch(cfg, world)
     metric, mode = cfg.objective
     progress, best_weights = ckpt.Progress(0, -math.inf, {}), None
-    if (resume := ray.train.get_checkpoint()) is not None:
+    if (resume := session.checkpoint()) is not None:
         with resume.as_directory() as d:
             progress, best_weights = ckpt.restore(d, model=model, optimizer=opt, scheduler=sched)
         if rank == 0:
@@ -165,7 +200,7 @@ def train_loop(config: dict[str, Any]) -> None:
     resumed_from = progress.epoch
     kd = cfg.teacher_weights is not None
     weights = torch.tensor(cfg.teacher_weights, dtype=torch.float32, device=device) if kd else None
-    train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
+    train_shard, val_shard = session.shard("train"), session.shard("val")
     client = _mlflow_client(cfg) if rank == 0 else None
     last_checkpoint = time.monotonic()
     for epoch in range(progress.epoch + 1, cfg.epochs + 1):
@@ -205,12 +240,12 @@ def train_loop(config: dict[str, Any]) -> None:
             if rank == 0 and due:
                 ckpt.save(tmp, model=model, optimizer=opt, scheduler=sched, progress=progress,
                           best_weights=best_weights, spec={"factory": cfg.factory, "kwargs": cfg.kwargs})
-                checkpoint = ray.train.Checkpoint.from_directory(tmp)
+                checkpoint = session.saved(tmp)
             if rank == 0:
                 _say(_epoch_line(cfg.label, epoch, cfg.epochs, metrics))
                 if client is not None:
                     client.log_batch(cfg.mlflow["run_id"], metrics=_mlflow_metrics(metrics, epoch))
-            ray.train.report(metrics, checkpoint=checkpoint)
+            session.report(metrics, checkpoint=checkpoint)
         if due:
             last_checkpoint = time.monotonic()
     if cfg.trace_dir:

@@ -98,7 +98,8 @@ def tiny_config(tmp_path: Path, **sections) -> Path:
 
 
 # the deploy stage, quick: few timed runs, small batches, one QAT epoch
-TINY_DEPLOY = {"target": {"runs": 10, "warmup": 2, "batch_sizes": [1, 16]}, "calibration_rows": 64, "qat_epochs": 1}
+TINY_DEPLOY = {"target": {"runs": 10, "warmup": 2, "batch_sizes": [1, 16]}, "calibration_rows": 64, "qat": "always",
+               "qat_epochs": 1}
 
 
 def ddp_fits(cfg, out, tmp_path, fit, kwargs, distill: bool = True):

@@ -1,3 +1,4 @@
+import sys
 from pathlib import Path
 
 import pytest
@@ -34,6 +35,11 @@ def test_methods_config_searches_the_method_on_the_default_data_and_teachers():
     ("precompute.tail_samples=8", r"precompute.tail_samples samples the tail outside a top-k store: it needs task: lm"),
     ("precompute.calls_per_actor=0", r"precompute.calls_per_actor: Input should be greater than or equal to 1"),
     ("train.fit.max_grad_norm=0", r"train.fit.max_grad_norm: Input should be greater than 0"),
+    ("tune.scheduler=hyperband", r"tune.scheduler: Input should be 'asha' or 'fifo'"),
+    ("tune.searcher=bohb", r"tune.searcher: Input should be 'random' or 'optuna'"),
+    ("tune.trial_runner=train", r"tune.trial_runner: Input should be 'auto' or 'ray_train'"),
+    ("deploy.qat=sometimes", r"deploy.qat: Input should be 'auto', 'always' or 'never'"),
+    ("deploy.qat_epochs=0", r"deploy.qat_epochs: Input should be greater than or equal to 1"),
 ])
 def test_bad_values_name_the_field(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -79,3 +85,18 @@ def test_kd_version_prints_the_installed_version(capsys):
     project = tomllib.loads((Path(__file__).parent.parent.parent / "pyproject.toml").read_text())["project"]
     assert done.value.code == 0 and capsys.readouterr().out == f"kd {version('kd-ops')}\n"
     assert version("kd-ops") == project["version"]
+
+
+def test_the_optuna_searcher_without_optuna_says_how_to_install_it(monkeypatch):
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    from workflows.config import TuneConfig
+    from workflows.tune import _searcher
+
+    monkeypatch.setitem(sys.modules, "optuna", None)  # `import optuna` raises ImportError
+    with pytest.raises(ValueError, match=r"tune.searcher: optuna needs the optuna package: pip install optuna"):
+        _searcher(TuneConfig(searcher="optuna"))
+    random = _searcher(TuneConfig(max_concurrent_trials=3))
+    assert isinstance(random, BasicVariantGenerator) and random.max_concurrent == 3
+    assert not isinstance(random, ConcurrencyLimiter)

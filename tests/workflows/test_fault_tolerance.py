@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import pyarrow.parquet as pq
 import ray
 import ray.train
@@ -156,15 +157,18 @@ def test_losing_a_worker_node_mid_precompute_loses_and_duplicates_no_rows(tmp_pa
     assert len(ids) == len(inputs) == m["rows"] and np.array_equal(np.sort(ids), np.sort(inputs))
 
 
-def test_a_trial_that_fails_once_is_retried_and_one_that_always_fails_is_reported(ray_session, tmp_path):
+@pytest.mark.parametrize("runner", ["auto", "ray_train"])  # the loop in the trial actor / a Ray Train run
+def test_a_trial_that_fails_once_is_retried_and_one_that_always_fails_is_reported(ray_session, tmp_path, runner):
     from conftest import FLAKY
     from workflows.config import TuneConfig
     from workflows.tune import run_tune
 
+    FLAKY.unlink(missing_ok=True)
     sets, loop = _setup(tmp_path)
     base = loop.replace(factory="flaky_student:make", epochs=1, checkpoint_interval_s=60)
     tc = TuneConfig(num_samples=3, max_concurrent_trials=2, epochs=1, grace_period=1, temperature=None, alpha=None,
-                    teacher_weights=None, student_width={"choice": [4, 5]}, seed=SEED, max_failures=1)
+                    teacher_weights=None, student_width={"choice": [4, 5]}, seed=SEED, max_failures=1,
+                    trial_runner=runner)
     # Train's own retries off: here the trial (Tune) retries
     workers = dict(num_workers=1, use_gpu=False, max_failures=0, resources={})
     _, best, rows, failed = run_tune(tc, base, [], "width", sets, storage=tmp_path / "ray", workers=workers,
@@ -197,7 +201,8 @@ def test_a_kd_run_killed_during_tune_continues_where_it_stopped(tmp_path):
 
     cfg = tiny_config(tmp_path, tune={"num_samples": 4, "max_concurrent_trials": 1, "epochs": 2, "grace_period": 2,
                                       "student_width": {"choice": [4, 6]}},
-                      train={"fit": {"epochs": 1}, "label_only_fit": {"epochs": 1}})
+                      train={"fit": {"epochs": 1}, "label_only_fit": {"epochs": 1}},
+                      student={"factory": "slow_student:make", "kwargs": {"width": 4}})
     out, db = tmp_path / "out", f"sqlite:///{tmp_path / 'mlflow.db'}"
     argv = ("run", cfg, "--out", out, "--tracking-uri", db)
     first_log = tmp_path / "first.log"

@@ -88,6 +88,9 @@ def test_the_lm_student_ships_as_onnx_and_int8(lm_run):
     assert d["onnx"]["opset"] >= 18 and d["onnx"]["max_abs_logit_diff"] < 1e-3
     assert 1.0 < d["int8"]["val_perplexity"] < 300.0 and 0 < d["int8"]["weight_bytes"] < d["onnx"]["fp32_weight_bytes"]
     assert d["int8"]["ptq_drop"] == pytest.approx(d["int8"]["ptq_val_perplexity"] / s["student_val_perplexity"] - 1)
+    # deploy.qat: always — one epoch of quantization-aware distillation through the GPT-2 student
+    assert d["int8"]["qat_epochs"] == 1
+    assert d["int8"]["qat_drop"] == pytest.approx(d["int8"]["qat_val_perplexity"] / s["student_val_perplexity"] - 1)
     x = lm.tokenize_and_pack(lm.load_tokenizer(tmp / "out" / "tokenizer"), list(CORPUS.values())[:2], 16)[:4]
     logits = dp.onnx_logits(dp.onnx_session(str(tmp / "out" / "deploy" / "student.onnx")), x.astype(np.int64))
     assert logits.shape == (4, 16, 300)

@@ -11,6 +11,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from kd_ops import data, feature_kd, method_loss, models, store
+from conftest import TINY_DEPLOY
 from test_errors import _nothing_complete, _parquet_source, _run, _teacher
 from workflows import chain, ingest
 from workflows import precompute as pre
@@ -49,12 +50,12 @@ def test_stored_and_online_teacher_features_give_the_same_loss(ray_session, tmp_
     assert stored_loss.item() == online_loss.item() and stored["feature"] == live["feature"] > 0
 
 
-def _method_config(tmp_path, **distill) -> str:
+def _method_config(tmp_path, deploy: dict | None = None, **distill) -> str:
     cfg = {"name": "methods", "data": _parquet_source(tmp_path), "teachers": _teacher(tmp_path),
            "student": {"kwargs": {"width": 4}}, "distill": {"temperature": 2.0, **distill},
            "train": {"fit": {"epochs": 1, "batch_size": 64}, "label_only_fit": {"epochs": 1}},
            "precompute": {"batch_size": 128, "num_actors": 1}, "tune": {"enabled": False},
-           "tracking": {"experiment": "methods"}}
+           "tracking": {"experiment": "methods"}, "deploy": deploy or {"enabled": False}}
     path = tmp_path / "methods.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return str(path)
@@ -113,7 +114,7 @@ def test_kd_run_with_a_teacher_assistant_online_features_and_dkd(ray_session, ca
     path = _method_config(tmp_path, response="dkd", dkd={"alpha": 1.0, "beta": 4.0}, schedule="linear",
                           temperature_end=1.0, assistants=[{"name": "a", "kwargs": {"width": 6}}],
                           feature={"student_layer": "features.5", "teacher_layer": "features.5", "source": "online",
-                                   "weight": 0.5})
+                                   "weight": 0.5}, deploy=TINY_DEPLOY)
     rc, err, uri = _run(capsys, tmp_path, "run", path)
     assert rc == 0, err
     s = json.loads((tmp_path / "out" / "summary.json").read_text())
@@ -136,6 +137,13 @@ def test_kd_run_with_a_teacher_assistant_online_features_and_dkd(ray_session, ca
     assert runs["assistant-a"].data.tags["mlflow.parentRunId"] == parent
     assert runs["assistant-a"].data.metrics["test_accuracy"] == pytest.approx(stage["test_accuracy"])
     assert np.isfinite(s["student"]["test_accuracy"])
+    # quantization-aware distillation (deploy.qat: always) trains with DKD; the feature term is left out
+    # (its projection is not shipped), so the fine-tune runs without the online feature teacher
+    i8 = s["deploy"]["int8"]
+    assert i8["qat_epochs"] == 1 and 0 <= i8["qat_test_accuracy"] <= 1
+    assert runs["deploy"].data.tags["mlflow.parentRunId"] == parent
+    assert runs["qat-student"].data.tags["mlflow.parentRunId"] == runs["deploy"].info.run_id
+    assert runs["qat-student"].data.params["epochs"] == "1"
 
 
 def test_tune_searches_the_method_and_each_trial_trains_with_its_point(tmp_path):

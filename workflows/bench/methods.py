@@ -66,20 +66,27 @@ def _one(path: str, overrides: list[str], method: list[str] | None, seed: int, l
     return row["test_accuracy"], row["params"], time.perf_counter() - start
 
 
-def run(path: str, out: str, overrides: list[str], seeds: int, only: list[str] | None) -> dict[str, Any]:
-    cfg = load_config(path, [*BASE, *overrides])
-    task = tasks.for_config(cfg)
-    if task.kind != "classification":
-        raise ValueError("kd bench methods compares classification methods; give a classification config")
+def teachers_and_store(cfg, task, out: str):
+    """Ray, the data, the trained teachers and their store under `out` (each reused when current):
+    (layout, split dirs, teachers, {"test": dataset with the teachers' logits})."""
     lay = stages.Layout(out)
     lay.make()
     ray_session.init_ray(None, cfg.code, cfg.train.resource_wait_s)
-    console.say("==> teachers and store (once for every method)")
+    console.say("==> teachers and store (once for every comparison)")
     dirs = task.data(lay)
     stages.check_inputs(cfg, task, dirs, lay)
     teachers = task.teachers(dirs, lay, None)
     stages.stage_precompute(cfg, task, teachers, dirs, lay, None)
     kd_sets, _, _ = stages.datasets(cfg, task, dirs, lay, teachers=True, splits={"test": ("test",)})
+    return lay, dirs, teachers, kd_sets
+
+
+def run(path: str, out: str, overrides: list[str], seeds: int, only: list[str] | None) -> dict[str, Any]:
+    cfg = load_config(path, [*BASE, *overrides])
+    task = tasks.for_config(cfg)
+    if task.kind != "classification":
+        raise ValueError("kd bench methods compares classification methods; give a classification config")
+    lay, dirs, teachers, kd_sets = teachers_and_store(cfg, task, out)
     teacher_rows, reference = task.teacher_report(teachers, kd_sets)
     ens = reference["ensemble_test_accuracy"]
     teacher_params = min(r["params"] for r in teacher_rows)
