@@ -40,6 +40,9 @@ def signal_views(x: np.ndarray, ids: np.ndarray, view: np.ndarray | int, seed: i
     (for MNIST-1D-like inputs). ids [N] int64; view: one int or [N]. Rows of view 0 are returned
     unchanged."""
     x = np.asarray(x, np.float32)
+    if x.ndim != 2:
+        raise ValueError(f"signal_views takes 1-D signals [N, L], got inputs of shape {list(x.shape)}; give "
+                         "precompute.augment a view function for these inputs")
     n, length = x.shape
     view = np.broadcast_to(np.asarray(view, np.int64), (n,))
     u = uniforms(seed, ids, view, 0, 2)
@@ -50,3 +53,26 @@ def signal_views(x: np.ndarray, ids: np.ndarray, view: np.ndarray | int, seed: i
     cols = (np.arange(length)[None, :] - shift[:, None]) % length
     out = (np.take_along_axis(x, cols, axis=1) * amp[:, None] + noise * gauss).astype(np.float32)
     return np.where((view == 0)[:, None], x, out)
+
+
+def id_keys(ids) -> np.ndarray:
+    """Sample ids as the int64 keys augmentations take: integer ids as they are, any other id
+    (strings) by a stable 63-bit hash, so a view is a function of the id whatever its type."""
+    a = np.asarray(ids)
+    if a.dtype.kind in "iu":
+        return a.astype(np.int64)
+    import hashlib
+
+    return np.array([int.from_bytes(hashlib.blake2b(str(i).encode(), digest_size=8).digest(), "little") >> 1
+                     for i in a], np.int64)
+
+
+def apply(fn, x: np.ndarray, ids, view: np.ndarray | int, seed: int) -> np.ndarray:
+    """`fn(x, ids, view, seed)` (e.g. `signal_views`, or a user function of the same signature)
+    on a batch, checked: the view must keep the input's shape and dtype, which the teacher and
+    the student both take."""
+    out = np.asarray(fn(x, id_keys(ids), view, seed))
+    if out.shape != x.shape or out.dtype != x.dtype:
+        raise ValueError(f"augmentation {getattr(fn, '__name__', fn)!r} returned {out.dtype}{list(out.shape)} for "
+                         f"inputs {x.dtype}{list(x.shape)}: it must keep the shape and dtype")
+    return out

@@ -12,8 +12,9 @@ import torch.nn.functional as F
 def ensemble_probs(teacher_logits: torch.Tensor, weights: torch.Tensor, temperature: float) -> torch.Tensor:
     """Weighted mixture of the teachers' softened distributions.
 
-    teacher_logits: [M, B, C] raw (untempered) logits; weights: [M], non-negative, summing to 1.
-    Returns p [B, C] with p = sum_m w_m * softmax(z_m / T).
+    teacher_logits: [M, B, C] raw (untempered) logits; weights: [M] (one per teacher) or [M, B]
+    (per teacher and row, `kd_ops.teacher_weighting`), non-negative, summing to 1 over M.
+    Returns p [B, C] with p_b = sum_m w_m(b) * softmax(z_mb / T).
 
     Probabilities are mixed, not logits: a mixture keeps each teacher's calibration and the
     result stays a proper distribution whatever the weights, whereas averaging logits is a
@@ -22,7 +23,7 @@ def ensemble_probs(teacher_logits: torch.Tensor, weights: torch.Tensor, temperat
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     probs = torch.softmax(teacher_logits.float() / temperature, dim=-1)
-    return torch.einsum("m,mbc->bc", weights.to(probs), probs)
+    return torch.einsum("m,mbc->bc" if weights.dim() == 1 else "mb,mbc->bc", weights.to(probs), probs)
 
 
 def soft_cross_entropy(student_logits: torch.Tensor, target_probs: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -7,6 +7,7 @@
 response: Hinton KD (`losses.hinton_kd_loss`) or DKD (`decoupled_kd.dkd_loss`), against the
 weighted teacher ensemble softened at the (scheduled, optionally per-sample) temperature.
 RKD runs on the feature layers when they are named, else on the logits (the ensemble's mean logits).
+The ensemble's weights are per teacher, or per teacher and row (`Method.teacher_weighting`).
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from kd_ops import decoupled_kd, feature_kd, losses, relation_kd
+from kd_ops import teacher_weighting as tw
 from kd_ops import temperature as temps
 
 RESPONSES = ("hinton", "dkd")
@@ -35,6 +37,7 @@ class Method:
     feature_weight: float = 0.0
     rkd_distance: float = 0.0
     rkd_angle: float = 0.0
+    teacher_weighting: str = "static"   # static | entropy | correctness (kd_ops.teacher_weighting)
 
     def __post_init__(self):
         checks = [(self.response in RESPONSES, f"response must be one of {RESPONSES}, got {self.response!r}"),
@@ -43,6 +46,8 @@ class Method:
                   (self.feature is None or self.feature in FEATURE_KINDS,
                    f"feature must be one of {FEATURE_KINDS} or null, got {self.feature!r}"),
                   (self.feature_loss in ("mse", "cosine"), f"feature_loss must be mse or cosine, got {self.feature_loss!r}"),
+                  (self.teacher_weighting in tw.KINDS,
+                   f"teacher_weighting must be one of {tw.KINDS}, got {self.teacher_weighting!r}"),
                   (self.dkd_alpha >= 0 and self.dkd_beta >= 0, "dkd alpha and beta must be >= 0"),
                   (min(self.feature_weight, self.rkd_distance, self.rkd_angle) >= 0, "loss weights must be >= 0"),
                   (self.temperature_end is None or self.temperature_end > 0, "temperature_end must be > 0")]
@@ -59,14 +64,19 @@ def student_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, lab
                  weights: torch.Tensor, *, temperature: float, alpha: float, method: Method,
                  progress: float = 0.0, student_features: torch.Tensor | None = None,
                  teacher_features: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
-    """student_logits [B, C]; teacher_logits [M, B, C] raw; labels [B] (−1: unlabelled); weights [M];
+    """student_logits [B, C]; teacher_logits [M, B, C] raw; labels [B] (−1: unlabelled); weights [M]
+    (the static per-teacher weights; `method.teacher_weighting` turns them into [M, B] per row);
     progress ∈ [0, 1] (for the schedule); student_features [B, ...] (projected for hint KD) and
     teacher_features [B, ...] when the method uses features. Returns (scalar loss, parts as floats)."""
     t = temps.scheduled(temperature, method.temperature_end, method.schedule, progress)
     s_logits, t_logits = student_logits, teacher_logits
     if method.standardize:
         s_logits, t_logits = temps.standardize(student_logits), temps.standardize(teacher_logits)
-    p = losses.ensemble_probs(t_logits, weights, t)
+    # per-row weights from the raw logits (not standardised or softened): confidence and correctness
+    # are the teachers' own
+    row_weights = (weights if method.teacher_weighting == "static" else
+                   tw.per_sample_weights(teacher_logits, weights, method.teacher_weighting, labels))
+    p = losses.ensemble_probs(t_logits, row_weights, t)
     if method.response == "dkd":
         response = decoupled_kd.dkd_loss(s_logits, p, decoupled_kd.targets(labels, p), temperature=t,
                                          alpha=method.dkd_alpha, beta=method.dkd_beta)

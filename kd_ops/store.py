@@ -409,13 +409,18 @@ def soft_labels(store: str | Path | Loc, teachers: list[str], ids: np.ndarray) -
     return {k: np.stack([p[k] for p in per_teacher]) for k in names}
 
 
-def size_bytes(store: str | Path | Loc) -> int:
-    """Bytes of the published shards and manifests (what a reader uses)."""
+def view_entry(teacher: str, view: int) -> str:
+    """The store entry of `teacher`'s logits on augmented view `view` (view 0 is the teacher's own entry)."""
+    return teacher if view == 0 else f"{teacher}.view{view}"
+
+
+def size_bytes(store: str | Path | Loc, entries: list[str] | None = None) -> int:
+    """Bytes of the published shards and manifests (what a reader uses), of every entry or of `entries`."""
     root, total = Loc.of(store), 0
     for mf in root.files(MANIFEST, recursive=True):
         name = posixpath.basename(posixpath.dirname(mf.path))
         m = read_manifest(root, name)
-        if m is None:
+        if m is None or (entries is not None and name not in entries):
             continue
         tdir = teacher_loc(root, name)  # read_manifest checked every shard path
         total += mf.size() + sum((tdir / s["file"]).size() for s in m["shards"].values())

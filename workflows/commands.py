@@ -47,6 +47,7 @@ def precompute(cfg: RunConfig, out: Path, *, tracking_uri=None, ray_address=None
         stages.feature_plan(cfg, task, dirs, lay)  # layer names and shapes, before any teacher runs
         results = stages.stage_precompute(cfg, task, teachers, dirs, lay, tracker)
         results += [r for r in [stages.precompute_features(cfg, task, teachers, dirs, lay, tracker)] if r]
+        results += stages.precompute_views(cfg, task, teachers, dirs, lay, tracker)
     t = Table(title=f"soft-label store {lay.store}")
     for c in ("teacher", "rows", "shards", "kind", "columns", "status", "seconds"):
         t.add_column(c)

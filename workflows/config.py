@@ -169,6 +169,10 @@ class DistillConfig(Strict):
     temperature_end: float | None = Field(None, gt=0, description="the temperature at the end of training (schedule)")
     standardize: bool = Field(False, description="per-sample temperature: z-score each model's logits per row "
                               "before the softmax (Sun et al. 2024, logit standardisation)")
+    teacher_weighting: Literal["static", "entropy", "correctness"] = Field(
+        "static", description="multi-teacher weights per row from the stored logits: static (teacher_weights "
+        "only), entropy (times each teacher's confidence on the row), correctness (CA-MKD: less weight to a "
+        "teacher that is wrong on a labelled row; entropy on unlabelled rows)")
     feature: FeatureKD | None = None
     rkd: RelationKD = RelationKD()
     assistants: list[Assistant] = Field([], description="TAKD (Mirzadeh et al. 2020): teacher → assistants → "
@@ -226,6 +230,12 @@ class PrecomputeConfig(Strict):
     use_gpu: bool = False
     resources: dict[str, float] = Field({}, description="custom resources (e.g. {teacher_node: 1}) or accelerator "
                                         "types each teacher actor needs: places teachers on a node group")
+    views: int = Field(1, ge=1, description="augmented views per training row: the teachers also run on views "
+                       "1..K-1 of the training splits (store entries <teacher>.view<k>, K× the bytes); training "
+                       "draws one view per row per epoch and gives the student that same view")
+    augment: str = Field("kd_ops.augment:signal_views", description="the view function fn(x, ids, view, seed) → "
+                         "x of the same shape and dtype; view 0 must be x itself")
+    augment_seed: int = Field(0, description="seed of the views (with the row id and view number)")
 
 
 class Dim(Strict):
@@ -250,9 +260,11 @@ class Dim(Strict):
         return min(vals), max(vals)
 
 
-# the distillation method's own settings (kd_ops.method_loss.Method fields) Tune can search;
-# the first two take words, the others numbers
-METHOD_DIMS = ("response", "schedule", "dkd_alpha", "dkd_beta", "temperature_end", "feature_weight",
+# the distillation method's own settings (kd_ops.method_loss.Method fields) Tune can search:
+# those in METHOD_WORDS take words (the allowed ones), the others numbers
+METHOD_WORDS = {"response": ("hinton", "dkd"), "schedule": ("constant", "linear", "cosine"),
+                "teacher_weighting": ("static", "entropy", "correctness")}
+METHOD_DIMS = ("response", "schedule", "teacher_weighting", "dkd_alpha", "dkd_beta", "temperature_end", "feature_weight",
                "rkd_distance", "rkd_angle")
 
 
@@ -272,6 +284,7 @@ class TuneConfig(Strict):
     dkd_alpha: Dim | None = None
     dkd_beta: Dim | None = None
     schedule: Dim | None = Field(None, description="choice of constant / linear / cosine")
+    teacher_weighting: Dim | None = Field(None, description="choice of static / entropy / correctness")
     temperature_end: Dim | None = None
     feature_weight: Dim | None = Field(None, description="weight of the feature term (needs distill.feature)")
     rkd_distance: Dim | None = None
@@ -290,15 +303,14 @@ class TuneConfig(Strict):
 
     @model_validator(mode="after")
     def _ranges(self) -> "TuneConfig":
-        words = {"response": ("hinton", "dkd"), "schedule": ("constant", "linear", "cosine")}
-        for name, allowed in words.items():
+        for name, allowed in METHOD_WORDS.items():
             dim = getattr(self, name)
             if dim is not None and (dim.choice is None or any(v not in allowed for v in dim.choice)):
                 raise ValueError(f"tune.{name} must be a choice among {list(allowed)}, got {dim.model_dump(exclude_none=True)}")
         checks = {"temperature": (0.0, None, "> 0"), "alpha": (0.0, 1.0, "in [0, 1]"),
                   "teacher_weights": (0.0, None, ">= 0"), "student_width": (1.0, None, ">= 1"),
                   "temperature_end": (0.0, None, "> 0"),
-                  **{k: (0.0, None, ">= 0") for k in METHOD_DIMS[2:] if k != "temperature_end"}}
+                  **{k: (0.0, None, ">= 0") for k in METHOD_DIMS if k not in METHOD_WORDS and k != "temperature_end"}}
         for name, (lo, hi, text) in checks.items():
             dim = getattr(self, name)
             if dim is None:
@@ -392,8 +404,9 @@ class RunConfig(Strict):
                 raise ValueError(f"distill.teacher_weights names unknown teachers {unknown} (teachers: {names})")
         d = self.distill
         if self.task == "lm" and (d.response != "hinton" or d.feature or d.rkd.distance or d.rkd.angle or d.assistants
-                                  or d.generations > 1 or d.standardize):
-            raise ValueError("distill: response/dkd, feature, rkd, assistants, generations and standardize are for "
+                                  or d.generations > 1 or d.standardize or d.teacher_weighting != "static"):
+            raise ValueError("distill: response/dkd, feature, rkd, assistants, generations, standardize and "
+                             "teacher_weighting are for "
                              "task: classification; LM distillation uses distill.divergence")
         searched = [k for k in METHOD_DIMS if getattr(self.tune, k) is not None]
         if self.task == "lm" and searched:
@@ -408,6 +421,15 @@ class RunConfig(Strict):
         if (dp.latency_budget_ms is not None or dp.quality_target is not None) and not (dp.enabled and self.tune.enabled):
             raise ValueError("deploy.latency_budget_ms / quality_target choose the smallest student among the tune "
                              "trials: set tune.enabled: true and deploy.enabled: true")
+        if self.precompute.views > 1:
+            if self.task != "classification":
+                raise ValueError("precompute.views: augmented views are for task: classification")
+            if d.assistants or d.generations > 1:
+                raise ValueError("precompute.views: a TAKD or born-again chain stores its stages without views; "
+                                 "give precompute.views: 1 with distill.assistants / generations")
+            if d.feature is not None and d.feature.source == "store":
+                raise ValueError("precompute.views: stored teacher features are of the plain inputs; use "
+                                 "distill.feature.source: online with views")
         if self.precompute.tail_samples and (self.task != "lm" or self.precompute.top_k is None):
             raise ValueError("precompute.tail_samples samples the tail outside a top-k store: it needs task: lm "
                              "and precompute.top_k (full logits have no tail)")

@@ -106,6 +106,8 @@ def _stage(cfg, task, lay, loop, weights, kd_sets, dirs, train_sets, fp32_row, t
     out |= latency_on_target(d, task, {"factory": loop.factory, "kwargs": loop.kwargs,
                                        "weights": Loc.of(weights).read_bytes()},
                              fp32.read_bytes(), int8.read_bytes() if int8 else None, teacher_spec, test_rows)
+    if "student.qat.onnx" not in files:  # an earlier run's QAT model is not this run's
+        (lay.out / "deploy" / "student.qat.onnx").delete()
     for name, f in files.items():
         (lay.out / "deploy" / name).write_bytes(f.read_bytes())
         if tracker:

@@ -9,6 +9,10 @@ Ray Train's local shuffle buffer (`fit.shuffle_buffer`) mixes rows of the chunks
 
 Rows: `x` (features or token ids), `y` (int64, −1 for unlabelled rows; classification only) and
 each stored column stacked over teachers, [M, ...] per row (e.g. `logits` [M, C]).
+
+Augmented views (`Views`, K > 1): the read tasks stack every teacher's K view entries, and a
+last step, run every epoch after any caching, draws one view per row, rebuilds that view of
+`x` and keeps the teachers' logits of that view, so the student sees what the teachers saw.
 """
 from __future__ import annotations
 
@@ -19,8 +23,37 @@ import numpy as np
 import pyarrow as pa
 import ray
 
-from kd_ops import data, store
+from kd_ops import augment, data, models, store
 from kd_ops.fsio import Loc
+
+
+@dataclass(frozen=True)
+class Views:
+    """Augmented views of the training rows: `count` views (0 = the inputs) made by `augment`
+    (an import path, fn(x, ids, view, seed)) with `seed`."""
+    count: int
+    augment: str
+    seed: int
+
+
+@dataclass
+class ViewPicker:
+    """Ray Data step after the read (and after a cache): per row, a random view v of the K stored,
+    x replaced by view v of x and each stored column [M·K, ...] reduced to view v's [M, ...]."""
+    views: Views
+    teachers: int
+    columns: list[str]
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        keys = batch.pop("view_key")
+        n, k = len(keys), self.views.count
+        v = np.random.default_rng().integers(0, k, n)  # a new draw every epoch
+        batch["x"] = augment.apply(models.resolve(self.views.augment), batch["x"], keys, v, self.views.seed)
+        for c in self.columns:
+            a = batch[c]
+            a = a.reshape(n, self.teachers, k, *a.shape[2:])
+            batch[c] = np.ascontiguousarray(a[np.arange(n), :, v])
+        return batch
 
 
 @dataclass
@@ -35,6 +68,7 @@ class Reader:
     batch_rows: int
     permute: bool = False                  # shuffle rows within each chunk read (in the read task)
     feature_spec: dict[str, Any] | None = None  # the last shard of each unit holds teacher features
+    view_keys: bool = False                # emit `view_key` (augment.id_keys of the ids) for ViewPicker
 
 
     def __call__(self, batch: dict[str, np.ndarray]):
@@ -51,6 +85,8 @@ class Reader:
             ids = rb.column("id")
             if pa.types.is_integer(ids.type):  # carried so a worker can say which rows it saw (Loop.trace_dir)
                 out["id"] = ids.to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+            if self.view_keys:
+                out["view_key"] = augment.id_keys(ids.to_numpy(zero_copy_only=False))
             if self.label_column is not None:  # a file without labels (transfer set): −1, soft term only
                 out["y"] = (table.column(self.label_column).fill_null(-1).to_numpy().astype(np.int64)
                             if self.label_column in table.column_names else np.full(rb.num_rows, -1, np.int64))
@@ -75,7 +111,7 @@ class Reader:
 def dataset(split_dirs: dict[str, Any], *, feature_columns: list[str], label_column: str | None,
             input_dtype: str = "float32", store_dir=None, teachers: list[str] = (), shuffle: bool = True,
             batch_rows: int = 16384, read_tasks: int = 2, cache_bytes: int = 0,
-            features: str | None = None) -> tuple[ray.data.Dataset, int, bool]:
+            features: str | None = None, views: Views | None = None) -> tuple[ray.data.Dataset, int, bool]:
     """(lazy dataset over the files of `split_dirs` joined with `teachers`' shards, its row count,
     whether it was cached).
 
@@ -86,12 +122,19 @@ def dataset(split_dirs: dict[str, Any], *, feature_columns: list[str], label_col
     re-reading costs a Ray Data execution per epoch, which dominates sub-second epochs. A cached
     dataset's rows stay in their blocks across epochs, so it wants the Train worker's local
     shuffle buffer; a streamed one is permuted by its read tasks every epoch. `features`: a store
-    entry of teacher features (`precompute.feature_entry`) whose rows become the `features` column."""
+    entry of teacher features (`precompute.feature_entry`) whose rows become the `features` column.
+    `views`: each teacher's view entries are read too, and one view per row is drawn every epoch."""
     files, rows = {}, 0
     for split, d in split_dirs.items():
         for f in data.parquet_files(d):
             files[store.unit(split, f.name)] = f
-    manifests = [store.check_manifest(store_dir, t) for t in teachers]
+    entries = [store.view_entry(t, k) for t in teachers for k in range(views.count)] if views else list(teachers)
+    manifests = [store.check_manifest(store_dir, e) for e in entries]
+    for e, m in zip(entries, manifests):
+        if views and m.get("view") and (m.get("augment"), m.get("augment_seed")) != (views.augment, views.seed):
+            raise store.StoreError(f"store entry {e!r} holds views made by {m.get('augment')} with seed "
+                                   f"{m.get('augment_seed')}, but this run makes them with {views.augment} and seed "
+                                   f"{views.seed}; run `kd precompute` (or `kd run`) with these settings")
     columns = manifests[0]["columns"] if manifests else {}
     for m in manifests[1:]:
         if m["columns"] != columns:
@@ -107,14 +150,23 @@ def dataset(split_dirs: dict[str, Any], *, feature_columns: list[str], label_col
         rows += (manifests[0]["shards"][u]["rows"] if manifests
                  else store.open_parquet(f).metadata.num_rows)
     reader = Reader(files, shards, columns, feature_columns, label_column, input_dtype, batch_rows, permute=shuffle,
-                    feature_spec=feature_spec)
+                    feature_spec=feature_spec, view_keys=views is not None)
+    ds, cached = _read(reader, files, shards, shuffle, read_tasks, cache_bytes)
+    if views is not None:
+        ds = ds.map_batches(ViewPicker(views, len(teachers), list(columns)), batch_format="numpy", num_cpus=0,
+                            compute=ray.data.TaskPoolStrategy(size=read_tasks))
+    return ds, rows, cached
+
+
+def _read(reader: Reader, files, shards, shuffle: bool, read_tasks: int, cache_bytes: int):
+    """The dataset of the reader's rows (cached in the object store when small) and whether it is cached."""
     ds = ray.data.from_items([{"unit": u} for u in files], override_num_blocks=max(1, len(files)))
     # Read tasks reserve no CPU: Train workers (and, under Tune, other trials' workers) may hold
     # every CPU, and a reader that waits for one would starve them; the pool size bounds them.
     read = dict(batch_size=1, num_cpus=0, compute=ray.data.TaskPoolStrategy(size=read_tasks))
     if cache_bytes and sum(f.size() for f in files.values()) + sum(s.size() for ss in shards.values() for s in ss) < cache_bytes:
         ds = ds.map_batches(reader, **read).materialize()
-        return (ds.randomize_block_order() if shuffle else ds), rows, True
+        return (ds.randomize_block_order() if shuffle else ds), True
     if shuffle:
         ds = ds.randomize_block_order()  # one file per block: a new file order every epoch, no task
-    return ds.map_batches(reader, **read), rows, False
+    return ds.map_batches(reader, **read), False

@@ -54,6 +54,7 @@ def run(cfg: RunConfig, out: Path, *, tracking_uri: str | None = None, ray_addre
         step("precompute")
         precomputed = stages.stage_precompute(cfg, task, teachers, dirs, lay, tracker)
         stages.precompute_features(cfg, task, teachers, dirs, lay, tracker)
+        stages.precompute_views(cfg, task, teachers, dirs, lay, tracker)
         kd_sets, rows, cached = stages.datasets(cfg, task, dirs, lay, teachers=True,
                                         splits={"train": task.train_splits(), "val": ("val",), "test": ("test",)})
         rows_test = rows["test"]

@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 import ray
 import torch
 
-from kd_ops import data, feature_kd, lm, models, store
+from kd_ops import augment, data, feature_kd, lm, models, store
 from kd_ops.fsio import Loc
 
 log = logging.getLogger("kd")
@@ -50,6 +50,9 @@ class TeacherSpec:
     weight_files: list[Loc]      # what the fingerprint hashes
     layer: str | None = None     # store this layer's output (teacher features), not the logits
     pool: int | None = None      # ... average-pooled to this many positions
+    view: int = 0                # run on augmented view `view` of the inputs (0: the inputs)
+    augment: str | None = None   # ... made by this function (import path) with this seed
+    augment_seed: int = 0
 
     @classmethod
     def of(cls, t) -> "TeacherSpec":
@@ -72,8 +75,14 @@ class TeacherSpec:
         """This teacher as a source of `layer`'s outputs: stored as its own store entry."""
         return dataclasses.replace(self, name=feature_entry(self.name, layer, pool), layer=layer, pool=pool)
 
+    def viewed(self, view: int, augment: str, seed: int) -> "TeacherSpec":
+        """This teacher on augmented view `view` of every input: its own store entry."""
+        return dataclasses.replace(self, name=store.view_entry(self.name, view), view=view, augment=augment, augment_seed=seed)
+
     def fingerprint(self) -> str:
         kwargs = self.kwargs if self.layer is None else {**self.kwargs, "__layer__": self.layer, "__pool__": self.pool}
+        if self.view:
+            kwargs = {**kwargs, "__view__": [self.view, self.augment, self.augment_seed]}
         return models.teacher_fingerprint(self.factory, kwargs, self.weight_files)
 
 
@@ -105,6 +114,7 @@ class ShardWriter:
         torch.set_num_threads(max(1, threads))
         self.device = torch.device(device)
         self.models = {s.name: s.build().to(self.device, getattr(torch, teacher_dtype)).eval() for s in specs}
+        self.views = {s.name: (s.view, models.resolve(s.augment), s.augment_seed) for s in specs if s.view}
         self.plan, self.feature_columns, self.input_dtype = plan, feature_columns, np.dtype(input_dtype)
         self.top_k, self.tail_samples, self.batch_size = top_k, tail_samples, batch_size
         self._local = threading.local()
@@ -159,7 +169,12 @@ class ShardWriter:
                 ids = table.column("id").combine_chunks()
                 store.ids_digest(ids, digest)
                 for t in teachers:
-                    kept = self._kept(self.models[t], x, ids)
+                    if t in self.views:  # the teacher sees view k of these rows, as the student will
+                        view, fn, seed = self.views[t]
+                        kept = self._kept(self.models[t], augment.apply(fn, x, ids.to_numpy(zero_copy_only=False),
+                                                                        view, seed), ids)
+                    else:
+                        kept = self._kept(self.models[t], x, ids)
                     _check_finite(t, kept, ids, str(src))
                     shard = store.shard_table(ids, kept)
                     if t not in writers:
@@ -399,7 +414,9 @@ def precompute(teachers, split_dirs: dict[str, Any], store_dir, *, feature_colum
         s = specs[n]
         manifest = store.publish(root, n, kind=kind, columns=columns, inputs=inputs, teacher_fp=fps[n],
                                  settings=settings, extra={**(extra or {}), "factory": s.factory, "kwargs": s.kwargs,
-                                                           "weights": [str(f) for f in s.weight_files]})
+                                                           "weights": [str(f) for f in s.weight_files],
+                                                           **({"view": s.view, "augment": s.augment,
+                                                               "augment_seed": s.augment_seed} if s.view else {})})
         results[n] = TeacherResult(n, False, manifest, time.perf_counter() - start,
                                    sum(n in ts for ts in need.values()))
     return [results[n] for n in specs]

@@ -93,6 +93,28 @@ def check_inputs(cfg: RunConfig, task, dirs: dict[str, Path], lay: Layout) -> No
     validate.check_inputs(dirs, feature_columns=task.feature_columns, label_column=task.label_column,
                           num_classes=task.num_classes,
                           remember=lay.out / "checks")
+    if cfg.precompute.views > 1:
+        check_views(cfg, task, dirs)
+
+
+def check_views(cfg: RunConfig, task, dirs) -> None:
+    """The view function on the first training rows, before any teacher trains or runs: it
+    imports, keeps shape and dtype, returns the rows themselves for view 0, and gives a row the
+    same view whether it is asked for one view (precompute) or one view per row (training)."""
+    from kd_ops import augment, models
+
+    pc = cfg.precompute
+    fn = models.resolve(pc.augment)
+    x = first_rows(dirs["train"], task.feature_columns, task.input_dtype, n=4)
+    ids, views = np.arange(len(x)), np.arange(len(x)) % pc.views
+    if not np.array_equal(augment.apply(fn, x, ids, 0, pc.augment_seed), x):
+        raise ValueError(f"precompute.augment {pc.augment!r}: view 0 must return the inputs unchanged")
+    per_row = augment.apply(fn, x, ids, views, pc.augment_seed)
+    one = np.concatenate([augment.apply(fn, x[i:i + 1], ids[i:i + 1], int(views[i]), pc.augment_seed)
+                          for i in range(len(x))])
+    if not np.array_equal(per_row, one):
+        raise ValueError(f"precompute.augment {pc.augment!r}: a row's view differs when views come one per row "
+                         "(an array) rather than as one int; it must depend only on (seed, id, view)")
 
 
 def stage_precompute(cfg: RunConfig, task, teachers: list[TeacherConfig], dirs: dict[str, Path], lay: Layout,
@@ -161,6 +183,29 @@ def precompute_features(cfg: RunConfig, task, teachers: list[TeacherConfig], dir
         if tracker:
             mlflow.log_dict(r.manifest, f"manifests/{spec.name}.json")
     return r
+
+
+def precompute_views(cfg: RunConfig, task, teachers: list[TeacherConfig], dirs, lay: Layout,
+                     tracker: Tracker | None) -> list[pre.TeacherResult]:
+    """Augmented views (precompute.views K > 1): every teacher's logits on views 1..K-1 of the
+    training splits, each view its own store entry; view 0 is the teacher's entry itself (the
+    view function was checked by `check_inputs`)."""
+    pc = cfg.precompute
+    if pc.views == 1:
+        return []
+    specs = [pre.TeacherSpec.of(t).viewed(k, pc.augment, pc.augment_seed) for t in teachers for k in range(1, pc.views)]
+    splits = {s: dirs[s] for s in task.train_splits() if s in dirs}
+    with child_run(tracker, "precompute-views", {"views": pc.views, "augment": pc.augment, "seed": pc.augment_seed}), \
+            progress_bars():
+        results = pre.precompute(specs, splits, lay.store, feature_columns=task.feature_columns, **pre.options(pc),
+                                 **task.precompute_options(), progress=console.progress("views", "rows"))
+        one = store.size_bytes(lay.store, [t.name for t in teachers])
+        views_bytes = store.size_bytes(lay.store, [s.name for s in specs])
+        console.say(f"precompute: {pc.views} views of the training rows: {views_bytes / 1e6:.1f} MB beside the "
+                    f"teachers' {one / 1e6:.1f} MB ({(one + views_bytes) / max(one, 1):.2f}x)")
+        if tracker:
+            mlflow.log_metric("views_store_bytes", views_bytes)
+    return results
 
 
 def feature_plan(cfg: RunConfig, task, dirs, lay: Layout) -> FeaturePlan | None:
@@ -246,8 +291,14 @@ def datasets(cfg: RunConfig, task, dirs: dict[str, Path], lay: Layout, *, teache
                                                input_dtype=task.input_dtype, store_dir=lay.store, teachers=names,
                                                shuffle=name == "train",
                                                cache_bytes=int(cfg.train.cache_datasets_mb * 1e6),
-                                               features=stored if name == "train" else None)
+                                               features=stored if name == "train" else None,
+                                               views=_views(cfg) if name == "train" and names else None)
     return out, rows, cached.get("train", True)
+
+
+def _views(cfg: RunConfig) -> "ingest.Views | None":
+    pc = cfg.precompute
+    return ingest.Views(pc.views, pc.augment, pc.augment_seed) if pc.views > 1 else None
 
 
 def first_rows(d, feature_columns: list[str], dtype: str, n: int = 2) -> np.ndarray:

@@ -150,7 +150,7 @@ class Classification:
                         feature=d.feature.kind if d.feature else None,
                         feature_loss=d.feature.loss if d.feature else "mse",
                         feature_weight=d.feature.weight if d.feature else 0.0, rkd_distance=d.rkd.distance,
-                        rkd_angle=d.rkd.angle)
+                        rkd_angle=d.rkd.angle, teacher_weighting=d.teacher_weighting)
         return {"method": method, "features": features}
 
     def chosen(self, loop: Loop, teachers: list[str]) -> dict[str, Any]:

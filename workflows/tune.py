@@ -21,7 +21,7 @@ from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from kd_ops.fsio import Loc
 from workflows import console, train, worker
-from workflows.config import METHOD_DIMS, Dim, TuneConfig
+from workflows.config import METHOD_DIMS, METHOD_WORDS, Dim, TuneConfig
 from workflows.loop import Loop
 
 log = logging.getLogger("kd")
@@ -52,7 +52,7 @@ def apply_trial(base: Loop, trial: dict[str, Any], teachers: list[str], width_kw
     if any(f"teacher_weight.{t}" in trial for t in teachers):
         raw = [float(trial.get(f"teacher_weight.{t}", 1.0)) for t in teachers]
         changes["teacher_weights"] = [w / sum(raw) for w in raw]
-    method = {k: trial[k] if k in ("response", "schedule") else float(trial[k]) for k in METHOD_DIMS if k in trial}
+    method = {k: trial[k] if k in METHOD_WORDS else float(trial[k]) for k in METHOD_DIMS if k in trial}
     if method:
         changes["method"] = dataclasses.replace(base.method, **method)
     return base.replace(**changes)
@@ -113,7 +113,9 @@ def run_tune(tc: TuneConfig, base: Loop, teachers: list[str], width_kwarg: str,
                                               save_artifact=False))
     space = search_space(tc, teachers)
     run = Loc.of(storage) / NAME
-    key = json.dumps({"search": tc.model_dump(mode="json"), "base": train._loop_key(base)}, sort_keys=True)
+    # how trials run is part of the search: a restored trial keeps the resources it was created with
+    key = json.dumps({"search": tc.model_dump(mode="json"), "base": train._loop_key(base), "workers": workers,
+                      "direct": direct}, sort_keys=True, default=str)
     fs = {} if run.local else {"storage_filesystem": run.fs}
     if (run / SEARCH_KEY).is_file() and (run / SEARCH_KEY).read_text() == key and tune.Tuner.can_restore(run.path, **fs):
         # the driver died during this search: finished trials keep their results, the others run
@@ -132,6 +134,7 @@ def run_tune(tc: TuneConfig, base: Loop, teachers: list[str], width_kwarg: str,
                 # a direct trial's actor is kept for the next trial: torch and kd-ops stay imported
                 reuse_actors=direct),
             run_config=tune.RunConfig(name=NAME, **train.storage_args(Loc.of(storage)),
+                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=1),  # it holds the best model
                                       callbacks=[*callbacks, _TrialProgress(tc.num_samples)], verbose=0,
                                       failure_config=tune.FailureConfig(max_failures=tc.max_failures)),
         )

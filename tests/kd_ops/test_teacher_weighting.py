@@ -62,3 +62,36 @@ def test_one_teacher_and_bad_kind():
     torch.testing.assert_close(w, torch.ones(1, 4))
     with pytest.raises(ValueError, match="is not one of"):
         per_sample_weights(torch.randn(2, 4, 3), torch.tensor([0.5, 0.5]), "votes")
+
+
+def test_the_ensemble_takes_per_row_weights_and_static_rows_give_the_per_teacher_mixture():
+    from kd_ops.losses import ensemble_probs
+
+    torch.manual_seed(1)
+    logits = torch.randn(2, 4, 3)
+    static = torch.tensor([0.25, 0.75])
+    torch.testing.assert_close(ensemble_probs(logits, static[:, None].expand(2, 4), 2.0),
+                               ensemble_probs(logits, static, 2.0))
+    w = torch.tensor([[1.0, 0.0, 0.5, 0.2], [0.0, 1.0, 0.5, 0.8]])
+    p = ensemble_probs(logits, w, 2.0)
+    for b in range(4):  # row by row: sum_m w[m, b] softmax(z[m, b] / T)
+        want = sum(w[m, b] * torch.softmax(logits[m, b] / 2.0, -1) for m in range(2))
+        torch.testing.assert_close(p[b], want)
+
+
+def test_the_students_loss_mixes_the_teachers_per_row_when_the_method_says_so():
+    from kd_ops import losses
+    from kd_ops.method_loss import Method, student_loss
+
+    # row 0 labelled 0: teacher 0 right, teacher 1 wrong; row 1 unlabelled
+    t = torch.tensor([[[3.0, 0.0], [1.0, 0.0]], [[0.0, 3.0], [0.0, 0.5]]])
+    s, y, static = torch.tensor([[0.5, 0.1], [0.2, 0.3]]), torch.tensor([0, -1]), torch.tensor([0.5, 0.5])
+    plain, _ = student_loss(s, t, y, static, temperature=2.0, alpha=1.0, method=Method())
+    ca, _ = student_loss(s, t, y, static, temperature=2.0, alpha=1.0, method=Method(teacher_weighting="correctness"))
+    w = per_sample_weights(t, static, "correctness", y)
+    assert w[0, 0] > 0.5 > w[1, 0]  # the right teacher counts more on the labelled row
+    p = torch.stack([w[0, b] * torch.softmax(t[0, b] / 2, -1) + w[1, b] * torch.softmax(t[1, b] / 2, -1) for b in range(2)])
+    torch.testing.assert_close(ca, losses.hinton_kd_loss(s, p, 2.0))
+    assert not torch.isclose(ca, plain)
+    with pytest.raises(ValueError, match="teacher_weighting must be one of"):
+        Method(teacher_weighting="votes")

@@ -97,6 +97,19 @@ def tiny_config(tmp_path: Path, **sections) -> Path:
     return path
 
 
+def one_teacher_split(tmp_path: Path, rows: int = 300):
+    """A training split of MNIST-1D in Parquet files of 100 rows and one untrained width-8 CNN
+    teacher with its weights: (split, input dir, weights path, TeacherConfig)."""
+    from kd_ops import data, models
+    from workflows.config import TeacherConfig
+
+    split = data.mnist1d_splits(rows, 50, 50, 0, seed=0, transfer_seed=1)["train"]
+    src = data.write_split(split, tmp_path / "in" / "train", rows_per_file=100)
+    w = tmp_path / "t.safetensors"
+    models.save_weights(models.cnn(width=8), w)
+    return split, src, w, TeacherConfig(name="t", factory="kd_ops.models:cnn", kwargs={"width": 8}, weights=str(w))
+
+
 # the deploy stage, quick: few timed runs, small batches, one QAT epoch
 TINY_DEPLOY = {"target": {"runs": 10, "warmup": 2, "batch_sizes": [1, 16]}, "calibration_rows": 64, "qat": "always",
                "qat_epochs": 1}

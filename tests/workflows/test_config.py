@@ -35,6 +35,11 @@ def test_methods_config_searches_the_method_on_the_default_data_and_teachers():
     ("precompute.tail_samples=8", r"precompute.tail_samples samples the tail outside a top-k store: it needs task: lm"),
     ("precompute.calls_per_actor=0", r"precompute.calls_per_actor: Input should be greater than or equal to 1"),
     ("train.fit.max_grad_norm=0", r"train.fit.max_grad_norm: Input should be greater than 0"),
+    ("distill.teacher_weighting=votes",
+     r"distill.teacher_weighting: Input should be 'static', 'entropy' or 'correctness'"),
+    ("tune.teacher_weighting={choice: [static, votes]}",
+     r"tune.teacher_weighting must be a choice among \['static', 'entropy', 'correctness'\]"),
+    ("precompute.views=0", r"precompute.views: Input should be greater than or equal to 1"),
     ("tune.scheduler=hyperband", r"tune.scheduler: Input should be 'asha' or 'fifo'"),
     ("tune.searcher=bohb", r"tune.searcher: Input should be 'random' or 'optuna'"),
     ("tune.trial_runner=train", r"tune.trial_runner: Input should be 'auto' or 'ray_train'"),
@@ -100,3 +105,14 @@ def test_the_optuna_searcher_without_optuna_says_how_to_install_it(monkeypatch):
     random = _searcher(TuneConfig(max_concurrent_trials=3))
     assert isinstance(random, BasicVariantGenerator) and random.max_concurrent == 3
     assert not isinstance(random, ConcurrencyLimiter)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["distill.generations=2"], "precompute.views: a TAKD or born-again chain stores its stages without views"),
+    (["distill.feature={student_layer: features.5, teacher_layer: features.5}"],
+     "precompute.views: stored teacher features are of the plain inputs; use distill.feature.source: online"),
+])
+def test_views_with_what_cannot_use_them(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(DEFAULT, ["precompute.views=3", *overrides])
+    load_config(DEFAULT, overrides)  # valid without views

@@ -10,20 +10,16 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
-from kd_ops import data, feature_kd, method_loss, models, store
-from conftest import TINY_DEPLOY
+from kd_ops import feature_kd, method_loss, models, store
+from conftest import TINY_DEPLOY, one_teacher_split
 from test_errors import _nothing_complete, _parquet_source, _run, _teacher
 from workflows import chain, ingest
 from workflows import precompute as pre
-from workflows.config import TeacherConfig, load_config
+from workflows.config import load_config
 
 
 def test_stored_and_online_teacher_features_give_the_same_loss(ray_session, tmp_path):
-    split = data.mnist1d_splits(300, 50, 50, 0, seed=0, transfer_seed=1)["train"]
-    src = data.write_split(split, tmp_path / "in" / "train", rows_per_file=100)
-    w = tmp_path / "t.safetensors"
-    models.save_weights(models.cnn(width=8), w)
-    t = TeacherConfig(name="t", factory="kd_ops.models:cnn", kwargs={"width": 8}, weights=str(w))
+    split, src, w, t = one_teacher_split(tmp_path)
     spec = pre.TeacherSpec.of(t).features("features.3", pool=None)
     opts = dict(feature_columns=["x"], batch_size=64, num_actors=1, use_gpu=False)
     pre.precompute([t], {"train": src}, tmp_path / "store", **opts)
@@ -155,16 +151,17 @@ def test_tune_searches_the_method_and_each_trial_trains_with_its_point(tmp_path)
     cfg = load_config(_method_config(tmp_path, feature={"student_layer": "features.5", "teacher_layer": "features.5"}),
                       ["tune.response={choice: [hinton, dkd]}", "tune.dkd_beta={uniform: [1, 8]}",
                        "tune.schedule={choice: [constant, cosine]}", "tune.temperature_end={choice: [1.0]}",
-                       "tune.feature_weight={loguniform: [0.1, 10]}"])
+                       "tune.feature_weight={loguniform: [0.1, 10]}",
+                       "tune.teacher_weighting={choice: [static, entropy, correctness]}"])
     space = search_space(cfg.tune, ["t"])
-    assert {"response", "dkd_beta", "schedule", "temperature_end", "feature_weight"} <= set(space)
+    assert {"response", "dkd_beta", "schedule", "temperature_end", "feature_weight", "teacher_weighting"} <= set(space)
     assert isinstance(space["response"], ray_tune.search.sample.Categorical)
     base = stages.loop(cfg, tasks.for_config(cfg), cfg.student.factory, cfg.student.kwargs, cfg.train.fit,
                        train_rows=100, label="s", distill=True)
     assert base.method == method_loss.Method(feature="hint", feature_weight=1.0)
     point = {"response": "dkd", "dkd_beta": 2.5, "schedule": "cosine", "temperature_end": 1.0, "feature_weight": 0.3,
-             "temperature": 3.0}
+             "temperature": 3.0, "teacher_weighting": "correctness"}
     loop = apply_trial(base, point, ["t"], "width")
     assert loop.method == method_loss.Method(response="dkd", dkd_beta=2.5, schedule="cosine", temperature_end=1.0,
-                                             feature="hint", feature_weight=0.3)
+                                             feature="hint", feature_weight=0.3, teacher_weighting="correctness")
     assert loop.temperature == 3.0 and loop.features == base.features

@@ -33,6 +33,9 @@ METHODS: dict[str, list[str] | None] = {
     "dkd": ["distill.response=dkd", "distill.dkd={alpha: 1.0, beta: 8.0}"],
     "hinton, T cosine 8→1": ["distill.temperature=8", "distill.schedule=cosine", "distill.temperature_end=1"],
     "hinton, logit standardization": ["distill.standardize=true"],
+    "hinton, entropy teacher weights": ["distill.teacher_weighting=entropy"],
+    "hinton, CA-MKD teacher weights": ["distill.teacher_weighting=correctness"],
+    "hinton, 4 augmented views": ["precompute.views=4"],
     "takd (assistant width 44)": ["distill.assistants=[{name: ta44, kwargs: {width: 44}}]"],
     "born-again (2 generations)": ["distill.generations=2"],
 }
@@ -56,6 +59,7 @@ def _one(path: str, overrides: list[str], method: list[str] | None, seed: int, l
     else:
         features = stages.feature_plan(cfg, task, dirs, lay)
         stages.precompute_features(cfg, task, teachers, dirs, lay, None)
+        stages.precompute_views(cfg, task, teachers, dirs, lay, None)
         names, weights, _ = chain.run(cfg, task, teachers, dirs, lay, None, test_set)
         sets, rows, cached = stages.datasets(cfg, task, dirs, lay, teachers=names, features=features,
                                              splits={"train": task.train_splits(), "val": ("val",)})
@@ -77,6 +81,7 @@ def teachers_and_store(cfg, task, out: str):
     stages.check_inputs(cfg, task, dirs, lay)
     teachers = task.teachers(dirs, lay, None)
     stages.stage_precompute(cfg, task, teachers, dirs, lay, None)
+    stages.precompute_views(cfg, task, teachers, dirs, lay, None)
     kd_sets, _, _ = stages.datasets(cfg, task, dirs, lay, teachers=True, splits={"test": ("test",)})
     return lay, dirs, teachers, kd_sets
 

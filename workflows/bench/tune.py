@@ -123,7 +123,7 @@ def run(path: str, out: str, overrides: list[str], trials: int, epochs: int, sea
         if _has_optuna():
             res["optuna_tpe_asha"] = _costs(search("optuna-tpe", ["tune.scheduler=asha", "tune.searcher=optuna"]))
         else:
-            console.say("optuna is not installed: the TPE search is skipped (pip install 'kd-ops[optuna]')")
+            console.say("optuna is not installed: the TPE search is skipped (pip install optuna)")
         res["asha_vs_no_asha"] = {"trial_epochs": res["asha"]["trial_epochs"] / res["no_asha"]["trial_epochs"],
                                   "wall_seconds": res["asha"]["wall_seconds"] / res["no_asha"]["wall_seconds"]}
     return res
