@@ -113,7 +113,13 @@ class ShardWriter:
                  tail_samples: int = 0, batch_size: int = 4096):
         torch.set_num_threads(max(1, threads))
         self.device = torch.device(device)
-        self.models = {s.name: s.build().to(self.device, getattr(torch, teacher_dtype)).eval() for s in specs}
+        built: dict[str, torch.nn.Module] = {}
+        self.models = {}
+        for s in specs:  # a teacher's views share its one model: the same weights, K-1 fewer copies
+            key = repr(dataclasses.replace(s, name="", view=0, augment=None, augment_seed=0))
+            if key not in built:
+                built[key] = s.build().to(self.device, getattr(torch, teacher_dtype)).eval()
+            self.models[s.name] = built[key]
         self.views = {s.name: (s.view, models.resolve(s.augment), s.augment_seed) for s in specs if s.view}
         self.plan, self.feature_columns, self.input_dtype = plan, feature_columns, np.dtype(input_dtype)
         self.top_k, self.tail_samples, self.batch_size = top_k, tail_samples, batch_size
