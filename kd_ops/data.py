@@ -40,30 +40,46 @@ def mnist1d_arrays(num_samples: int, seed: int) -> tuple[np.ndarray, np.ndarray]
     from mnist1d.data import get_dataset_args, make_dataset
 
     args = get_dataset_args()
-    args.num_samples, args.seed, args.train_split = num_samples, seed, 1.0
+    # make_dataset makes num_samples // 10 per class: round up, keep the first N of its shuffled rows
+    args.num_samples, args.seed, args.train_split = -(-num_samples // 10) * 10, seed, 1.0
     state = np.random.get_state()  # make_dataset reseeds numpy's global RNG; leave the caller's alone
     try:
         d = make_dataset(args)
     finally:
         np.random.set_state(state)
-    return d["x"].astype(np.float32), d["y"].astype(np.int64)
+    return d["x"][:num_samples].astype(np.float32), d["y"][:num_samples].astype(np.int64)
 
 
-def mnist1d_splits(labelled: int, val: int, test: int, transfer: int, seed: int, transfer_seed: int) -> dict[str, Inputs]:
-    """Labelled MNIST-1D split into train/val/test, plus an unlabelled transfer set from another seed.
+TRANSFER_PART = 10_000  # rows per independently seeded part of the transfer set
+
+
+def transfer_parts(transfer: int, seed: int) -> list[tuple[int, int]]:
+    """(rows, seed) of each part of an unlabelled transfer set of `transfer` rows: generated in
+    parts so a caller can make them in parallel (MNIST-1D's generator is a Python loop per sample).
+    Part seeds come from a SeedSequence of (seed, part), so no part replays the labelled set's seed."""
+    sizes = [min(TRANSFER_PART, transfer - start) for start in range(0, transfer, TRANSFER_PART)]
+    return [(n, int(np.random.SeedSequence([seed, k]).generate_state(1)[0])) for k, n in enumerate(sizes)]
+
+
+def mnist1d_splits(labelled: int, val: int, test: int, transfer: int, seed: int, transfer_seed: int,
+                   generate=None) -> dict[str, Inputs]:
+    """Labelled MNIST-1D split into train/val/test, plus an unlabelled transfer set from other
+    seeds (`transfer_parts`). `generate([(rows, seed), ...])` → [(x, y), ...] makes the parts
+    (default: `mnist1d_arrays` one after another; pass a parallel map to use more cores).
 
     Ids are unique across splits: train/val/test take 0..labelled-1 in order, transfer starts
     at 10_000_000.
     """
     if val + test >= labelled:
         raise DataError(f"val ({val}) + test ({test}) must be smaller than labelled ({labelled})")
-    x, y = mnist1d_arrays(labelled, seed)
+    generate = generate or (lambda specs: [mnist1d_arrays(n, s) for n, s in specs])
+    (x, y), *parts = generate([(labelled, seed), *transfer_parts(transfer, transfer_seed)])
     ids = np.arange(labelled, dtype=np.int64)
     n_train = labelled - val - test
     cut = {"train": slice(0, n_train), "val": slice(n_train, n_train + val), "test": slice(n_train + val, labelled)}
     out = {k: Inputs(ids[s], x[s], y[s]) for k, s in cut.items()}
     if transfer > 0:
-        tx, _ = mnist1d_arrays(transfer, transfer_seed)  # its labels are thrown away: unlabelled data
+        tx = np.concatenate([px for px, _ in parts])  # their labels are thrown away: unlabelled data
         out["transfer"] = Inputs(np.arange(transfer, dtype=np.int64) + 10_000_000, tx, None)
     return out
 

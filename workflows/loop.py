@@ -49,6 +49,7 @@ class Loop:
     max_grad_norm: float | None = _FIT["max_grad_norm"]
     cpus_per_worker: int = _TRAIN["cpus_per_worker"]
     shuffle_buffer: int = 0                  # rows in Ray Data's local shuffle buffer per worker (0: none)
+    in_memory: bool = False                  # one worker: read the datasets once into the process (workflows.in_memory)
     checkpoint_interval_s: float = _TRAIN["checkpoint_interval_s"]  # at most this long between checkpoints
     label: str = "model"                     # for log lines
     task: str = "classification"             # or "lm"

@@ -17,7 +17,7 @@ from kd_ops import store
 from kd_ops.fsio import Loc, redacted
 from rich.console import Console
 
-from workflows import advice, chain, console, deploy, ray_session, report_page, stages, tasks
+from workflows import advice, chain, concurrent_fits, console, deploy, ray_session, report_page, stages, tasks
 from workflows.config import RunConfig
 from workflows.report import print_summary
 from workflows.tracking import Tracker
@@ -90,32 +90,42 @@ def run(cfg: RunConfig, out: Path, *, tracking_uri: str | None = None, ray_addre
                 base = chosen or base
         base = base.replace(epochs=cfg.train.fit.epochs, label="student")
 
-        step("student")
+        step("student and label-only student")
         chosen = {"temperature": base.temperature, "alpha": base.alpha, "teacher_weights": base.teacher_weights,
                   "student_kwargs": {k: v for k, v in base.kwargs.items() if k != "teacher_dir"}}
         chosen |= task.chosen(base, names)
         example = stages.first_rows(dirs[task.eval_split], task.feature_columns, task.input_dtype)
-        with stages.child_fit(cfg, tracker, "student", chosen | {"epochs": base.epochs}, base, train_sets,
-                              name="student", lay=lay) as res:
-            if not all(math.isfinite(v) for v in res.metrics.values() if isinstance(v, float)):
-                raise ValueError(f"the student's training diverged (metrics {res.metrics}); not registered. Lower "
-                                 "train.fit.lr or set train.fit.max_grad_norm")
-            srow = task.model_report(base, res.weights, kd_sets)
-            mlflow.log_metrics({k: v for k, v in srow.items() if isinstance(v, (int, float))})
-            tracker.log_file(res.weights, "weights", "model.safetensors")
-            registered = tracker.register(res.weights, {"factory": base.factory, "kwargs": base.kwargs},
-                                          cfg.tracking.registered_model,
-                                          example.astype(task.example_dtype), cfg.code)
-
-        step("label-only student")
         lo_sets, lo_rows, lo_cached = stages.datasets(cfg, task, dirs, lay, teachers=False,
                                            splits={"train": ("train",), "val": ("val",)})
         lo = stages.loop(cfg, task, base.factory, base.kwargs, cfg.train.label_only_fit,
                          train_rows=lo_rows["train"], label="label-only", cached=lo_cached)
-        with stages.child_fit(cfg, tracker, "label-only-student", {"student_kwargs": chosen["student_kwargs"],
-                              **cfg.train.label_only_fit.model_dump()}, lo, lo_sets, name="label-only", lay=lay) as res_lo:
-            lorow = task.model_report(lo, res_lo.weights, kd_sets)
-            mlflow.log_metrics({k: v for k, v in lorow.items() if isinstance(v, (int, float))})
+        progress = stages.epochs_progress("student, label-only", [base, lo])
+
+        def kd_student():
+            with stages.child_fit(cfg, tracker, "student", chosen | {"epochs": base.epochs}, base, train_sets,
+                                  name="student", lay=lay, progress=progress(0)) as res:
+                if not all(math.isfinite(v) for v in res.metrics.values() if isinstance(v, float)):
+                    raise ValueError(f"the student's training diverged (metrics {res.metrics}); not registered. "
+                                     "Lower train.fit.lr or set train.fit.max_grad_norm")
+                srow = task.model_report(base, res.weights, kd_sets)
+                mlflow.log_metrics({k: v for k, v in srow.items() if isinstance(v, (int, float))})
+                tracker.log_file(res.weights, "weights", "model.safetensors")
+                registered = tracker.register(res.weights, {"factory": base.factory, "kwargs": base.kwargs},
+                                              cfg.tracking.registered_model,
+                                              example.astype(task.example_dtype), cfg.code)
+            return res, srow, registered
+
+        def label_only():
+            with stages.child_fit(cfg, tracker, "label-only-student", {"student_kwargs": chosen["student_kwargs"],
+                                  **cfg.train.label_only_fit.model_dump()}, lo, lo_sets, name="label-only", lay=lay,
+                                  progress=progress(1)) as res_lo:
+                lorow = task.model_report(lo, res_lo.weights, kd_sets)
+                mlflow.log_metrics({k: v for k, v in lorow.items() if isinstance(v, (int, float))})
+            return lorow
+
+        # independent fits: side by side when the cluster holds both
+        (res, srow, registered), lorow = concurrent_fits.run_all(lambda fit: fit(), [kd_student, label_only],
+                                                                 concurrent_fits.fits_at_once(cfg, 2))
 
         dep = None
         if cfg.deploy.enabled:

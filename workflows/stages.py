@@ -6,8 +6,8 @@ Orchestration only: the maths lives in kd_ops; Ray does the work; MLflow records
 from __future__ import annotations
 
 import json
-
 import logging
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,13 +79,14 @@ def child_run(tracker: Tracker | None, name: str, params: dict | None = None):
 
 @contextmanager
 def child_fit(cfg: RunConfig, tracker: Tracker | None, run_name: str, params: dict | None, loop: Loop,
-              sets: dict, *, name: str, lay: Layout):
+              sets: dict, *, name: str, lay: Layout, progress=None):
     """Fit `loop` under a nested MLflow run `run_name` (rank 0 logs each epoch there) with the run's
-    Train workers and an epoch progress line; yields the `train.Trained` inside that run, so the
-    caller logs what it measures of the model there too."""
+    Train workers and an epoch progress line (or `progress(epoch)`); yields the `train.Trained`
+    inside that run, so the caller logs what it measures of the model there too."""
     with child_run(tracker, run_name, params) as run_id:
         loop = loop.replace(mlflow=tracker and {"tracking_uri": tracker.uri, "run_id": run_id})
-        yield train.fit(loop, sets, name=name, storage=lay.ray, **workers(cfg), progress=epoch_progress(loop))
+        yield train.fit(loop, sets, name=name, storage=lay.ray, **workers(cfg),
+                        progress=progress or epoch_progress(loop))
 
 
 def check_inputs(cfg: RunConfig, task, dirs: dict[str, Path], lay: Layout) -> None:
@@ -233,8 +234,22 @@ def feature_plan(cfg: RunConfig, task, dirs, lay: Layout) -> FeaturePlan | None:
 
 def epoch_progress(loop: Loop):
     """A fit's `progress`: `label: epoch/epochs epochs (…, ETA)` on the console."""
-    bar = console.progress(loop.label, "epochs")
-    return lambda epoch: bar(epoch, loop.epochs)
+    return epochs_progress(loop.label, [loop])(0)
+
+
+def epochs_progress(label: str, loops: list[Loop]):
+    """For fits running side by side: progress(i) is fit i's `progress(epoch)`, all of them counted
+    on one line `label: epochs done/all epochs`."""
+    bar, lock = console.progress(label, "epochs"), threading.Lock()
+    done, total = [0] * len(loops), sum(lp.epochs for lp in loops)
+
+    def of(i: int):
+        def update(epoch: int) -> None:
+            with lock:
+                done[i] = epoch
+                bar(sum(done), total)
+        return update
+    return of
 
 
 def workers(cfg: RunConfig) -> dict:
@@ -264,8 +279,10 @@ def loop(cfg: RunConfig, task, factory: str, kwargs: dict, fit, *, train_rows: i
     settings = fit.model_dump()
     if settings["shuffle_buffer"] is None:  # auto
         settings["shuffle_buffer"] = CACHED_SHUFFLE_BUFFER if cached else 0
+    # augmented views are drawn by a Ray Data step every epoch (ingest.ViewPicker): those fits stream
+    views = distill and _views(cfg) is not None
     return Loop(factory=factory, kwargs=kwargs, train_rows=train_rows, label=label, task=task.kind,
-                cpus_per_worker=cfg.train.cpus_per_worker,
+                cpus_per_worker=cfg.train.cpus_per_worker, in_memory=cfg.train.in_memory and cached and not views,
                 checkpoint_interval_s=cfg.train.checkpoint_interval_s, **settings, **kd)
 
 

@@ -12,10 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import ray
 
 from kd_ops import data, evaluate, lm, models
 from workflows import precompute as pre
-from workflows import evaluation, stages
+from workflows import concurrent_fits, evaluation, stages
 from workflows.config import RunConfig, TeacherConfig
 from workflows.loop import Loop
 from workflows.stages import Layout
@@ -28,16 +29,35 @@ def for_config(cfg: RunConfig):
     return LanguageModel(cfg) if cfg.task == "lm" else Classification(cfg)
 
 
-def _train_teacher(task, t: TeacherConfig, factory: str, kwargs: dict, dirs, lay: Layout, tracker: Tracker | None):
-    """Train one teacher on the labelled train split (streamed), return its best weights file (a Loc)."""
+def _train_teachers(task, todo: list[tuple[TeacherConfig, str, dict]], dirs, lay: Layout,
+                    tracker: Tracker | None) -> list:
+    """Train each (teacher, factory, kwargs) on the labelled train split, as many at once as the
+    cluster holds (`concurrent_fits`), under one progress line; returns their best weights files (Locs)."""
+    if not todo:
+        return []
     cfg = task.cfg
     sets, rows, cached = stages.datasets(cfg, task, dirs, lay, teachers=False,
                                          splits={"train": ("train",), "val": ("val",)})
-    loop = stages.loop(cfg, task, factory, kwargs, t.fit, train_rows=rows["train"], label=f"teacher {t.name}",
-                       cached=cached)
-    with stages.child_fit(cfg, tracker, f"teacher-{t.name}", json.loads(json.dumps(vars(loop), default=str)), loop,
-                          sets, name=f"teacher-{t.name}", lay=lay) as res:
-        return res.weights
+    loops = [stages.loop(cfg, task, factory, kwargs, t.fit, train_rows=rows["train"], label=f"teacher {t.name}",
+                         cached=cached) for t, factory, kwargs in todo]
+    at_once = concurrent_fits.fits_at_once(cfg, len(todo))
+    if at_once > 1:
+        log.info("teachers: training %d at once", at_once)
+    progress = stages.epochs_progress("teachers" if len(todo) > 1 else loops[0].label, loops)
+
+    def fit(i: int):
+        t, loop = todo[i][0], loops[i]
+        with stages.child_fit(cfg, tracker, f"teacher-{t.name}", json.loads(json.dumps(vars(loop), default=str)),
+                              loop, sets, name=f"teacher-{t.name}", lay=lay, progress=progress(i)) as res:
+            return res.weights
+
+    return concurrent_fits.run_all(fit, range(len(todo)), at_once)
+
+
+def _on_the_cluster(specs: list[tuple[int, int]]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """`data.mnist1d_arrays` for each (rows, seed), one Ray task each, in parallel."""
+    make = ray.remote(num_cpus=1)(data.mnist1d_arrays)
+    return ray.get([make.remote(n, s) for n, s in specs])
 
 
 class Classification:
@@ -64,14 +84,15 @@ class Classification:
             return dirs
         m = cfg.data.mnist1d
         stamp = lay.data / "source.json"
-        want = m.model_dump()
+        want = m.model_dump() | {"transfer_parts": data.TRANSFER_PART}  # how the transfer set is made
         dirs = {s: lay.data / s for s in data.SPLITS if s != "transfer" or m.transfer > 0}
         if stamp.is_file() and json.loads(stamp.read_text()) == want and all(d.exists() for d in dirs.values()):
             log.info("data: reusing %s", lay.data)
             return dirs
         log.info("data: generating MNIST-1D (%d labelled, %d transfer)", m.labelled, m.transfer)
         stamp.delete()  # written last: until then the splits are not trusted
-        splits = data.mnist1d_splits(m.labelled, m.val, m.test, m.transfer, m.seed, m.transfer_seed)
+        splits = data.mnist1d_splits(m.labelled, m.val, m.test, m.transfer, m.seed, m.transfer_seed,
+                                     generate=_on_the_cluster)
         for name, inputs in splits.items():
             data.write_split(inputs, lay.data / name, m.rows_per_file)
         stamp.write_text(json.dumps(want))
@@ -79,19 +100,17 @@ class Classification:
 
     def teachers(self, dirs, lay: Layout, tracker: Tracker | None) -> list[TeacherConfig]:
         """Teachers with weights given are used as they are; the others are trained on the labelled train split."""
-        resolved = []
-        for t in self.cfg.teachers:
+        todo = [t for t in self.cfg.teachers if t.weights is None and not stages.teacher_weights_path(t, lay).is_file()]
+        for t in todo:  # fail fast on a bad factory or a model that cannot take the inputs, before Ray Train starts
+            pre.forward(f"teacher {t.name!r}", models.build(t.factory, t.kwargs),
+                        stages.first_rows(dirs["train"], self.feature_columns, self.input_dtype))
+        trained = _train_teachers(self, [(t, t.factory, t.kwargs) for t in todo], dirs, lay, tracker)
+        for t, weights in zip(todo, trained):
             path = stages.teacher_weights_path(t, lay)
-            if t.weights is None and not path.is_file():
-                # fail fast on a bad factory or a model that cannot take the inputs, before Ray Train starts
-                pre.forward(f"teacher {t.name!r}", models.build(t.factory, t.kwargs),
-                            stages.first_rows(dirs["train"], self.feature_columns, self.input_dtype))
-                weights = _train_teacher(self, t, t.factory, t.kwargs, dirs, lay, tracker)
-                models.save_weights(models.load_weights(models.build(t.factory, t.kwargs), weights), path)
-                if tracker:
-                    tracker.log_file(path, "weights")
-            resolved.append(t.model_copy(update={"weights": str(path)}))
-        return resolved
+            models.save_weights(models.load_weights(models.build(t.factory, t.kwargs), weights), path)
+            if tracker:
+                tracker.log_file(path, "weights")
+        return [t.model_copy(update={"weights": str(stages.teacher_weights_path(t, lay))}) for t in self.cfg.teachers]
 
     def precompute_options(self) -> dict[str, Any]:
         return {"input_dtype": "float32", "extra": {"num_classes": self.cfg.data.num_classes}}
@@ -228,17 +247,17 @@ class LanguageModel:
         """Resolve every teacher to a Hugging Face directory, training `init` teachers from scratch,
         then check that all of them, the student and the data share one vocabulary and fit seq_len."""
         cfg, tokenizer = self.cfg, self.tokenizer
+        paths = {t.name: t.hf_dir or lay.local("task: lm") / "teachers" / t.name for t in cfg.teachers}
+        todo = [(t, "kd_ops.lm:new_causal_lm", {"vocab_size": len(tokenizer), "n_positions": cfg.data.seq_len, **t.init})
+                for t in cfg.teachers if t.init is not None and not (paths[t.name] / "config.json").is_file()]
+        for (t, factory, kwargs), weights in zip(todo, _train_teachers(self, todo, dirs, lay, tracker)):
+            model = models.load_weights(models.build(factory, kwargs), weights)
+            model.hf.save_pretrained(paths[t.name])
+            tokenizer.save_pretrained(paths[t.name])
         resolved = []
         for t in cfg.teachers:
-            path = t.hf_dir or lay.local("task: lm") / "teachers" / t.name
-            if t.init is not None and not (path / "config.json").is_file():
-                kwargs = {"vocab_size": len(tokenizer), "n_positions": cfg.data.seq_len, **t.init}
-                weights = _train_teacher(self, t, "kd_ops.lm:new_causal_lm", kwargs, dirs, lay, tracker)
-                model = models.load_weights(models.build("kd_ops.lm:new_causal_lm", kwargs), weights)
-                model.hf.save_pretrained(path)
-                tokenizer.save_pretrained(path)
-            lm.weight_files(path, t.allow_pickle)  # safetensors, or pickle only where the config opts in
-            resolved.append(t.model_copy(update={"hf_dir": path, "init": None}))
+            lm.weight_files(paths[t.name], t.allow_pickle)  # safetensors, or pickle only where the config opts in
+            resolved.append(t.model_copy(update={"hf_dir": paths[t.name], "init": None}))
         configs = {t.name: lm.load_config(t.hf_dir) for t in resolved}
         toks = {t.name: lm.load_tokenizer(t.hf_dir) for t in resolved} | {"data": tokenizer}
         configs["student"] = models.build(cfg.student.factory, self.student_kwargs(resolved)).config

@@ -123,7 +123,10 @@ class Tracker:
     @contextmanager
     def child(self, name: str, params: dict[str, Any] | None = None) -> Iterator[str]:
         previous = self._child_id(name) if getattr(self, "resuming", False) else None
-        with mlflow.start_run(run_id=previous, run_name=None if previous else name, nested=True) as run:
+        # a fit in another driver thread (concurrent_fits) sees no active run: MLflow's run stack is per thread
+        parent = None if mlflow.active_run() else self.parent_run_id
+        with mlflow.start_run(run_id=previous, run_name=None if previous else name, nested=True,
+                              parent_run_id=parent) as run:
             if params and not previous:
                 mlflow.log_params(flatten(params))
             yield run.info.run_id

@@ -26,6 +26,7 @@ import torch.distributed as dist
 
 from kd_ops import checkpoint as ckpt
 from kd_ops import evaluate, feature_kd, losses, method_loss, models, qat, token_losses
+from workflows.in_memory import InMemory
 from workflows.loop import Loop
 
 
@@ -201,6 +202,8 @@ def run_loop(cfg: Loop, session: Session) -> None:
     kd = cfg.teacher_weights is not None
     weights = torch.tensor(cfg.teacher_weights, dtype=torch.float32, device=device) if kd else None
     train_shard, val_shard = session.shard("train"), session.shard("val")
+    if cfg.in_memory and world == 1:
+        train_shard, val_shard = InMemory(train_shard, shuffle=True), InMemory(val_shard, shuffle=False)
     client = _mlflow_client(cfg) if rank == 0 else None
     last_checkpoint = time.monotonic()
     for epoch in range(progress.epoch + 1, cfg.epochs + 1):
