@@ -1,4 +1,5 @@
-"""Independent fits (the teachers of a run) side by side, as many at once as the cluster holds.
+"""Independent fits (the teachers of a run; the KD student and its label-only baseline) side by
+side, as many at once as the cluster holds.
 
 Each fit is its own Ray Train run started from a driver thread (Train V2 supports `fit()` off the
 main thread). On a cluster the teachers then train on different nodes at once; on a laptop with
@@ -12,6 +13,7 @@ from typing import Any, TypeVar
 
 import ray
 
+from workflows import train
 from workflows.config import RunConfig
 
 T = TypeVar("T")
@@ -21,7 +23,7 @@ def fits_at_once(cfg: RunConfig, fits: int) -> int:
     """How many fits with the run's Train workers the cluster holds at once now (≥ 1, ≤ `fits`),
     bounded by train.max_concurrent_fits when set."""
     t = cfg.train
-    need = {"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {}), **t.resources}
+    need = train.worker_bundle(t.cpus_per_worker, t.use_gpu, t.resources)
     have = ray.cluster_resources()
     room = min(int(have.get(k, 0) // (v * t.num_workers)) for k, v in need.items() if v > 0)
     if t.max_concurrent_fits is not None:

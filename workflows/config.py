@@ -207,8 +207,9 @@ class TrainConfig(Strict):
     in_memory: bool = Field(True, description="a one-worker fit of a dataset cached in the object store reads "
                             "its rows once into the fit's own process and shuffles them there every epoch, "
                             "instead of a Ray Data pass per epoch (fits with augmented views always stream)")
-    max_concurrent_fits: int | None = Field(None, ge=1, description="teachers trained at once (each its own "
-                                            "Ray Train run); null: as many as the cluster's resources hold")
+    max_concurrent_fits: int | None = Field(None, ge=1, description="independent fits run at once (the "
+                                            "teachers; the KD student beside its label-only baseline), each its "
+                                            "own Ray Train run; null: as many as the cluster's resources hold")
     resource_wait_s: float = Field(600, gt=0, description="a fit whose workers cannot get their resources for "
                                    "this long fails, naming the resources (Ray would wait forever)")
     max_failures: int = Field(3, ge=-1, description="times a fit's worker group is restarted from its latest "

@@ -100,17 +100,17 @@ class Classification:
 
     def teachers(self, dirs, lay: Layout, tracker: Tracker | None) -> list[TeacherConfig]:
         """Teachers with weights given are used as they are; the others are trained on the labelled train split."""
-        todo = [t for t in self.cfg.teachers if t.weights is None and not stages.teacher_weights_path(t, lay).is_file()]
+        paths = {t.name: stages.teacher_weights_path(t, lay) for t in self.cfg.teachers}
+        todo = [t for t in self.cfg.teachers if t.weights is None and not paths[t.name].is_file()]
         for t in todo:  # fail fast on a bad factory or a model that cannot take the inputs, before Ray Train starts
             pre.forward(f"teacher {t.name!r}", models.build(t.factory, t.kwargs),
                         stages.first_rows(dirs["train"], self.feature_columns, self.input_dtype))
         trained = _train_teachers(self, [(t, t.factory, t.kwargs) for t in todo], dirs, lay, tracker)
         for t, weights in zip(todo, trained):
-            path = stages.teacher_weights_path(t, lay)
-            models.save_weights(models.load_weights(models.build(t.factory, t.kwargs), weights), path)
+            models.save_weights(models.load_weights(models.build(t.factory, t.kwargs), weights), paths[t.name])
             if tracker:
-                tracker.log_file(path, "weights")
-        return [t.model_copy(update={"weights": str(stages.teacher_weights_path(t, lay))}) for t in self.cfg.teachers]
+                tracker.log_file(paths[t.name], "weights")
+        return [t.model_copy(update={"weights": str(paths[t.name])}) for t in self.cfg.teachers]
 
     def precompute_options(self) -> dict[str, Any]:
         return {"input_dtype": "float32", "extra": {"num_classes": self.cfg.data.num_classes}}

@@ -45,9 +45,13 @@ def wait_for_a_node(bundle: dict[str, float], what: str) -> None:
         time.sleep(1.0)
 
 
+def worker_bundle(cpus: int, use_gpu: bool, extra: dict[str, float] | None = None) -> dict[str, float]:
+    """What one Train worker (or a one-worker Tune trial) asks for: CPUs, a GPU, custom resources."""
+    return {"CPU": cpus, **({"GPU": 1} if use_gpu else {}), **(extra or {})}
+
+
 def _resources(cpus: int, use_gpu: bool, extra: dict[str, float] | None = None) -> str:
-    extra_text = "".join(f", {k}: {v:g}" for k, v in (extra or {}).items())
-    return f"{{CPU: {cpus}{', GPU: 1' if use_gpu else ''}{extra_text}}}"
+    return "{" + ", ".join(f"{k}: {v:g}" for k, v in worker_bundle(cpus, use_gpu, extra).items()) + "}"
 
 
 def _resources_text(res: dict) -> str:
@@ -143,7 +147,7 @@ def _fit(loop: Loop, datasets, name, storage, num_workers, use_gpu, callbacks, m
         train_loop_config={"loop": loop},
         scaling_config=ray.train.ScalingConfig(
             num_workers=num_workers, use_gpu=use_gpu,
-            resources_per_worker={"CPU": cpus, **({"GPU": 1} if use_gpu else {}), **(resources or {})}),
+            resources_per_worker=worker_bundle(cpus, use_gpu, resources)),
         run_config=ray.train.RunConfig(
             name=name, **storage_args(Loc.of(storage)), callbacks=callbacks,
             # worker errors (a lost worker or node) restart the group from the latest checkpoint;

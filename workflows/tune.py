@@ -99,7 +99,7 @@ def run_tune(tc: TuneConfig, base: Loop, teachers: list[str], width_kwarg: str,
                                      width_kwarg=width_kwarg, datasets=datasets, storage=Loc.of(storage),
                                      workers=workers, direct=direct)
     if direct:  # the trial is the worker: it holds what one Train worker would
-        bundle = {"CPU": base.cpus_per_worker, **({"GPU": 1} if workers["use_gpu"] else {}), **(workers["resources"] or {})}
+        bundle = train.worker_bundle(base.cpus_per_worker, workers["use_gpu"], workers["resources"])
         train.wait_for_a_node(bundle, "tune trials")
         trainable = tune.with_resources(trainable, tune.PlacementGroupFactory([bundle]))
     else:

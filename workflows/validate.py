@@ -118,7 +118,7 @@ def check_inputs(split_dirs: dict[str, Any], *, feature_columns: list[str], labe
     if found:
         more = f" (and {len(found) - EXAMPLES} more)" if len(found) > EXAMPLES else ""
         raise DataError("bad input data: " + "; ".join(found[:EXAMPLES]) + more)
-    pre.check_ids(files, sum(k["rows"] for s in inputs.values() for k in s.values()))
+    rows = sum(k["rows"] for s in inputs.values() for k in s.values())
+    pre.check_ids(files, rows)
     if stamp is not None:
-        stamp.write_text(json.dumps({"files": len(files), "rows": sum(k["rows"] for s in inputs.values()
-                                                                         for k in s.values())}))
+        stamp.write_text(json.dumps({"files": len(files), "rows": rows}))
