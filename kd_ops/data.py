@@ -61,19 +61,26 @@ def transfer_parts(transfer: int, seed: int) -> list[tuple[int, int]]:
     return [(n, int(np.random.SeedSequence([seed, k]).generate_state(1)[0])) for k, n in enumerate(sizes)]
 
 
+def mnist1d_parts(labelled: int, seed: int, transfer: int, transfer_seed: int) -> list[tuple[int, int]]:
+    """(rows, seed) of each `mnist1d_arrays` call `mnist1d_splits` needs: the labelled set, then
+    the transfer set's parts (`transfer_parts`). A caller may make them in parallel."""
+    return [(labelled, seed), *transfer_parts(transfer, transfer_seed)]
+
+
 def mnist1d_splits(labelled: int, val: int, test: int, transfer: int, seed: int, transfer_seed: int,
-                   generate=None) -> dict[str, Inputs]:
+                   arrays: list[tuple[np.ndarray, np.ndarray]] | None = None) -> dict[str, Inputs]:
     """Labelled MNIST-1D split into train/val/test, plus an unlabelled transfer set from other
-    seeds (`transfer_parts`). `generate([(rows, seed), ...])` → [(x, y), ...] makes the parts
-    (default: `mnist1d_arrays` one after another; pass a parallel map to use more cores).
+    seeds (`transfer_parts`). `arrays`: the (x, y) of each of `mnist1d_parts`, made by the caller
+    (e.g. in parallel); default: made here one after another.
 
     Ids are unique across splits: train/val/test take 0..labelled-1 in order, transfer starts
     at 10_000_000.
     """
     if val + test >= labelled:
         raise DataError(f"val ({val}) + test ({test}) must be smaller than labelled ({labelled})")
-    generate = generate or (lambda specs: [mnist1d_arrays(n, s) for n, s in specs])
-    (x, y), *parts = generate([(labelled, seed), *transfer_parts(transfer, transfer_seed)])
+    if arrays is None:
+        arrays = [mnist1d_arrays(n, s) for n, s in mnist1d_parts(labelled, seed, transfer, transfer_seed)]
+    (x, y), *parts = arrays
     ids = np.arange(labelled, dtype=np.int64)
     n_train = labelled - val - test
     cut = {"train": slice(0, n_train), "val": slice(n_train, n_train + val), "test": slice(n_train + val, labelled)}

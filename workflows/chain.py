@@ -15,7 +15,7 @@ import logging
 from kd_ops import models
 from workflows import console, stages
 from workflows.config import RunConfig, TeacherConfig
-from workflows.stages import Layout
+from workflows.layout import Layout
 from workflows.tracking import Tracker
 
 log = logging.getLogger("kd")
@@ -46,14 +46,15 @@ def warn_sizes(cfg: RunConfig, teachers: list[TeacherConfig]) -> None:
 def weights_for(cfg: RunConfig, n_stage_teachers: int) -> list[float]:
     """Teacher weights over [original teachers..., previous stage]."""
     w = cfg.distill.chain_teacher_weight
-    return [w * x for x in stages.teacher_weight_list(cfg)] + [1.0 - w] if n_stage_teachers else stages.teacher_weight_list(cfg)
+    return [w * x for x in cfg.teacher_weight_list()] + [1.0 - w] if n_stage_teachers else cfg.teacher_weight_list()
 
 
-def run(cfg: RunConfig, task, teachers: list[TeacherConfig], dirs, lay: Layout, tracker: Tracker | None,
+def run(task, teachers: list[TeacherConfig], dirs, lay: Layout, tracker: Tracker | None,
         test_set) -> tuple[list[str], list[float], list[dict]]:
     """Train and store every stage; returns (teacher names and weights for the final student,
     one row per stage: name, params, test_accuracy). `test_set`: the test split with the original
     teachers (for the stage's scores)."""
+    cfg = task.cfg
     names = [t.name for t in teachers]
     rows: list[dict] = []
     previous: str | None = None
@@ -61,18 +62,18 @@ def run(cfg: RunConfig, task, teachers: list[TeacherConfig], dirs, lay: Layout, 
         console.say(f"==> {name}")
         use = names + ([previous] if previous else [])
         weights = weights_for(cfg, 1 if previous else 0)
-        sets, rows_, cached = stages.datasets(cfg, task, dirs, lay, teachers=use,
-                                              splits={"train": task.train_splits(), "val": ("val",)})
-        loop = stages.loop(cfg, task, cfg.student.factory, kwargs, cfg.train.fit, train_rows=rows_["train"],
+        sets, rows_, cached = stages.datasets(task, dirs, lay, teachers=use,
+                                              splits={"train": task.train_splits, "val": ("val",)})
+        loop = stages.loop(task, cfg.student.factory, kwargs, cfg.train.fit, train_rows=rows_["train"],
                            label=name, distill=True, cached=cached, teacher_weights=weights)
         loop = loop.replace(method=dataclasses.replace(loop.method, feature=None, feature_weight=0.0))
-        with stages.child_fit(cfg, tracker, name, {"student_kwargs": kwargs, "teachers": use, "teacher_weights": weights},
+        with stages.child_fit(cfg.train, tracker, name, {"student_kwargs": kwargs, "teachers": use, "teacher_weights": weights},
                               loop, sets, name=f"chain-{name}", lay=lay) as res:
             row = {"name": name, **task.model_report(loop, res.weights, {"test": test_set})}
             path = lay.teachers / f"{name}.safetensors"
             models.save_weights(models.load_weights(models.build(loop.factory, loop.kwargs), res.weights), path)
             stage_teacher = TeacherConfig(name=name, factory=loop.factory, kwargs=kwargs, weights=path.uri)
-            stages.stage_precompute(cfg, task, [stage_teacher], dirs, lay, tracker)
+            stages.stage_precompute(task, [stage_teacher], dirs, lay, tracker)
             if tracker:
                 import mlflow
 
@@ -81,5 +82,5 @@ def run(cfg: RunConfig, task, teachers: list[TeacherConfig], dirs, lay: Layout, 
         rows.append(row)
         previous = name
     if previous is None:
-        return names, stages.teacher_weight_list(cfg), rows
+        return names, cfg.teacher_weight_list(), rows
     return names + [previous], weights_for(cfg, 1), rows

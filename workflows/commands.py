@@ -15,21 +15,23 @@ from workflows import console, ray_session, stages, tasks
 from workflows.config import RunConfig
 from workflows.tracking import Tracker
 from workflows.tune import run_tune
+from workflows.layout import Layout
 
 
 def _setup(cfg: RunConfig, out: Path, tracking_uri, ray_address):
-    if cfg.task == "lm":
+    task = tasks.for_config(cfg)
+    if not task.stage_commands:
         raise ValueError("kd precompute / train / tune take classification configs for now; "
                          "for task: lm run the whole pipeline with `kd run`")
-    lay = stages.Layout(out)
+    lay = Layout(out)
     lay.make()
     tracker = Tracker(tracking_uri or cfg.tracking.tracking_uri, cfg.tracking.experiment)  # reachable before Ray starts
     ray_session.init_ray(ray_address, cfg.code, cfg.train.resource_wait_s)
-    return lay, tracker, tasks.for_config(cfg)
+    return lay, tracker, task
 
 
-def _teachers_with_weights(cfg: RunConfig, lay: stages.Layout):
-    teachers = [t.model_copy(update={"weights": stages.teacher_weights_path(t, lay)}) for t in cfg.teachers]
+def _teachers_with_weights(cfg: RunConfig, lay: Layout):
+    teachers = [t.model_copy(update={"weights": lay.teacher_weights(t)}) for t in cfg.teachers]
     teachers = [t.model_copy(update={"weights": Loc.of(t.weights).uri}) for t in teachers]
     missing = [t.name for t in teachers if not Loc.of(t.weights).is_file()]
     if missing:
@@ -42,12 +44,10 @@ def precompute(cfg: RunConfig, out: Path, *, tracking_uri=None, ray_address=None
     lay, tracker, task = _setup(cfg, out, tracking_uri, ray_address)
     with tracker.parent(f"{cfg.name}-precompute", cfg.model_dump(mode="json"), {"kd.out": str(lay.out)}):
         dirs = task.data(lay)
-        stages.check_inputs(cfg, task, dirs, lay)
+        stages.check_run(task, dirs, lay)  # inputs, views, feature layers: before any teacher runs
         teachers = _teachers_with_weights(cfg, lay)
-        stages.feature_plan(cfg, task, dirs, lay)  # layer names and shapes, before any teacher runs
-        results = stages.stage_precompute(cfg, task, teachers, dirs, lay, tracker)
-        results += [r for r in [stages.precompute_features(cfg, task, teachers, dirs, lay, tracker)] if r]
-        results += stages.precompute_views(cfg, task, teachers, dirs, lay, tracker)
+        logits, extra = stages.precompute_all(task, teachers, dirs, lay, tracker)
+        results = logits + extra
     t = Table(title=f"soft-label store {lay.store}")
     for c in ("teacher", "rows", "shards", "kind", "columns", "status", "seconds"):
         t.add_column(c)
@@ -61,22 +61,23 @@ def precompute(cfg: RunConfig, out: Path, *, tracking_uri=None, ray_address=None
     return 0
 
 
-def _datasets(cfg: RunConfig, lay, task):
+def _datasets(lay, task):
+    cfg = task.cfg
     if cfg.distill.assistants or cfg.distill.generations > 1:
         raise ValueError("distill.assistants / distill.generations train a chain of students, each stored as a "
                          "teacher: run them with `kd run`")
     dirs = task.data(lay)
-    features = stages.feature_plan(cfg, task, dirs, lay)
+    features = stages.feature_plan(task, dirs, lay)
     entries = [t.name for t in cfg.teachers]
     if features and features.source == "store":
         entries.append(features.store_entry)
     for name in entries:
         if store.read_manifest(lay.store, name) is None:
             raise ValueError(f"no soft labels or features {name!r} in {lay.store}; run `kd precompute` first")
-    sets, rows, cached = stages.datasets(cfg, task, dirs, lay, teachers=True,
-                                 splits={"train": task.train_splits(), "val": ("val",), "test": ("test",)},
+    sets, rows, cached = stages.datasets(task, dirs, lay, teachers=True,
+                                 splits={"train": task.train_splits, "val": ("val",), "test": ("test",)},
                                  features=features)
-    base = stages.loop(cfg, task, cfg.student.factory, task.student_kwargs(cfg.teachers), cfg.train.fit,
+    base = stages.loop(task, cfg.student.factory, task.student_kwargs(cfg.teachers), cfg.train.fit,
                        train_rows=rows["train"], label="student", distill=True, cached=cached, features=features)
     return sets, base
 
@@ -84,10 +85,10 @@ def _datasets(cfg: RunConfig, lay, task):
 def train(cfg: RunConfig, out: Path, *, tracking_uri=None, ray_address=None) -> int:
     lay, tracker, task = _setup(cfg, out, tracking_uri, ray_address)
     with tracker.parent(f"{cfg.name}-train", cfg.model_dump(mode="json"), {"kd.out": str(lay.out)}):
-        sets, spec = _datasets(cfg, lay, task)
+        sets, spec = _datasets(lay, task)
         params = {"temperature": spec.temperature, "alpha": spec.alpha, "teacher_weights": spec.teacher_weights,
                   "kwargs": spec.kwargs, "method": dataclasses.asdict(spec.method)}
-        with stages.child_fit(cfg, tracker, "student", params, spec, {k: sets[k] for k in ("train", "val")},
+        with stages.child_fit(cfg.train, tracker, "student", params, spec, {k: sets[k] for k in ("train", "val")},
                               name="student", lay=lay) as res:
             row = task.model_report(spec, res.weights, sets)
     console.say(json.dumps({"student": row, "weights": str(res.weights)}, indent=2))
@@ -97,9 +98,9 @@ def train(cfg: RunConfig, out: Path, *, tracking_uri=None, ray_address=None) -> 
 def tune(cfg: RunConfig, out: Path, *, tracking_uri=None, ray_address=None) -> int:
     lay, tracker, task = _setup(cfg, out, tracking_uri, ray_address)
     with tracker.parent(f"{cfg.name}-tune", cfg.model_dump(mode="json"), {"kd.out": str(lay.out)}) as parent_id:
-        sets, spec = _datasets(cfg, lay, task)
+        sets, spec = _datasets(lay, task)
         _, best, rows, failed = run_tune(cfg.tune, spec, [t.name for t in cfg.teachers], cfg.student.width_kwarg,
-                                 {k: sets[k] for k in ("train", "val")}, storage=lay.ray, workers=stages.workers(cfg),
+                                 {k: sets[k] for k in ("train", "val")}, storage=lay.ray, workers=stages.workers(cfg.train),
                                  tracking_uri=tracker.uri, experiment=tracker.experiment, parent_run_id=parent_id)
     console.say(json.dumps({"best": best, "trials": rows, "failed_trials": failed}, indent=2, default=str))
     return 0

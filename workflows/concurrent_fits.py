@@ -14,15 +14,14 @@ from typing import Any, TypeVar
 import ray
 
 from workflows import train
-from workflows.config import RunConfig
+from workflows.config import TrainConfig
 
 T = TypeVar("T")
 
 
-def fits_at_once(cfg: RunConfig, fits: int) -> int:
-    """How many fits with the run's Train workers the cluster holds at once now (≥ 1, ≤ `fits`),
-    bounded by train.max_concurrent_fits when set."""
-    t = cfg.train
+def fits_at_once(t: TrainConfig, fits: int) -> int:
+    """How many fits with the run's Train workers (`t`: the config's train section) the cluster
+    holds at once now (≥ 1, ≤ `fits`), bounded by train.max_concurrent_fits when set."""
     need = train.worker_bundle(t.cpus_per_worker, t.use_gpu, t.resources)
     have = ray.cluster_resources()
     room = min(int(have.get(k, 0) // (v * t.num_workers)) for k, v in need.items() if v > 0)

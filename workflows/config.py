@@ -393,6 +393,13 @@ class RunConfig(Strict):
                              "your factories) shipped to every Ray worker as runtime_env py_modules; relative to "
                              "the config file")
 
+    def teacher_weight_list(self) -> list[float]:
+        """`distill.teacher_weights` as one weight per teacher, in teacher order, summing to 1."""
+        names = [t.name for t in self.teachers]
+        w = self.distill.teacher_weights
+        raw = [w.get(n, 0.0) for n in names] if w else [1.0] * len(names)
+        return [x / sum(raw) for x in raw]
+
     @model_validator(mode="after")
     def _teachers_consistent(self) -> "RunConfig":
         for t in self.teachers:

@@ -59,7 +59,7 @@ def setup(out_dir: Loc | str | None, verbose: bool) -> Path | None:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError:
-            return None  # --out itself is bad: the command reports it (stages.Layout.make)
+            return None  # --out itself is bad: the command reports it (layout.Layout.make)
     else:
         path = Path(tempfile.mkdtemp(prefix="kd-logs-")) / "kd.log"
         _state["upload"] = (out_loc / "logs" / "kd.log") if out_loc is not None else None

@@ -17,14 +17,15 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import mlflow
 import numpy as np
 import ray
 
 from kd_ops import data, deploy as dp, evaluate, models
 from kd_ops.fsio import Loc
-from workflows import console, stages
-from workflows.config import RunConfig
+from workflows import console, stages, tune
 from workflows.loop import Loop
+from workflows.layout import Layout
 
 log = logging.getLogger("kd")
 
@@ -59,19 +60,19 @@ def _export(model, rows: np.ndarray, task, path: Path, opset: int) -> float:
     return dp.max_abs_diff(model, path, _example(rows, task))
 
 
-def stage(cfg: RunConfig, task, lay: stages.Layout, loop: Loop, weights, kd_sets, dirs, train_sets, fp32_row: dict,
+def stage(task, lay: Layout, loop: Loop, weights, kd_sets, dirs, train_sets, fp32_row: dict,
           teachers, tracker) -> dict[str, Any]:
     """Export, INT8 (PTQ, then QAT when PTQ loses too much), latency on the target. Returns the
     summary's `deploy` section; files under --out/deploy and in the MLflow run's `deploy/`."""
     work = Path(tempfile.mkdtemp(prefix="kd-deploy-"))
     try:
-        return _stage(cfg, task, lay, loop, weights, kd_sets, dirs, train_sets, fp32_row, teachers, tracker, work)
+        return _stage(task, lay, loop, weights, kd_sets, dirs, train_sets, fp32_row, teachers, tracker, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _stage(cfg, task, lay, loop, weights, kd_sets, dirs, train_sets, fp32_row, teachers, tracker, work: Path):
-    d = cfg.deploy
+def _stage(task, lay, loop, weights, kd_sets, dirs, train_sets, fp32_row, teachers, tracker, work: Path):
+    d = task.cfg.deploy
     out: dict[str, Any] = {}
     student = models.load_weights(models.build(loop.factory, loop.kwargs), weights).eval()
     test_rows = sample_rows(dirs[task.eval_split], task, 256, seed=1)
@@ -92,7 +93,7 @@ def _stage(cfg, task, lay, loop, weights, kd_sets, dirs, train_sets, fp32_row, t
     int8 = None
     if d.int8:
         calib = sample_rows(dirs["train"], task, d.calibration_rows, seed=2)
-        int8, out["int8"], qat_weights = _int8(cfg, task, lay, loop, weights, kd_sets, train_sets, fp32_row, calib,
+        int8, out["int8"], qat_weights = _int8(task, lay, loop, weights, kd_sets, train_sets, fp32_row, calib,
                                                 fp32, work, tracker)
         files["student.int8.onnx"] = int8
         if qat_weights is not None:
@@ -117,14 +118,7 @@ def _stage(cfg, task, lay, loop, weights, kd_sets, dirs, train_sets, fp32_row, t
 
 
 def _quality(task, row: dict) -> float:
-    return row[_key(task)]
-
-
-def int8_drop(task, fp32_row: dict, int8_row: dict) -> float:
-    """What INT8 lost: accuracy points/100 (classification), relative perplexity rise (LM)."""
-    if task.kind == "lm":
-        return int8_row["val_perplexity"] / fp32_row["val_perplexity"] - 1
-    return fp32_row["test_accuracy"] - int8_row["test_accuracy"]
+    return row[task.quality_key]
 
 
 def _score_onnx(task, loop: Loop, path: Path, kd_sets) -> dict[str, Any]:
@@ -135,15 +129,16 @@ def _score_onnx(task, loop: Loop, path: Path, kd_sets) -> dict[str, Any]:
     return row
 
 
-def _int8(cfg, task, lay, loop: Loop, weights, kd_sets, train_sets, fp32_row, calib, fp32: Path, work: Path, tracker):
+def _int8(task, lay, loop: Loop, weights, kd_sets, train_sets, fp32_row, calib, fp32: Path, work: Path, tracker):
+    cfg = task.cfg
     d = cfg.deploy
     int8 = dp.quantize_int8(fp32, calib, work / "student.int8.onnx")
     ptq = _score_onnx(task, loop, int8, kd_sets)
-    drop = int8_drop(task, fp32_row, ptq)
+    drop = task.int8_drop(fp32_row, ptq)
     row = {"method": "ptq", "calibration_rows": len(calib), "file_bytes": dp.file_bytes(int8),
-           "weight_bytes": dp.weight_bytes(int8), "ptq_drop": drop, "ptq_" + _key(task): _quality(task, ptq),
-           "qat_epochs": None, "qat_" + _key(task): None, "max_drop": d.int8_max_drop, **ptq}
-    console.say(f"deploy: INT8 (PTQ, {len(calib)} calibration rows) {_key(task)} {_quality(task, ptq):.4f}, "
+           "weight_bytes": dp.weight_bytes(int8), "ptq_drop": drop, "ptq_" + task.quality_key: _quality(task, ptq),
+           "qat_epochs": None, "qat_" + task.quality_key: None, "max_drop": d.int8_max_drop, **ptq}
+    console.say(f"deploy: INT8 (PTQ, {len(calib)} calibration rows) {task.quality_key} {_quality(task, ptq):.4f}, "
                 f"fp32 {_quality(task, fp32_row):.4f}: drop {drop:.4f} (tolerance {d.int8_max_drop})")
     if d.qat == "never" or (d.qat == "auto" and drop <= d.int8_max_drop):
         return int8, row, None
@@ -153,25 +148,21 @@ def _int8(cfg, task, lay, loop: Loop, weights, kd_sets, train_sets, fp32_row, ca
     qloop = loop.replace(init_weights=Loc.of(weights).uri, fake_quant=True, epochs=d.qat_epochs,
                          lr=loop.lr * d.qat_lr_scale, label="qat student", features=None,
                          method=dataclasses.replace(loop.method, feature=None, feature_weight=0.0))
-    with stages.child_fit(cfg, tracker, "qat-student", {"epochs": d.qat_epochs, "lr": qloop.lr}, qloop, train_sets,
+    with stages.child_fit(cfg.train, tracker, "qat-student", {"epochs": d.qat_epochs, "lr": qloop.lr}, qloop, train_sets,
                           name="qat-student", lay=lay) as res:
         model = models.load_weights(models.build(loop.factory, loop.kwargs), res.weights).eval()
         _export(model, calib[:64], task, work / "student.qat.onnx", d.opset)
         qint8 = dp.quantize_int8(work / "student.qat.onnx", calib, work / "student.qat.int8.onnx")
         qat = _score_onnx(task, loop, qint8, kd_sets)
-    qdrop = int8_drop(task, fp32_row, qat)
+    qdrop = task.int8_drop(fp32_row, qat)
     console.say(f"deploy: INT8 after {d.qat_epochs} epochs of quantization-aware distillation "
-                f"{_key(task)} {_quality(task, qat):.4f}: drop {qdrop:.4f} (PTQ alone {drop:.4f})")
+                f"{task.quality_key} {_quality(task, qat):.4f}: drop {qdrop:.4f} (PTQ alone {drop:.4f})")
     if qdrop >= drop:  # keep whichever INT8 model is better
-        row |= {"qat_epochs": d.qat_epochs, "qat_" + _key(task): _quality(task, qat), "qat_drop": qdrop}
+        row |= {"qat_epochs": d.qat_epochs, "qat_" + task.quality_key: _quality(task, qat), "qat_drop": qdrop}
         return int8, row, None
-    row |= qat | {"method": "qat", "qat_epochs": d.qat_epochs, "qat_" + _key(task): _quality(task, qat),
+    row |= qat | {"method": "qat", "qat_epochs": d.qat_epochs, "qat_" + task.quality_key: _quality(task, qat),
                   "qat_drop": qdrop, "file_bytes": dp.file_bytes(qint8), "weight_bytes": dp.weight_bytes(qint8)}
     return qint8, row, res.weights
-
-
-def _key(task) -> str:
-    return "val_perplexity" if task.kind == "lm" else "test_accuracy"
 
 
 def _gpu_note(d) -> str:
@@ -252,12 +243,36 @@ def _cpu_name() -> str:
 # ---- tune trials: latency per architecture, the smallest student under a budget, the Pareto front
 
 
-def trial_latencies(cfg: RunConfig, task, loop: Loop, trials: list[dict], width_kwarg: str,
+def trials_on_target(task, lay, tracker, search_base, names, trials, kd_sets, dirs):
+    """Each trial's latency on the target beside its validation score, the Pareto picture, and
+    with a budget the smallest student that meets it (else exit 2 naming the closest trial)."""
+    cfg = task.cfg
+    d, lm = cfg.deploy, task.perplexity_quality
+    rows = sample_rows(dirs[task.eval_split], task, 256, seed=1)
+    lat = trial_latencies(task, search_base, trials, cfg.student.width_kwarg, rows)
+    reference = task.trial_reference(kd_sets)
+    annotate_trials(trials, lat, search_base, cfg.student.width_kwarg, reference, lm)
+    budget, base = None, None
+    if d.latency_budget_ms is not None or d.quality_target is not None:
+        budget = {"latency_budget_ms": d.latency_budget_ms, "quality_target": d.quality_target,
+                  "batch_size": d.budget_batch_size,
+                  **pick_under_budget(trials, d.latency_budget_ms, d.quality_target, lm)}
+        chosen = next(t for t in trials if t["trial_id"] == budget["chosen_trial"])
+        base = tune.apply_trial(search_base, chosen, names, cfg.student.width_kwarg)
+        console.say(f"budget: trial {chosen['trial_id']}: {budget['reason']}")
+    png = pareto_png(trials, budget and budget["chosen_trial"], d.latency_budget_ms, d.quality_target, lm)
+    (lay.out / "deploy" / "pareto.png").write_bytes(png)
+    tracker.log_file(lay.out / "deploy" / "pareto.png", "deploy")
+    mlflow.log_dict({"trials": trials, "budget": budget}, "deploy/trials.json")
+    return base, budget, "deploy/pareto.png"
+
+
+def trial_latencies(task, loop: Loop, trials: list[dict], width_kwarg: str,
                     rows: np.ndarray) -> dict[int, dict[str, float]]:
     """{width: {latency_ms, params}} for every student width the search tried: ONNX Runtime fp32 at
     deploy.budget_batch_size on the target (latency depends on the architecture, not the weights)."""
     widths = sorted({int(t.get("student_width", loop.kwargs.get(width_kwarg, 0))) for t in trials})
-    d = cfg.deploy
+    d = task.cfg.deploy
     ref = ray.remote(_measure_widths).options(**_options(d)).remote(
         loop.factory, loop.kwargs, width_kwarg, widths, _example(rows, task), d.budget_batch_size,
         d.target.threads, d.target.runs, d.target.warmup, d.opset)

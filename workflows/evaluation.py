@@ -9,7 +9,8 @@ import numpy as np
 import ray
 import torch
 
-from kd_ops import evaluate, models
+from kd_ops import models
+from workflows import kinds
 
 
 class Scorer:
@@ -24,20 +25,14 @@ class Scorer:
             if weights is not None:
                 models.load_weights(self.model, weights)
             self.model.eval()
-        self.task = task
+        self.kind = kinds.of(task)
         self.weights = torch.tensor(teacher_weights, dtype=torch.float32) if teacher_weights else None
 
     @torch.inference_mode()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        x = torch.from_numpy(batch["x"])
-        logits = self.model(x) if self.model is not None else None
-        if self.task == "lm":
-            # without teacher weights the model is scored on its own (a teacher's perplexity)
-            teacher = {k: torch.from_numpy(batch[k]) for k in ("indices", "logits") if k in batch}
-            sums = evaluate.lm_sums(logits, x, teacher or None, self.weights)
-        else:
-            teacher = torch.from_numpy(batch["logits"]) if "logits" in batch else None
-            sums = evaluate.classification_sums(logits, torch.from_numpy(batch["y"]), teacher, self.weights)
+        tensors = {k: torch.from_numpy(batch[k]) for k in ("x", "y", *kinds.TEACHER_COLUMNS) if k in batch}
+        logits = self.model(tensors["x"]) if self.model is not None else None
+        sums = self.kind.sums(logits, tensors, kinds.teacher_columns(tensors), self.weights)
         return {k: np.array([v]) for k, v in sums.items()}
 
 

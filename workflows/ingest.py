@@ -170,3 +170,10 @@ def _read(reader: Reader, files, shards, shuffle: bool, read_tasks: int, cache_b
     if shuffle:
         ds = ds.randomize_block_order()  # one file per block: a new file order every epoch, no task
     return ds.map_batches(reader, **read), False
+
+
+def first_rows(d, feature_columns: list[str], dtype: str, n: int = 2) -> np.ndarray:
+    """The first `n` rows' features of a split (an input example for MLflow), read from one file."""
+    f = data.parquet_files(d)[0]
+    table = store.open_parquet(f).read(columns=feature_columns).slice(0, n)
+    return data.features(table, feature_columns, str(f), np.dtype(dtype))

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kd_ops import method_loss
+from workflows import kinds
 from workflows.config import DistillConfig, Fit, TrainConfig
 
 
@@ -71,6 +72,11 @@ class Loop:
         return dataclasses.replace(self, **changes)
 
     @property
+    def kind(self) -> "kinds.Classification | kinds.LanguageModel":
+        """What the workers do differently for this task kind (loss, validation, scoring)."""
+        return kinds.of(self.task)
+
+    @property
     def objective(self) -> tuple[str, str]:
         """The metric that picks checkpoints and tune trials, and its direction."""
-        return ("val_perplexity", "min") if self.task == "lm" else ("val_accuracy", "max")
+        return self.kind.objective

@@ -17,11 +17,12 @@ from kd_ops import store
 from kd_ops.fsio import Loc, redacted
 from rich.console import Console
 
-from workflows import advice, chain, concurrent_fits, console, deploy, ray_session, report_page, stages, tasks
+from workflows import advice, chain, concurrent_fits, console, deploy, ingest, ray_session, report_page, stages, tasks
 from workflows.config import RunConfig
 from workflows.report import print_summary
 from workflows.tracking import Tracker
 from workflows.tune import run_tune
+from workflows.layout import Layout
 
 log = logging.getLogger("kd")
 
@@ -33,7 +34,7 @@ def run(cfg: RunConfig, out: Path, *, tracking_uri: str | None = None, ray_addre
     its checkpoints. `restart`: start over instead (everything under --out but the data)."""
     start = time.perf_counter()
     task = tasks.for_config(cfg)
-    lay = stages.Layout(out)
+    lay = Layout(out)
     lay.make()
     (lay.out / "summary.json").delete()  # a summary only ever describes a finished run
     tracker = Tracker(tracking_uri or cfg.tracking.tracking_uri, cfg.tracking.experiment,
@@ -46,28 +47,25 @@ def run(cfg: RunConfig, out: Path, *, tracking_uri: str | None = None, ray_addre
         mlflow.log_dict(redacted(cfg.model_dump(mode="json")), "config.json")
         step("data")
         dirs = task.data(lay)
-        stages.check_inputs(cfg, task, dirs, lay)
-        features = stages.feature_plan(cfg, task, dirs, lay)  # layer names and shapes, before any teacher runs
+        features = stages.check_run(task, dirs, lay)  # inputs, views, feature layers: before any teacher runs
         chain.warn_sizes(cfg, cfg.teachers)
         step("teachers")
-        teachers = task.teachers(dirs, lay, tracker)
+        teachers = stages.teachers(task, dirs, lay, tracker)
         step("precompute")
-        precomputed = stages.stage_precompute(cfg, task, teachers, dirs, lay, tracker)
-        stages.precompute_features(cfg, task, teachers, dirs, lay, tracker)
-        stages.precompute_views(cfg, task, teachers, dirs, lay, tracker)
-        kd_sets, rows, cached = stages.datasets(cfg, task, dirs, lay, teachers=True,
-                                        splits={"train": task.train_splits(), "val": ("val",), "test": ("test",)})
+        precomputed, _ = stages.precompute_all(task, teachers, dirs, lay, tracker)
+        kd_sets, rows, cached = stages.datasets(task, dirs, lay, teachers=True,
+                                        splits={"train": task.train_splits, "val": ("val",), "test": ("test",)})
         rows_test = rows["test"]
-        teacher_rows, reference = task.teacher_report(teachers, kd_sets)
-        mlflow.log_metrics(task.log_metrics(teacher_rows, reference))
+        teacher_rows, reference, teacher_metrics = task.teacher_report(teachers, kd_sets)
+        mlflow.log_metrics(teacher_metrics)
         # TAKD / born-again stages, each stored as a new teacher; the student distils from the last
-        names, teacher_weights, chain_rows = chain.run(cfg, task, teachers, dirs, lay, tracker, kd_sets["test"])
+        names, teacher_weights, chain_rows = chain.run(task, teachers, dirs, lay, tracker, kd_sets["test"])
         train_sets = {k: kd_sets[k] for k in ("train", "val")}
         if chain_rows or features:
-            train_sets, rows, cached = stages.datasets(cfg, task, dirs, lay, teachers=names, features=features,
-                                                       splits={"train": task.train_splits(), "val": ("val",)})
+            train_sets, rows, cached = stages.datasets(task, dirs, lay, teachers=names, features=features,
+                                                       splits={"train": task.train_splits, "val": ("val",)})
 
-        base = stages.loop(cfg, task, cfg.student.factory, task.student_kwargs(teachers), cfg.train.fit,
+        base = stages.loop(task, cfg.student.factory, task.student_kwargs(teachers), cfg.train.fit,
                            train_rows=rows["train"], label="student", distill=True, cached=cached,
                            teacher_weights=teacher_weights, features=features)
         tune_rows: list[dict] = []
@@ -80,13 +78,13 @@ def run(cfg: RunConfig, out: Path, *, tracking_uri: str | None = None, ray_addre
             search_base = base
             base, best, tune_rows, tune_failed = run_tune(search, base, names, cfg.student.width_kwarg,
                                              train_sets, storage=lay.ray,
-                                             workers=stages.workers(cfg), tracking_uri=tracker.uri, experiment=tracker.experiment,
-                                             parent_run_id=parent_id)
+                                             workers=stages.workers(cfg.train), tracking_uri=tracker.uri,
+                                             experiment=tracker.experiment, parent_run_id=parent_id)
             log.info("tune: best %s", best)
             if cfg.deploy.enabled:
                 step("latency of the trials")
-                chosen, budget, pareto = _trials_on_target(cfg, task, lay, tracker, search_base, names, tune_rows,
-                                                           kd_sets, dirs)
+                chosen, budget, pareto = deploy.trials_on_target(task, lay, tracker, search_base, names, tune_rows,
+                                                                  kd_sets, dirs)
                 base = chosen or base
         base = base.replace(epochs=cfg.train.fit.epochs, label="student")
 
@@ -94,51 +92,43 @@ def run(cfg: RunConfig, out: Path, *, tracking_uri: str | None = None, ray_addre
         chosen = {"temperature": base.temperature, "alpha": base.alpha, "teacher_weights": base.teacher_weights,
                   "student_kwargs": {k: v for k, v in base.kwargs.items() if k != "teacher_dir"}}
         chosen |= task.chosen(base, names)
-        example = stages.first_rows(dirs[task.eval_split], task.feature_columns, task.input_dtype)
-        lo_sets, lo_rows, lo_cached = stages.datasets(cfg, task, dirs, lay, teachers=False,
+        lo_sets, lo_rows, lo_cached = stages.datasets(task, dirs, lay, teachers=False,
                                            splits={"train": ("train",), "val": ("val",)})
-        lo = stages.loop(cfg, task, base.factory, base.kwargs, cfg.train.label_only_fit,
+        lo = stages.loop(task, base.factory, base.kwargs, cfg.train.label_only_fit,
                          train_rows=lo_rows["train"], label="label-only", cached=lo_cached)
         progress = stages.epochs_progress("student, label-only", [base, lo])
+        # (MLflow run, its params, loop, datasets, fit name) of the KD student and its label-only baseline
+        fits = [("student", chosen | {"epochs": base.epochs}, base, train_sets, "student"),
+                ("label-only-student", {"student_kwargs": chosen["student_kwargs"],
+                                        **cfg.train.label_only_fit.model_dump()}, lo, lo_sets, "label-only")]
 
-        def kd_student():
-            with stages.child_fit(cfg, tracker, "student", chosen | {"epochs": base.epochs}, base, train_sets,
-                                  name="student", lay=lay, progress=progress(0)) as res:
-                if not all(math.isfinite(v) for v in res.metrics.values() if isinstance(v, float)):
+        def fit_and_score(i: int):
+            run_name, params, loop, sets, name = fits[i]
+            with stages.child_fit(cfg.train, tracker, run_name, params, loop, sets, name=name, lay=lay,
+                                  progress=progress(i)) as res:
+                if i == 0 and not all(math.isfinite(v) for v in res.metrics.values() if isinstance(v, float)):
                     raise ValueError(f"the student's training diverged (metrics {res.metrics}); not registered. "
                                      "Lower train.fit.lr or set train.fit.max_grad_norm")
-                srow = task.model_report(base, res.weights, kd_sets)
-                mlflow.log_metrics({k: v for k, v in srow.items() if isinstance(v, (int, float))})
-                tracker.log_file(res.weights, "weights", "model.safetensors")
-                registered = tracker.register(res.weights, {"factory": base.factory, "kwargs": base.kwargs},
-                                              cfg.tracking.registered_model,
-                                              example.astype(task.example_dtype), cfg.code)
-            return res, srow, registered
-
-        def label_only():
-            with stages.child_fit(cfg, tracker, "label-only-student", {"student_kwargs": chosen["student_kwargs"],
-                                  **cfg.train.label_only_fit.model_dump()}, lo, lo_sets, name="label-only", lay=lay,
-                                  progress=progress(1)) as res_lo:
-                lorow = task.model_report(lo, res_lo.weights, kd_sets)
-                mlflow.log_metrics({k: v for k, v in lorow.items() if isinstance(v, (int, float))})
-            return lorow
+                row = task.model_report(loop, res.weights, kd_sets)
+                mlflow.log_metrics({k: v for k, v in row.items() if isinstance(v, (int, float))})
+                registered = _register(task, tracker, loop, res.weights, dirs) if i == 0 else None
+            return res, row, registered
 
         # independent fits: side by side when the cluster holds both
-        (res, srow, registered), lorow = concurrent_fits.run_all(lambda fit: fit(), [kd_student, label_only],
-                                                                 concurrent_fits.fits_at_once(cfg, 2))
+        (res, srow, registered), (_, lorow, _) = concurrent_fits.run_all(
+            fit_and_score, range(len(fits)), concurrent_fits.fits_at_once(cfg.train, len(fits)))
 
         dep = None
         if cfg.deploy.enabled:
             step("deploy")
             with stages.child_run(tracker, "deploy", cfg.deploy.model_dump(mode="json")):
-                dep = deploy.stage(cfg, task, lay, base, res.weights, kd_sets, dirs, train_sets, srow, teachers, tracker)
+                dep = deploy.stage(task, lay, base, res.weights, kd_sets, dirs, train_sets, srow, teachers, tracker)
                 dep |= {"budget": budget, "pareto_png": pareto}
                 mlflow.log_dict(dep, "deploy.json")
 
         store_bytes = store.size_bytes(lay.store)
-        summary = {"name": cfg.name, **task.summary(teacher_rows, reference, srow, lorow, res)}
+        summary = {"name": cfg.name, **task.summary(teacher_rows, reference, srow, lorow, res, store_bytes, rows, names)}
         summary["student"]["config"] = chosen
-        summary |= task.store_summary(store_bytes, rows, names)
         summary |= {
             "chain": chain_rows,
             # born-again: test accuracy of generation 1..N (the last is the student above)
@@ -171,7 +161,7 @@ def _config_key(cfg: RunConfig) -> str:
     return json.dumps(redacted(cfg.model_dump(mode="json")), sort_keys=True, default=str)
 
 
-def _previous_run(cfg: RunConfig, lay: stages.Layout, tracker: Tracker, restart: bool) -> str | None:
+def _previous_run(cfg: RunConfig, lay: Layout, tracker: Tracker, restart: bool) -> str | None:
     """The parent run id to continue, if the last run into this --out (same config) never finished.
     A restart, or another config, closes such a run as KILLED and starts a new one."""
     state_file = lay.out / RUN_STATE
@@ -189,7 +179,16 @@ def _previous_run(cfg: RunConfig, lay: stages.Layout, tracker: Tracker, restart:
     return None
 
 
-def write_summary(summary: dict[str, Any], lay: stages.Layout) -> Loc:
+def _register(task, tracker: Tracker, loop, weights, dirs) -> dict | None:
+    """The student's weights as an artifact of its run, and as a version of the registered model."""
+    cfg = task.cfg
+    example = ingest.first_rows(dirs[task.eval_split], task.feature_columns, task.input_dtype)
+    tracker.log_file(weights, "weights", "model.safetensors")
+    return tracker.register(weights, {"factory": loop.factory, "kwargs": loop.kwargs}, cfg.tracking.registered_model,
+                            example.astype(task.example_dtype), cfg.code)
+
+
+def write_summary(summary: dict[str, Any], lay: Layout) -> Loc:
     """The report page, then summary.json (it appears only when the run finished, written whole),
     then the table and one console line per warning. Returns the page's location."""
     page = report_page.write(summary, lay.out)
@@ -199,31 +198,6 @@ def write_summary(summary: dict[str, Any], lay: stages.Layout) -> Loc:
         console.say(f"warning: {w}")
     console.say(f"report: {page}")
     return page
-
-
-def _trials_on_target(cfg, task, lay, tracker, search_base, names, trials, kd_sets, dirs):
-    """Each trial's latency on the target beside its validation score, the Pareto picture, and
-    with a budget the smallest student that meets it (else exit 2 naming the closest trial)."""
-    from workflows.tune import apply_trial
-
-    d, lm = cfg.deploy, task.kind == "lm"
-    rows = deploy.sample_rows(dirs[task.eval_split], task, 256, seed=1)
-    lat = deploy.trial_latencies(cfg, task, search_base, trials, cfg.student.width_kwarg, rows)
-    reference = None if lm else task.ensemble_val_accuracy(kd_sets)
-    deploy.annotate_trials(trials, lat, search_base, cfg.student.width_kwarg, reference, lm)
-    budget, base = None, None
-    if d.latency_budget_ms is not None or d.quality_target is not None:
-        budget = {"latency_budget_ms": d.latency_budget_ms, "quality_target": d.quality_target,
-                  "batch_size": d.budget_batch_size,
-                  **deploy.pick_under_budget(trials, d.latency_budget_ms, d.quality_target, lm)}
-        chosen = next(t for t in trials if t["trial_id"] == budget["chosen_trial"])
-        base = apply_trial(search_base, chosen, names, cfg.student.width_kwarg)
-        console.say(f"budget: trial {chosen['trial_id']}: {budget['reason']}")
-    png = deploy.pareto_png(trials, budget and budget["chosen_trial"], d.latency_budget_ms, d.quality_target, lm)
-    (lay.out / "deploy" / "pareto.png").write_bytes(png)
-    tracker.log_file(lay.out / "deploy" / "pareto.png", "deploy")
-    mlflow.log_dict({"trials": trials, "budget": budget}, "deploy/trials.json")
-    return base, budget, "deploy/pareto.png"
 
 
 def step(name: str) -> None:

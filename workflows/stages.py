@@ -9,62 +9,23 @@ import json
 import logging
 import threading
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
 import numpy as np
 import ray
 
-from kd_ops import data, store
+from kd_ops import store
 from kd_ops.fsio import Loc
-from workflows import console, ingest, train, validate
+from workflows import concurrent_fits, console, ingest, train, validate
 from workflows import precompute as pre
-from workflows.config import RunConfig, TeacherConfig
+from workflows.config import RunConfig, TeacherConfig, TrainConfig
+from workflows.layout import Layout
 from workflows.loop import FeaturePlan, Loop
 from workflows.ray_session import progress_bars
 from workflows.tracking import Tracker
 
 log = logging.getLogger("kd")
-
-
-@dataclass
-class Layout:
-    """Where a run keeps things under --out: a local path or any pyarrow.fs URI (s3://, gs://)."""
-    out: Loc
-
-    def __post_init__(self):
-        self.out = Loc.of(self.out)
-
-    @property
-    def data(self) -> Loc: return self.out / "data"
-    @property
-    def teachers(self) -> Loc: return self.out / "teachers"
-    @property
-    def store(self) -> Loc: return self.out / "store"
-    @property
-    def ray(self) -> Loc: return self.out / "ray"
-
-    def make(self) -> None:
-        """Create --out, or one clear error (a path under a regular file, a file, no permission)."""
-        try:
-            if self.out.is_file():
-                raise ValueError(f"--out {self.out} is a file; give a directory (it is created if missing)")
-            self.out.mkdir()
-        except OSError as e:
-            raise ValueError(f"--out {self.out}: cannot create the directory ({e.strerror or e}); give a "
-                             "directory that can be created") from None
-
-    def local(self, what: str) -> Path:
-        """--out as a local directory, for the parts that need one (Hugging Face directories)."""
-        if not self.out.local:
-            raise ValueError(f"{what} needs a local --out for now (got {self.out}); the store, checkpoints and "
-                             "summary of classification runs can live on object storage")
-        return Path(self.out.path)
-
-
-def teacher_weights_path(t: TeacherConfig, lay: Layout) -> str | Loc:
-    return t.weights or lay.teachers / f"{t.name}.safetensors"
 
 
 class _NullRun:
@@ -78,35 +39,74 @@ def child_run(tracker: Tracker | None, name: str, params: dict | None = None):
 
 
 @contextmanager
-def child_fit(cfg: RunConfig, tracker: Tracker | None, run_name: str, params: dict | None, loop: Loop,
+def child_fit(t: TrainConfig, tracker: Tracker | None, run_name: str, params: dict | None, loop: Loop,
               sets: dict, *, name: str, lay: Layout, progress=None):
     """Fit `loop` under a nested MLflow run `run_name` (rank 0 logs each epoch there) with the run's
-    Train workers and an epoch progress line (or `progress(epoch)`); yields the `train.Trained`
+    Train workers (`t`: the config's train section) and an epoch progress line (or `progress(epoch)`); yields the `train.Trained`
     inside that run, so the caller logs what it measures of the model there too."""
     with child_run(tracker, run_name, params) as run_id:
         loop = loop.replace(mlflow=tracker and {"tracking_uri": tracker.uri, "run_id": run_id})
-        yield train.fit(loop, sets, name=name, storage=lay.ray, **workers(cfg),
+        yield train.fit(loop, sets, name=name, storage=lay.ray, **workers(t),
                         progress=progress or epoch_progress(loop))
 
 
-def check_inputs(cfg: RunConfig, task, dirs: dict[str, Path], lay: Layout) -> None:
+def teachers(task, dirs, lay: Layout, tracker: Tracker | None) -> list[TeacherConfig]:
+    """The run's teachers, ready for precompute: those the task says to train (`teachers_to_train`)
+    are trained on the labelled train split, then the task keeps and checks them all (`keep_teachers`)."""
+    todo = task.teachers_to_train(dirs, lay)
+    return task.keep_teachers(list(zip(todo, train_teachers(task, todo, dirs, lay, tracker))), lay, tracker)
+
+
+def train_teachers(task, todo: list[tuple[TeacherConfig, str, dict]], dirs, lay: Layout,
+                   tracker: Tracker | None) -> list:
+    """Train each (teacher, factory, kwargs) on the labelled train split, as many at once as the
+    cluster holds (`concurrent_fits`), under one progress line; returns their best weights files (Locs)."""
+    if not todo:
+        return []
+    cfg = task.cfg
+    sets, rows, cached = datasets(task, dirs, lay, teachers=False, splits={"train": ("train",), "val": ("val",)})
+    loops = [loop(task, factory, kwargs, t.fit, train_rows=rows["train"], label=f"teacher {t.name}", cached=cached)
+             for t, factory, kwargs in todo]
+    at_once = concurrent_fits.fits_at_once(cfg.train, len(todo))
+    if at_once > 1:
+        log.info("teachers: training %d at once", at_once)
+    progress = epochs_progress("teachers" if len(todo) > 1 else loops[0].label, loops)
+
+    def fit(i: int):
+        t, lp = todo[i][0], loops[i]
+        with child_fit(cfg.train, tracker, f"teacher-{t.name}", json.loads(json.dumps(vars(lp), default=str)),
+                       lp, sets, name=f"teacher-{t.name}", lay=lay, progress=progress(i)) as res:
+            return res.weights
+
+    return concurrent_fits.run_all(fit, range(len(todo)), at_once)
+
+
+def check_run(task, dirs: dict[str, Path], lay: Layout) -> FeaturePlan | None:
+    """Everything that can be checked before a teacher trains or runs: the inputs (`check_inputs`),
+    the view function (`check_views`) and feature KD's layers; returns the feature plan (`feature_plan`)."""
+    check_inputs(task, dirs, lay)
+    return feature_plan(task, dirs, lay)
+
+
+def check_inputs(task, dirs: dict[str, Path], lay: Layout) -> None:
     """`workflows.validate.check_inputs` for this run's inputs (remembered under --out/checks)."""
+    cfg = task.cfg
     validate.check_inputs(dirs, feature_columns=task.feature_columns, label_column=task.label_column,
                           num_classes=task.num_classes,
                           remember=lay.out / "checks")
     if cfg.precompute.views > 1:
-        check_views(cfg, task, dirs)
+        check_views(task, dirs)
 
 
-def check_views(cfg: RunConfig, task, dirs) -> None:
+def check_views(task, dirs) -> None:
     """The view function on the first training rows, before any teacher trains or runs: it
     imports, keeps shape and dtype, returns the rows themselves for view 0, and gives a row the
     same view whether it is asked for one view (precompute) or one view per row (training)."""
     from kd_ops import augment, models
 
-    pc = cfg.precompute
+    pc = task.cfg.precompute
     fn = models.resolve(pc.augment)
-    x = first_rows(dirs["train"], task.feature_columns, task.input_dtype, n=4)
+    x = ingest.first_rows(dirs["train"], task.feature_columns, task.input_dtype, n=4)
     ids, views = np.arange(len(x)), np.arange(len(x)) % pc.views
     if not np.array_equal(augment.apply(fn, x, ids, 0, pc.augment_seed), x):
         raise ValueError(f"precompute.augment {pc.augment!r}: view 0 must return the inputs unchanged")
@@ -118,9 +118,10 @@ def check_views(cfg: RunConfig, task, dirs) -> None:
                          "(an array) rather than as one int; it must depend only on (seed, id, view)")
 
 
-def stage_precompute(cfg: RunConfig, task, teachers: list[TeacherConfig], dirs: dict[str, Path], lay: Layout,
+def stage_precompute(task, teachers: list[TeacherConfig], dirs: dict[str, Path], lay: Layout,
                      tracker: Tracker | None) -> list[pre.TeacherResult]:
-    pc = cfg.precompute
+    """Every teacher's raw logits on every split into the store (reused where already stored)."""
+    pc = task.cfg.precompute
     with child_run(tracker, "precompute", pc.model_dump()), progress_bars():
         results = pre.precompute(teachers, dirs, lay.store, feature_columns=task.feature_columns, **pre.options(pc),
                                  **task.precompute_options(), progress=console.progress("precompute", "rows"))
@@ -133,6 +134,16 @@ def stage_precompute(cfg: RunConfig, task, teachers: list[TeacherConfig], dirs: 
             mlflow.set_tag("kd.reused", ",".join(r.name for r in results if r.reused) or "none")
     _remember_timings(lay, results)
     return results
+
+
+def precompute_all(task, teachers: list[TeacherConfig], dirs: dict[str, Path], lay: Layout,
+                   tracker: Tracker | None) -> tuple[list[pre.TeacherResult], list[pre.TeacherResult]]:
+    """The store of a run: every teacher's logits (`stage_precompute`), then the feature KD entry
+    (`precompute_features`) and the augmented views (`precompute_views`) where configured.
+    Returns (the teachers' results, the features' and views' results)."""
+    results = stage_precompute(task, teachers, dirs, lay, tracker)
+    extra = [r for r in [precompute_features(task, teachers, dirs, lay, tracker)] if r]
+    return results, extra + precompute_views(task, teachers, dirs, lay, tracker)
 
 
 TIMINGS = "precompute-timings.json"  # {teacher: {rows, seconds}} of its last full precompute
@@ -168,9 +179,10 @@ def _feature_teacher(cfg: RunConfig, teachers: list[TeacherConfig]) -> TeacherCo
     return next(t for t in teachers if t.name == name)
 
 
-def precompute_features(cfg: RunConfig, task, teachers: list[TeacherConfig], dirs, lay: Layout,
+def precompute_features(task, teachers: list[TeacherConfig], dirs, lay: Layout,
                         tracker: Tracker | None) -> pre.TeacherResult | None:
     """Feature KD from the store: the named teacher layer's outputs per id (fp16) as a store entry."""
+    cfg = task.cfg
     spec = feature_spec(cfg, teachers)
     if spec is None or cfg.distill.feature.source != "store":
         return None
@@ -186,16 +198,16 @@ def precompute_features(cfg: RunConfig, task, teachers: list[TeacherConfig], dir
     return r
 
 
-def precompute_views(cfg: RunConfig, task, teachers: list[TeacherConfig], dirs, lay: Layout,
+def precompute_views(task, teachers: list[TeacherConfig], dirs, lay: Layout,
                      tracker: Tracker | None) -> list[pre.TeacherResult]:
     """Augmented views (precompute.views K > 1): every teacher's logits on views 1..K-1 of the
     training splits, each view its own store entry; view 0 is the teacher's entry itself (the
     view function was checked by `check_inputs`)."""
-    pc = cfg.precompute
+    pc = task.cfg.precompute
     if pc.views == 1:
         return []
     specs = [pre.TeacherSpec.of(t).viewed(k, pc.augment, pc.augment_seed) for t in teachers for k in range(1, pc.views)]
-    splits = {s: dirs[s] for s in task.train_splits() if s in dirs}
+    splits = {s: dirs[s] for s in task.train_splits if s in dirs}
     with child_run(tracker, "precompute-views", {"views": pc.views, "augment": pc.augment, "seed": pc.augment_seed}), \
             progress_bars():
         results = pre.precompute(specs, splits, lay.store, feature_columns=task.feature_columns, **pre.options(pc),
@@ -209,11 +221,12 @@ def precompute_views(cfg: RunConfig, task, teachers: list[TeacherConfig], dirs, 
     return results
 
 
-def feature_plan(cfg: RunConfig, task, dirs, lay: Layout) -> FeaturePlan | None:
+def feature_plan(task, dirs, lay: Layout) -> FeaturePlan | None:
     """The Loop's `features`: layers, shapes and where the teacher's features come from. Builds
     the teacher (untrained: shapes do not depend on weights) and the student on the first input
     rows, so a wrong layer name or shapes no projection can map fail before any teacher is
     trained or run (`feature_kd.LayerError`)."""
+    cfg = task.cfg
     f = cfg.distill.feature
     if f is None:
         return None
@@ -221,7 +234,7 @@ def feature_plan(cfg: RunConfig, task, dirs, lay: Layout) -> FeaturePlan | None:
     import torch
 
     t = _feature_teacher(cfg, cfg.teachers)
-    example = torch.from_numpy(first_rows(dirs["train"], task.feature_columns, task.input_dtype))
+    example = torch.from_numpy(ingest.first_rows(dirs["train"], task.feature_columns, task.input_dtype))
     tap = feature_kd.LayerOutput(models.build(t.factory, t.kwargs), f.teacher_layer, f.pool).eval()
     t_shape = list(pre.forward(f"teacher {t.name!r}", tap, example.numpy()).shape[1:])
     feature_kd.feature_student(models.build(cfg.student.factory, cfg.student.kwargs), f.student_layer, example,
@@ -229,7 +242,7 @@ def feature_plan(cfg: RunConfig, task, dirs, lay: Layout) -> FeaturePlan | None:
     return FeaturePlan(student_layer=f.student_layer, teacher_layer=f.teacher_layer, source=f.source, pool=f.pool,
                        input_shape=list(example.shape[1:]), input_dtype=task.input_dtype, teacher_shape=t_shape,
                        store_entry=pre.feature_entry(t.name, f.teacher_layer, f.pool), teacher_factory=t.factory,
-                       teacher_kwargs=t.kwargs, teacher_weights=Loc.of(teacher_weights_path(t, lay)).uri)
+                       teacher_kwargs=t.kwargs, teacher_weights=Loc.of(lay.teacher_weights(t)).uri)
 
 
 def epoch_progress(loop: Loop):
@@ -252,27 +265,22 @@ def epochs_progress(label: str, loops: list[Loop]):
     return of
 
 
-def workers(cfg: RunConfig) -> dict:
-    """How every fit of a run gets its Train workers (train.fit's keyword arguments)."""
-    t = cfg.train
+def workers(t: TrainConfig) -> dict:
+    """How every fit of a run gets its Train workers (train.fit's keyword arguments), from the
+    config's train section."""
     return dict(num_workers=t.num_workers, use_gpu=t.use_gpu, max_failures=t.max_failures, resources=t.resources)
 
 
-def teacher_weight_list(cfg: RunConfig) -> list[float]:
-    names = [t.name for t in cfg.teachers]
-    raw = [cfg.distill.teacher_weights.get(n, 0.0) for n in names] if cfg.distill.teacher_weights else [1.0] * len(names)
-    return [w / sum(raw) for w in raw]
-
-
-def loop(cfg: RunConfig, task, factory: str, kwargs: dict, fit, *, train_rows: int, label: str,
+def loop(task, factory: str, kwargs: dict, fit, *, train_rows: int, label: str,
          distill: bool = False, cached: bool = True, teacher_weights: list[float] | None = None,
          features: FeaturePlan | None = None) -> Loop:
     """The typed training-loop settings for one model: its fit, the run's distillation settings
     when it is a student (`teacher_weights` over the dataset's teachers, default the config's),
     and the task's loss kind. `cached`: whether the train dataset sits in the object store (it
     then needs the local shuffle buffer; see ingest.dataset)."""
+    cfg = task.cfg
     d = cfg.distill
-    kd = dict(temperature=d.temperature, alpha=d.alpha, teacher_weights=teacher_weights or teacher_weight_list(cfg),
+    kd = dict(temperature=d.temperature, alpha=d.alpha, teacher_weights=teacher_weights or cfg.teacher_weight_list(),
               divergence=d.divergence, beta=d.beta, tail=d.tail) if distill else {}
     if distill:
         kd |= task.method_settings(features)
@@ -292,13 +300,14 @@ def loop(cfg: RunConfig, task, factory: str, kwargs: dict, fit, *, train_rows: i
 CACHED_SHUFFLE_BUFFER = 8192
 
 
-def datasets(cfg: RunConfig, task, dirs: dict[str, Path], lay: Layout, *, teachers: bool | list[str],
+def datasets(task, dirs: dict[str, Path], lay: Layout, *, teachers: bool | list[str],
              splits: dict[str, tuple[str, ...]], features: FeaturePlan | None = None
              ) -> tuple[dict[str, ray.data.Dataset], dict[str, int], bool]:
     """Streamed datasets by name, e.g. {"train": ("train", "transfer"), "val": ("val",)}, with the
     stored columns of every teacher (`teachers` True), of the teachers named, or of none; only
     "train" is shuffled, and it carries stored teacher features when `features` (a feature_plan)
     reads them from the store. Returns (datasets, rows, whether "train" is cached in the object store)."""
+    cfg = task.cfg
     names = list(teachers) if isinstance(teachers, list) else [t.name for t in cfg.teachers] if teachers else []
     stored = features.store_entry if features and features.source == "store" else None
     out, rows, cached = {}, {}, {}
@@ -316,10 +325,3 @@ def datasets(cfg: RunConfig, task, dirs: dict[str, Path], lay: Layout, *, teache
 def _views(cfg: RunConfig) -> "ingest.Views | None":
     pc = cfg.precompute
     return ingest.Views(pc.views, pc.augment, pc.augment_seed) if pc.views > 1 else None
-
-
-def first_rows(d, feature_columns: list[str], dtype: str, n: int = 2) -> np.ndarray:
-    """The first `n` rows' features of a split (an input example for MLflow), read from one file."""
-    f = data.parquet_files(d)[0]
-    table = store.open_parquet(f).read(columns=feature_columns).slice(0, n)
-    return data.features(table, feature_columns, str(f), np.dtype(dtype))

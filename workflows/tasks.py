@@ -1,8 +1,10 @@
-"""What differs between a classification run and an LM run, behind one small interface that
-workflows.pipeline drives: where the inputs come from (`data`), how teachers are made (`teachers`),
-which columns are read and stored (`feature_columns`, `label_column`, `precompute_options`), and
-how models are scored and summarised (`teacher_report`, `model_report`, `summary`). Metrics are
-computed on the cluster (workflows.evaluation) from streamed datasets."""
+"""What differs between a classification run and an LM run on the driver, behind one small
+interface that workflows.pipeline and workflows.stages drive: where the inputs come from (`data`),
+which teachers to train and how they are kept (`teachers_to_train`, `keep_teachers`), which columns
+are read and stored (`feature_columns`, `label_column`, `train_splits`, `precompute_options`), and
+how models are scored and summarised (`teacher_report`, `model_report`, `summary`, `quality_key`).
+Metrics are computed on the cluster (workflows.evaluation) from streamed datasets; what differs on
+the workers is in workflows.kinds. This file calls no stage: stages call it."""
 from __future__ import annotations
 
 import dataclasses
@@ -16,10 +18,10 @@ import ray
 
 from kd_ops import data, evaluate, lm, models
 from workflows import precompute as pre
-from workflows import concurrent_fits, evaluation, stages
+from workflows import evaluation, ingest
 from workflows.config import RunConfig, TeacherConfig
+from workflows.layout import Layout
 from workflows.loop import Loop
-from workflows.stages import Layout
 from workflows.tracking import Tracker
 
 log = logging.getLogger("kd")
@@ -27,31 +29,6 @@ log = logging.getLogger("kd")
 
 def for_config(cfg: RunConfig):
     return LanguageModel(cfg) if cfg.task == "lm" else Classification(cfg)
-
-
-def _train_teachers(task, todo: list[tuple[TeacherConfig, str, dict]], dirs, lay: Layout,
-                    tracker: Tracker | None) -> list:
-    """Train each (teacher, factory, kwargs) on the labelled train split, as many at once as the
-    cluster holds (`concurrent_fits`), under one progress line; returns their best weights files (Locs)."""
-    if not todo:
-        return []
-    cfg = task.cfg
-    sets, rows, cached = stages.datasets(cfg, task, dirs, lay, teachers=False,
-                                         splits={"train": ("train",), "val": ("val",)})
-    loops = [stages.loop(cfg, task, factory, kwargs, t.fit, train_rows=rows["train"], label=f"teacher {t.name}",
-                         cached=cached) for t, factory, kwargs in todo]
-    at_once = concurrent_fits.fits_at_once(cfg, len(todo))
-    if at_once > 1:
-        log.info("teachers: training %d at once", at_once)
-    progress = stages.epochs_progress("teachers" if len(todo) > 1 else loops[0].label, loops)
-
-    def fit(i: int):
-        t, loop = todo[i][0], loops[i]
-        with stages.child_fit(cfg, tracker, f"teacher-{t.name}", json.loads(json.dumps(vars(loop), default=str)),
-                              loop, sets, name=f"teacher-{t.name}", lay=lay, progress=progress(i)) as res:
-            return res.weights
-
-    return concurrent_fits.run_all(fit, range(len(todo)), at_once)
 
 
 def _on_the_cluster(specs: list[tuple[int, int]]) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -65,6 +42,10 @@ class Classification:
     input_dtype = "float32"
     example_dtype = "float32"  # of the registered model's input example
     eval_split = "test"
+    train_splits = ("train", "transfer")  # what students train on; transfer rows carry no label (−1): soft term only
+    quality_key = "test_accuracy"  # what the deploy stage compares fp32 and INT8 models by
+    perplexity_quality = False     # tune trials' quality: × the ensemble's val accuracy (higher is better)
+    stage_commands = True          # kd precompute / train / tune
 
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
@@ -91,46 +72,56 @@ class Classification:
             return dirs
         log.info("data: generating MNIST-1D (%d labelled, %d transfer)", m.labelled, m.transfer)
         stamp.delete()  # written last: until then the splits are not trusted
-        splits = data.mnist1d_splits(m.labelled, m.val, m.test, m.transfer, m.seed, m.transfer_seed,
-                                     generate=_on_the_cluster)
+        parts = _on_the_cluster(data.mnist1d_parts(m.labelled, m.seed, m.transfer, m.transfer_seed))
+        splits = data.mnist1d_splits(m.labelled, m.val, m.test, m.transfer, m.seed, m.transfer_seed, arrays=parts)
         for name, inputs in splits.items():
             data.write_split(inputs, lay.data / name, m.rows_per_file)
         stamp.write_text(json.dumps(want))
         return dirs
 
-    def teachers(self, dirs, lay: Layout, tracker: Tracker | None) -> list[TeacherConfig]:
-        """Teachers with weights given are used as they are; the others are trained on the labelled train split."""
-        paths = {t.name: stages.teacher_weights_path(t, lay) for t in self.cfg.teachers}
-        todo = [t for t in self.cfg.teachers if t.weights is None and not paths[t.name].is_file()]
-        for t in todo:  # fail fast on a bad factory or a model that cannot take the inputs, before Ray Train starts
+    def teachers_to_train(self, dirs, lay: Layout) -> list[tuple[TeacherConfig, str, dict]]:
+        """(teacher, factory, kwargs) of each teacher without weights, given or kept under --out.
+        Each is built and run on the first train rows first: a bad factory or a model that cannot
+        take the inputs fails here, before Ray Train starts."""
+        todo = [t for t in self.cfg.teachers if t.weights is None and not lay.teacher_weights(t).is_file()]
+        for t in todo:
             pre.forward(f"teacher {t.name!r}", models.build(t.factory, t.kwargs),
-                        stages.first_rows(dirs["train"], self.feature_columns, self.input_dtype))
-        trained = _train_teachers(self, [(t, t.factory, t.kwargs) for t in todo], dirs, lay, tracker)
-        for t, weights in zip(todo, trained):
-            models.save_weights(models.load_weights(models.build(t.factory, t.kwargs), weights), paths[t.name])
+                        ingest.first_rows(dirs["train"], self.feature_columns, self.input_dtype))
+        return [(t, t.factory, t.kwargs) for t in todo]
+
+    def keep_teachers(self, trained: list[tuple[tuple[TeacherConfig, str, dict], Any]], lay: Layout,
+                      tracker: Tracker | None) -> list[TeacherConfig]:
+        """Save each trained teacher's weights under --out; returns every teacher with its weights file."""
+        for (t, _, _), weights in trained:
+            models.save_weights(models.load_weights(models.build(t.factory, t.kwargs), weights), lay.teacher_weights(t))
             if tracker:
-                tracker.log_file(paths[t.name], "weights")
-        return [t.model_copy(update={"weights": str(paths[t.name])}) for t in self.cfg.teachers]
+                tracker.log_file(lay.teacher_weights(t), "weights")
+        return [t.model_copy(update={"weights": str(lay.teacher_weights(t))}) for t in self.cfg.teachers]
 
     def precompute_options(self) -> dict[str, Any]:
         return {"input_dtype": "float32", "extra": {"num_classes": self.cfg.data.num_classes}}
 
-    def train_splits(self) -> tuple[str, ...]:
-        return ("train", "transfer")  # transfer rows carry no label (−1): soft term only
-
     def student_kwargs(self, teachers: list[TeacherConfig]) -> dict[str, Any]:
         return dict(self.cfg.student.kwargs)
 
-    def teacher_report(self, teachers: list[TeacherConfig], kd_sets) -> tuple[list[dict], dict[str, float]]:
-        """Per-teacher and uniform-ensemble test accuracy from the stored logits."""
+    def teacher_report(self, teachers: list[TeacherConfig], kd_sets) -> tuple[list[dict], dict[str, Any], dict[str, float]]:
+        """Per-teacher and uniform-ensemble test accuracy from the stored logits: (a row per teacher,
+        the ensemble's numbers the student is compared with, the metrics to log)."""
         n = len(teachers)
         acc = evaluate.rates(evaluation.score(kd_sets["test"], task=self.kind, teacher_weights=[1 / n] * n), self.kind)
         rows = [{"name": t.name, "params": models.num_params(models.build(t.factory, t.kwargs)),
                  "test_accuracy": acc[f"teacher{i}_accuracy"]} for i, t in enumerate(teachers)]
-        return rows, {"ensemble_test_accuracy": acc["ensemble_accuracy"], "ensemble_test_ece": acc["ensemble_ece"],
-                      "ensemble_per_class_accuracy": acc["ensemble_per_class_accuracy"]}
+        reference = {"ensemble_test_accuracy": acc["ensemble_accuracy"], "ensemble_test_ece": acc["ensemble_ece"],
+                     "ensemble_per_class_accuracy": acc["ensemble_per_class_accuracy"]}
+        return rows, reference, {**{k: v for k, v in reference.items() if isinstance(v, float)},
+                                 **{f"teacher.{r['name']}.test_accuracy": r["test_accuracy"] for r in rows}}
 
-    def ensemble_val_accuracy(self, kd_sets) -> float:
+    @staticmethod
+    def int8_drop(fp32_row: dict, int8_row: dict) -> float:
+        """What INT8 lost: accuracy points/100."""
+        return fp32_row["test_accuracy"] - int8_row["test_accuracy"]
+
+    def trial_reference(self, kd_sets) -> float:
         """The uniform teacher ensemble's validation accuracy (what tune trials' scores are compared with)."""
         n = len(self.cfg.teachers)
         sums = evaluation.score(kd_sets["val"], task=self.kind, teacher_weights=[1 / n] * n)
@@ -146,7 +137,9 @@ class Classification:
                 "test_accuracy": acc["accuracy"], "test_agreement": acc["agreement"], "test_ece": acc["ece"],
                 "per_class_accuracy": acc["per_class_accuracy"]}
 
-    def summary(self, teacher_rows, reference, srow, lorow, res) -> dict[str, Any]:
+    def summary(self, teacher_rows, reference, srow, lorow, res, store_bytes: int, rows: dict[str, int],
+                teachers: list[str]) -> dict[str, Any]:
+        """The summary's task-specific part (the store's size is not broken down further here)."""
         ens = reference["ensemble_test_accuracy"]
         per_class = {"teacher ensemble": reference["ensemble_per_class_accuracy"],
                      "KD student": srow.pop("per_class_accuracy"), "label-only student": lorow.pop("per_class_accuracy")}
@@ -154,10 +147,6 @@ class Classification:
                 "student": srow | {"val_accuracy": res.metrics["val_accuracy"]},
                 "label_only_student": lorow, "student_vs_ensemble": srow["test_accuracy"] / ens,
                 "per_class_accuracy": per_class}
-
-    def log_metrics(self, teacher_rows, reference) -> dict[str, float]:
-        return {**{k: v for k, v in reference.items() if isinstance(v, float)},
-                **{f"teacher.{r['name']}.test_accuracy": r["test_accuracy"] for r in teacher_rows}}
 
     def method_settings(self, features) -> dict[str, Any]:
         """A student Loop's classification method (DKD, schedules, feature and relation KD)."""
@@ -176,9 +165,6 @@ class Classification:
         """What the summary records of the student's settings beyond T, α and weights."""
         return {"teachers": teachers, "method": dataclasses.asdict(loop.method)}
 
-    def store_summary(self, store_bytes: int, rows: dict[str, int], teachers: list[str]) -> dict[str, Any]:
-        return {}
-
 
 class LanguageModel:
     """task: lm. Inputs are packed token sequences (id, x: fixed_size_list<int32>[seq_len]); there
@@ -187,6 +173,10 @@ class LanguageModel:
     input_dtype = "int32"
     example_dtype = "int64"  # token ids, as the registered model's signature takes them
     eval_split = "val"
+    train_splits = ("train",)
+    quality_key = "val_perplexity"
+    perplexity_quality = True      # tune trials' quality: val perplexity (lower is better)
+    stage_commands = False
     feature_columns = ["x"]
     label_column = None
     SPLIT_OFFSET = {"train": 0, "val": 10_000_000, "test": 20_000_000}  # ids unique across splits
@@ -243,21 +233,28 @@ class LanguageModel:
         self.tokenizer = tokenizer
         return dirs
 
-    def teachers(self, dirs, lay: Layout, tracker: Tracker | None) -> list[TeacherConfig]:
-        """Resolve every teacher to a Hugging Face directory, training `init` teachers from scratch,
-        then check that all of them, the student and the data share one vocabulary and fit seq_len."""
+    def _teacher_dir(self, t: TeacherConfig, lay: Layout) -> Path:
+        return t.hf_dir or lay.local("task: lm") / "teachers" / t.name
+
+    def teachers_to_train(self, dirs, lay: Layout) -> list[tuple[TeacherConfig, str, dict]]:
+        """(teacher, factory, kwargs) of each `init` teacher not yet trained under --out."""
         cfg, tokenizer = self.cfg, self.tokenizer
-        paths = {t.name: t.hf_dir or lay.local("task: lm") / "teachers" / t.name for t in cfg.teachers}
-        todo = [(t, "kd_ops.lm:new_causal_lm", {"vocab_size": len(tokenizer), "n_positions": cfg.data.seq_len, **t.init})
-                for t in cfg.teachers if t.init is not None and not (paths[t.name] / "config.json").is_file()]
-        for (t, factory, kwargs), weights in zip(todo, _train_teachers(self, todo, dirs, lay, tracker)):
+        return [(t, "kd_ops.lm:new_causal_lm", {"vocab_size": len(tokenizer), "n_positions": cfg.data.seq_len, **t.init})
+                for t in cfg.teachers if t.init is not None and not (self._teacher_dir(t, lay) / "config.json").is_file()]
+
+    def keep_teachers(self, trained: list[tuple[tuple[TeacherConfig, str, dict], Any]], lay: Layout,
+                      tracker: Tracker | None) -> list[TeacherConfig]:
+        """Save each trained teacher as a Hugging Face directory, resolve every teacher to one, then
+        check that all of them, the student and the data share one vocabulary and fit seq_len."""
+        cfg, tokenizer = self.cfg, self.tokenizer
+        for (t, factory, kwargs), weights in trained:
             model = models.load_weights(models.build(factory, kwargs), weights)
-            model.hf.save_pretrained(paths[t.name])
-            tokenizer.save_pretrained(paths[t.name])
+            model.hf.save_pretrained(self._teacher_dir(t, lay))
+            tokenizer.save_pretrained(self._teacher_dir(t, lay))
         resolved = []
         for t in cfg.teachers:
-            lm.weight_files(paths[t.name], t.allow_pickle)  # safetensors, or pickle only where the config opts in
-            resolved.append(t.model_copy(update={"hf_dir": paths[t.name], "init": None}))
+            lm.weight_files(self._teacher_dir(t, lay), t.allow_pickle)  # safetensors, or pickle only where the config opts in
+            resolved.append(t.model_copy(update={"hf_dir": self._teacher_dir(t, lay), "init": None}))
         configs = {t.name: lm.load_config(t.hf_dir) for t in resolved}
         toks = {t.name: lm.load_tokenizer(t.hf_dir) for t in resolved} | {"data": tokenizer}
         configs["student"] = models.build(cfg.student.factory, self.student_kwargs(resolved)).config
@@ -270,28 +267,27 @@ class LanguageModel:
         pc = self.cfg.precompute
         return {"input_dtype": "int64", "top_k": pc.top_k, "tail_samples": pc.tail_samples}
 
-    def train_splits(self) -> tuple[str, ...]:
-        return ("train",)
-
     def student_kwargs(self, teachers: list[TeacherConfig]) -> dict[str, Any]:
         kw = dict(self.cfg.student.kwargs)
         if self.cfg.student.factory == "kd_ops.lm:student_from_teacher":
             kw.setdefault("teacher_dir", str(teachers[0].hf_dir))
         return kw
 
-    def teacher_report(self, teachers: list[TeacherConfig], kd_sets) -> tuple[list[dict], dict[str, float]]:
-        """Each teacher's validation perplexity, its model run on the cluster over the streamed split."""
+    def teacher_report(self, teachers: list[TeacherConfig], kd_sets) -> tuple[list[dict], dict[str, float], dict[str, float]]:
+        """Each teacher's validation perplexity, its model run on the cluster over the streamed split:
+        (a row per teacher, the best of them, the metrics to log)."""
         rows = []
         for t in teachers:
             sums = evaluation.score(kd_sets["val"], task=self.kind, factory="kd_ops.lm:causal_lm",
                                     kwargs=pre.hf_kwargs(t), teacher_weights=None, batch_size=64)
             rows.append({"name": t.name, "params": models.num_params(lm.load_causal_lm(t.hf_dir, allow_pickle=t.allow_pickle)),
                          "val_perplexity": evaluate.rates(sums, self.kind)["perplexity"]})
-        return rows, {"teacher_val_perplexity": min(r["val_perplexity"] for r in rows)}
+        reference = {"teacher_val_perplexity": min(r["val_perplexity"] for r in rows)}
+        return rows, reference, dict(reference)
 
     def model_report(self, loop: Loop, weights: Path, kd_sets) -> dict[str, Any]:
         """Validation and test perplexity, and top-1 agreement with the highest-weighted teacher on val."""
-        weights_for = stages.teacher_weight_list(self.cfg)
+        weights_for = self.cfg.teacher_weight_list()
         common = dict(task=self.kind, factory=loop.factory, kwargs=loop.kwargs, weights=weights, batch_size=64)
         val = evaluate.rates(evaluation.score(kd_sets["val"], teacher_weights=weights_for, **common), self.kind)
         test = evaluate.rates(evaluation.score(kd_sets["test"], teacher_weights=weights_for, **common), self.kind)
@@ -299,21 +295,25 @@ class LanguageModel:
                 "val_perplexity": val["perplexity"], "test_perplexity": test["perplexity"],
                 "top1_agreement": val["top1_agreement"]}
 
-    def summary(self, teacher_rows, reference, srow, lorow, res) -> dict[str, Any]:
+    def summary(self, teacher_rows, reference, srow, lorow, res, store_bytes: int, rows: dict[str, int],
+                teachers: list[str]) -> dict[str, Any]:
+        tokens = sum(rows.values()) * self.cfg.data.seq_len * len(teachers)
         return {"task": "lm", "teachers": teacher_rows, **reference,
                 "student_val_perplexity": srow["val_perplexity"],
                 "label_only_student_val_perplexity": lorow["val_perplexity"],
-                "top1_agreement": srow["top1_agreement"], "student": srow, "label_only_student": lorow}
+                "top1_agreement": srow["top1_agreement"], "student": srow, "label_only_student": lorow,
+                "store_bytes_per_token": store_bytes / tokens}
 
-    def log_metrics(self, teacher_rows, reference) -> dict[str, float]:
-        return dict(reference)
+    @staticmethod
+    def int8_drop(fp32_row: dict, int8_row: dict) -> float:
+        """What INT8 lost: the relative rise in validation perplexity."""
+        return int8_row["val_perplexity"] / fp32_row["val_perplexity"] - 1
+
+    def trial_reference(self, kd_sets) -> None:
+        return None  # trials are compared by their perplexity itself
 
     def method_settings(self, features) -> dict[str, Any]:
         return {}  # token-level distillation: distill.divergence, already in the Loop
 
     def chosen(self, loop: Loop, teachers: list[str]) -> dict[str, Any]:
         return {"divergence": loop.divergence, "tail": loop.tail}
-
-    def store_summary(self, store_bytes: int, rows: dict[str, int], teachers: list[str]) -> dict[str, Any]:
-        tokens = sum(rows.values()) * self.cfg.data.seq_len * len(teachers)
-        return {"store_bytes_per_token": store_bytes / tokens}

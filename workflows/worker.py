@@ -22,67 +22,17 @@ import ray
 import ray.train
 import ray.train.torch
 import torch
-import torch.distributed as dist
 
 from kd_ops import checkpoint as ckpt
-from kd_ops import evaluate, feature_kd, losses, method_loss, models, qat, token_losses
+from kd_ops import feature_kd, models, qat
+from workflows import kinds
 from workflows.in_memory import InMemory
 from workflows.loop import Loop
 
 
-def _all_reduce(values: list[float]) -> list[float]:
-    if not (dist.is_available() and dist.is_initialized()):
-        return list(values)
-    # NCCL (use_gpu) reduces CUDA tensors only; gloo CPU ones
-    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.tolist()
-
-
-TEACHER_COLUMNS = ("logits", "values", "indices", "lse", "tail_values", "tail_indices")
-
-
-def _teacher(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
-    t = {k: batch[k] for k in TEACHER_COLUMNS if k in batch}
-    return t or None
-
-
 def _losses(model, batch, cfg: Loop, weights, progress: float = 0.0, online=None) -> tuple[torch.Tensor, int]:
-    """Returns (loss to backprop, rows). Classification: `method_loss.student_loss` (α·KD + (1 − α)·CE
-    batch means, plus the method's terms) at training progress `progress` ∈ [0, 1]; teacher
-    features from the batch (stored) or from `online` (a teacher run on this worker); the batch
-    mean is weighted by this worker's share of the global batch's rows, so with DDP averaging
-    gradients every row of the global batch counts the same, however the rows are split.
-    LM: sums over tokens divided by the global token counts (all workers), scaled by the world
-    size because DDP averages gradients over workers."""
-    logits = model(batch["x"])
-    teacher = _teacher(batch) if weights is not None else None
-    if cfg.task == "lm":
-        kd, ce = token_losses.lm_distillation_sums(logits, batch["x"], teacher, weights, kind=cfg.divergence,
-                                                   temperature=cfg.temperature, tail=cfg.tail, beta=cfg.beta)
-        b, length = batch["x"].shape
-        n_kd, n_ce, world = _all_reduce([b * length, b * (length - 1), 1])
-        return world * losses.mix(kd / n_kd, ce / n_ce, cfg.alpha if teacher is not None else 0.0), b
-    if teacher is not None:
-        s_feat = t_feat = None
-        if cfg.features is not None:
-            s_feat = models.unwrap(model).features
-            t_feat = batch["features"] if online is None else feature_kd.teacher_features(online, batch["x"])
-        loss, _ = method_loss.student_loss(logits, teacher["logits"].transpose(0, 1), batch["y"], weights,
-                                           temperature=cfg.temperature, alpha=cfg.alpha, method=cfg.method,
-                                           progress=progress, student_features=s_feat, teacher_features=t_feat)
-    else:
-        loss = losses.hard_label_loss(logits, batch["y"])
-    return loss * _row_share(len(logits)), len(logits)
-
-
-def _row_share(rows: int) -> float:
-    """rows × world / global rows of this step (1.0 on one worker)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return 1.0
-    total, world = _all_reduce([rows, 1])
-    return rows * world / total
+    """(loss to backprop, rows) of one batch: the task kind's loss (`workflows.kinds`)."""
+    return cfg.kind.loss(model, batch, cfg, weights, progress, online)
 
 
 def step(model, opt, sched, batch: dict[str, torch.Tensor], cfg: Loop, weights, online=None) -> tuple[float, int]:
@@ -113,29 +63,21 @@ def schedule(opt, cfg: Loop, world: int):
 
 def _evaluate(model, shard, device, weights: torch.Tensor | None, cfg: Loop) -> dict[str, float]:
     """The counts of `kd_ops.evaluate` (the same the pipeline's evaluation uses) over this worker's
-    validation shard, summed over all workers. Classification: val_accuracy and, with teachers,
-    val_agreement (top-1 vs the weighted ensemble) and val_kl. LM: val_loss, val_perplexity and,
-    with teachers, val_agreement (vs the highest-weighted teacher's top-1) and val_kl (forward KL
-    with tail bucket, T=1), per position."""
+    validation shard, summed over all workers, as the task kind's metrics. Classification:
+    val_accuracy and, with teachers, val_agreement (top-1 vs the weighted ensemble) and val_kl.
+    LM: val_loss, val_perplexity and, with teachers, val_agreement (vs the highest-weighted
+    teacher's top-1) and val_kl (forward KL with tail bucket, T=1), per position."""
     model.eval()
-    lm = cfg.task == "lm"
-    keys = ("nll", "tokens", "positions", "agree", "kl") if lm else ("rows", "correct", "agree", "kl")
-    total = dict.fromkeys(keys, 0.0)  # every worker reduces the same keys, batches or not
+    kind = cfg.kind
+    total = dict.fromkeys(kind.val_keys, 0.0)  # every worker reduces the same keys, batches or not
     with torch.inference_mode():
         for batch in shard.iter_torch_batches(batch_size=cfg.batch_size, device=device):
-            logits = model(batch["x"])
-            teacher = _teacher(batch) if weights is not None else None
-            sums = (evaluate.lm_sums(logits, batch["x"], teacher, weights, kl=True) if lm else
-                    evaluate.classification_sums(logits, batch["y"], teacher and teacher["logits"], weights, kl=True))
-            for k in keys:
+            teacher = kinds.teacher_columns(batch) if weights is not None else None
+            sums = kind.sums(model(batch["x"]), batch, teacher, weights, kl=True)
+            for k in kind.val_keys:
                 total[k] += sums.get(k, 0.0)
-    total = dict(zip(keys, _all_reduce([total[k] for k in keys])))
-    r = evaluate.rates(total, cfg.task)
-    out = ({"val_loss": total["nll"] / max(total["tokens"], 1), "val_perplexity": r["perplexity"]} if lm
-           else {"val_accuracy": r["accuracy"]})
-    if weights is not None:
-        out |= {"val_agreement": r["top1_agreement" if lm else "agreement"], "val_kl": r["kl"]}
-    return out
+    total = dict(zip(kind.val_keys, kinds.all_reduce([total[k] for k in kind.val_keys])))
+    return kind.val_metrics(total, weights is not None)
 
 
 @dataclass(frozen=True)
@@ -225,7 +167,7 @@ def run_loop(cfg: Loop, session: Session) -> None:
         if cfg.trace_dir:
             np.save(os.path.join(cfg.trace_dir, f"rank{rank}-epoch{epoch}.npy"),
                     np.concatenate(ids) if ids else np.zeros(0, np.int64))
-        total, count = _all_reduce([model_loss, seen])
+        total, count = kinds.all_reduce([model_loss, seen])
         metrics = {"epoch": epoch, "train_loss": total / max(count, 1), "train_rows": count,
                    "train_seconds": train_seconds, "data_wait_seconds": wait, "data_first_batch_seconds": first or 0.0,
                    **_evaluate(model, val_shard, device, weights, cfg),

@@ -121,14 +121,15 @@ def ddp_fits(cfg, out, tmp_path, fit, kwargs, distill: bool = True):
     (Trained, trace dir)}, the training split's ids sorted)."""
     from kd_ops import data, store
     from workflows import stages, tasks, train
+    from workflows.layout import Layout
 
     cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"cache_datasets_mb": 0})})
-    lay, task = stages.Layout(out), tasks.for_config(cfg)
+    lay, task = Layout(out), tasks.for_config(cfg)
     dirs = task.data(lay)
-    sets, rows, cached = stages.datasets(cfg, task, dirs, lay, teachers=distill,
-                                         splits={"train": task.train_splits(), "val": ("val",)})
+    sets, rows, cached = stages.datasets(task, dirs, lay, teachers=distill,
+                                         splits={"train": task.train_splits, "val": ("val",)})
     assert not cached
-    loop = stages.loop(cfg, task, cfg.student.factory, kwargs, fit, train_rows=rows["train"], label="ddp",
+    loop = stages.loop(task, cfg.student.factory, kwargs, fit, train_rows=rows["train"], label="ddp",
                        distill=distill, cached=cached)
     fits = {}
     for n in (1, 2):
@@ -138,7 +139,7 @@ def ddp_fits(cfg, out, tmp_path, fit, kwargs, distill: bool = True):
                         num_workers=n, use_gpu=False)
         fits[n] = (res, trace)
     expected = np.sort(np.concatenate([store.open_parquet(f).read(columns=["id"]).column("id").to_numpy()
-                                       for s in task.train_splits() for f in data.parquet_files(out / "data" / s)]))
+                                       for s in task.train_splits for f in data.parquet_files(out / "data" / s)]))
     return fits, expected
 
 

@@ -19,12 +19,12 @@ def _cfg(tmp_path, **train) -> RunConfig:
 
 def test_fits_at_once_follows_the_clusters_resources(ray_session, tmp_path):
     cpus = int(ray_session.cluster_resources()["CPU"])
-    assert concurrent_fits.fits_at_once(_cfg(tmp_path), 10) == cpus
-    assert concurrent_fits.fits_at_once(_cfg(tmp_path), 1) == 1
-    assert concurrent_fits.fits_at_once(_cfg(tmp_path, cpus_per_worker=cpus), 10) == 1
-    assert concurrent_fits.fits_at_once(_cfg(tmp_path, max_concurrent_fits=1), 10) == 1
+    assert concurrent_fits.fits_at_once(_cfg(tmp_path).train, 10) == cpus
+    assert concurrent_fits.fits_at_once(_cfg(tmp_path).train, 1) == 1
+    assert concurrent_fits.fits_at_once(_cfg(tmp_path, cpus_per_worker=cpus).train, 10) == 1
+    assert concurrent_fits.fits_at_once(_cfg(tmp_path, max_concurrent_fits=1).train, 10) == 1
     # a resource no node has: one at a time (the fit then waits and fails as it would alone)
-    assert concurrent_fits.fits_at_once(_cfg(tmp_path, resources="{nowhere: 1}"), 10) == 1
+    assert concurrent_fits.fits_at_once(_cfg(tmp_path, resources="{nowhere: 1}").train, 10) == 1
 
 
 def test_run_all_keeps_order_and_bounds_how_many_run_at_once():

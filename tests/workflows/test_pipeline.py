@@ -13,10 +13,12 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 import counting_teacher
+from config_walk import Walk
 from conftest import COUNTER, TINY_DEPLOY, assert_ddp_split, ddp_fits, tiny_config
 from kd_ops import data, evaluate, models, store
 from workflows import commands, pipeline, stages, tasks
-from workflows.config import load_config
+from workflows.config import RunConfig, load_config
+from workflows.layout import Layout
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +31,13 @@ def tiny_run(ray_session, mlflow_server, tmp_path_factory):
                                                  "registered_model": "tiny-student"},
                                   deploy={**TINY_DEPLOY, "latency_budget_ms": 1000.0, "quality_target": 0.01}))
     out = tmp / "out"
-    summary = pipeline.run(cfg, out)
+    with Walk([ROOT / "workflows", ROOT / "kd_ops"], RunConfig) as WALK["tiny"]:
+        summary = pipeline.run(cfg, out)
     return cfg, out, summary, mlflow_server
+
+
+ROOT = Path(__file__).resolve().parents[2]
+WALK: dict[str, Walk] = {}  # how the tiny run's config went through the files
 
 
 SECRET = "s3cr3t-pa55"
@@ -55,6 +62,15 @@ def test_summary_has_every_field_and_matches_disk(tiny_run):
     assert summary["mlflow"]["tracking_uri"] == tiny_run[3]  # without the credentials
     stored = [p for p in out.rglob("*") if p.is_file() and p.suffix in (".json", ".log", ".txt", ".yaml")]
     assert stored and not [p for p in stored if SECRET in p.read_text(errors="replace")]
+
+
+def test_the_config_goes_down_through_the_files_never_back_up_to_a_caller(tiny_run):
+    """Followed from `pipeline.run` (tune and deploy on): no call hands the config back up to a
+    file on the call stack, and few re-enter a file already left (see config_walk)."""
+    walk = WALK["tiny"]
+    assert {"workflows/pipeline.py", "workflows/tasks.py", "workflows/stages.py", "workflows/deploy.py"} <= set(walk.entered)
+    assert walk.climbs == set(), walk.report()
+    assert len(walk.returns) <= 20, walk.report()
 
 
 def test_store_holds_the_teachers_raw_logits_keyed_by_id(tiny_run):
@@ -116,8 +132,8 @@ def test_tuning_and_reused_precompute_never_run_a_teacher(tiny_run, tmp_path):
     cfg, out, _, uri = tiny_run
     before = counting_teacher.count(COUNTER)
     assert before > 0  # the counter sees teachers: they were trained and run by precompute
-    layout, task = stages.Layout(out), tasks.for_config(cfg)
-    results = stages.stage_precompute(cfg, task, [t.model_copy(update={"weights": stages.teacher_weights_path(t, layout)})
+    layout, task = Layout(out), tasks.for_config(cfg)
+    results = stages.stage_precompute(task, [t.model_copy(update={"weights": layout.teacher_weights(t)})
                                                   for t in cfg.teachers], task.data(layout), layout, None)
     assert [r.reused for r in results] == [True, True]
     assert commands.tune(cfg, out, tracking_uri=uri) == 0

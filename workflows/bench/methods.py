@@ -20,6 +20,7 @@ from rich.table import Table
 
 from workflows import chain, console, ray_session, stages, tasks, train
 from workflows.config import load_config
+from workflows.layout import Layout
 
 # name → the distill settings it adds to the Hinton base (None: labels only). Layer `features.5`
 # is the built-in CNN's last convolution block (ReLU output), [width, 5] per sample.
@@ -52,37 +53,37 @@ def _one(path: str, overrides: list[str], method: list[str] | None, seed: int, l
     task = tasks.for_config(cfg)
     kwargs = task.student_kwargs(teachers)
     if method is None:
-        sets, rows, cached = stages.datasets(cfg, task, dirs, lay, teachers=False,
+        sets, rows, cached = stages.datasets(task, dirs, lay, teachers=False,
                                              splits={"train": ("train",), "val": ("val",)})
-        loop = stages.loop(cfg, task, cfg.student.factory, kwargs, cfg.train.fit, train_rows=rows["train"],
+        loop = stages.loop(task, cfg.student.factory, kwargs, cfg.train.fit, train_rows=rows["train"],
                            label=label, cached=cached)
     else:
-        features = stages.feature_plan(cfg, task, dirs, lay)
-        stages.precompute_features(cfg, task, teachers, dirs, lay, None)
-        stages.precompute_views(cfg, task, teachers, dirs, lay, None)
-        names, weights, _ = chain.run(cfg, task, teachers, dirs, lay, None, test_set)
-        sets, rows, cached = stages.datasets(cfg, task, dirs, lay, teachers=names, features=features,
-                                             splits={"train": task.train_splits(), "val": ("val",)})
-        loop = stages.loop(cfg, task, cfg.student.factory, kwargs, cfg.train.fit, train_rows=rows["train"],
+        features = stages.feature_plan(task, dirs, lay)
+        stages.precompute_features(task, teachers, dirs, lay, None)
+        stages.precompute_views(task, teachers, dirs, lay, None)
+        names, weights, _ = chain.run(task, teachers, dirs, lay, None, test_set)
+        sets, rows, cached = stages.datasets(task, dirs, lay, teachers=names, features=features,
+                                             splits={"train": task.train_splits, "val": ("val",)})
+        loop = stages.loop(task, cfg.student.factory, kwargs, cfg.train.fit, train_rows=rows["train"],
                            label=label, distill=True, cached=cached, teacher_weights=weights, features=features)
-    res = train.fit(loop, sets, name=f"bench-{label}", storage=lay.ray, **stages.workers(cfg))
+    res = train.fit(loop, sets, name=f"bench-{label}", storage=lay.ray, **stages.workers(cfg.train))
     row = task.model_report(loop, res.weights, {"test": test_set})
     return row["test_accuracy"], row["params"], time.perf_counter() - start
 
 
-def teachers_and_store(cfg, task, out: str):
+def teachers_and_store(task, out: str):
     """Ray, the data, the trained teachers and their store under `out` (each reused when current):
     (layout, split dirs, teachers, {"test": dataset with the teachers' logits})."""
-    lay = stages.Layout(out)
+    cfg, lay = task.cfg, Layout(out)
     lay.make()
     ray_session.init_ray(None, cfg.code, cfg.train.resource_wait_s)
     console.say("==> teachers and store (once for every comparison)")
     dirs = task.data(lay)
-    stages.check_inputs(cfg, task, dirs, lay)
-    teachers = task.teachers(dirs, lay, None)
-    stages.stage_precompute(cfg, task, teachers, dirs, lay, None)
-    stages.precompute_views(cfg, task, teachers, dirs, lay, None)
-    kd_sets, _, _ = stages.datasets(cfg, task, dirs, lay, teachers=True, splits={"test": ("test",)})
+    stages.check_inputs(task, dirs, lay)
+    teachers = stages.teachers(task, dirs, lay, None)
+    stages.stage_precompute(task, teachers, dirs, lay, None)
+    stages.precompute_views(task, teachers, dirs, lay, None)
+    kd_sets, _, _ = stages.datasets(task, dirs, lay, teachers=True, splits={"test": ("test",)})
     return lay, dirs, teachers, kd_sets
 
 
@@ -91,8 +92,8 @@ def run(path: str, out: str, overrides: list[str], seeds: int, only: list[str] |
     task = tasks.for_config(cfg)
     if task.kind != "classification":
         raise ValueError("kd bench methods compares classification methods; give a classification config")
-    lay, dirs, teachers, kd_sets = teachers_and_store(cfg, task, out)
-    teacher_rows, reference = task.teacher_report(teachers, kd_sets)
+    lay, dirs, teachers, kd_sets = teachers_and_store(task, out)
+    teacher_rows, reference, _ = task.teacher_report(teachers, kd_sets)
     ens = reference["ensemble_test_accuracy"]
     teacher_params = min(r["params"] for r in teacher_rows)
     console.say(f"teacher ensemble test accuracy {ens:.4f}; smallest teacher {teacher_params:,} params")
@@ -144,7 +145,7 @@ def main(args) -> int:
     first = next(iter(res["methods"].values()), None)
     if first and first["params"] * 10 > res["teacher_params"]:
         console.say(f"note: the student ({first['params']:,} params) is larger than 1/10 of the smallest teacher")
-    (stages.Layout(args.out).out / "bench-methods.json").write_text(json.dumps(res, indent=2))
+    (Layout(args.out).out / "bench-methods.json").write_text(json.dumps(res, indent=2))
     print_table(res, Console(file=console.out(), width=140))
     if args.json:
         print(json.dumps(res), file=console.out(), flush=True)

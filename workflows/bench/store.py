@@ -70,7 +70,7 @@ def bench_store(cfg: RunConfig, run_dir: Path, out: Path, *, train_rows: int, ep
                                   store_dir=out / f"store-{key}", teachers=[teacher.name], shuffle=s == "train", cache_bytes=int(cfg.train.cache_datasets_mb * 1e6))[0]
                 for s, d in dirs.items()}
         # the config's own distillation settings, identical for every store
-        loop = stages.loop(task.cfg, task, cfg.student.factory, student_kwargs,
+        loop = stages.loop(task, cfg.student.factory, student_kwargs,
                            cfg.train.fit.model_copy(update={"epochs": epochs}), train_rows=len(x_train),
                            label=f"bench {key}", distill=True)
         res = train.fit(loop, sets, name=f"bench-{key}", storage=out / "ray", num_workers=cfg.train.num_workers,
@@ -103,7 +103,7 @@ def _big_vocab_sizes(cfg: RunConfig, run: Path, out: Path, vocab: int, rows: int
     split = data.write_split(data.Inputs(np.arange(len(x), dtype=np.int64), x, None), out / "data" / "big-train")
     sets = {s: ingest.dataset({"train": split}, feature_columns=["x"], label_column=None, input_dtype="int32",
                               shuffle=s == "train", cache_bytes=int(cfg.train.cache_datasets_mb * 1e6))[0] for s in ("train", "val")}
-    loop = stages.loop(cfg, task, "kd_ops.lm:new_causal_lm", kwargs,
+    loop = stages.loop(task, "kd_ops.lm:new_causal_lm", kwargs,
                        cfg.teachers[0].fit.model_copy(update={"epochs": 1}), train_rows=len(x),
                        label=f"bench teacher {len(tok)}")
     res = train.fit(loop, sets, name=f"bench-teacher-{len(tok)}", storage=out / "ray", num_workers=1,

@@ -26,6 +26,7 @@ from workflows import chain, console, stages, tasks, worker
 from workflows.bench import methods
 from workflows.config import load_config
 from workflows.tune import apply_trial, run_tune
+from workflows.layout import Layout
 
 FIXED = ["tune.max_concurrent_trials=1", "tune.teacher_weights=null"]
 
@@ -46,7 +47,7 @@ def _search(cfg, base, names, sets, lay, label: str) -> dict[str, Any]:
     Loc.of(storage).delete()  # a bench measures a fresh search, never a resumed one
     start = time.perf_counter()
     _, best, rows, failed = run_tune(cfg.tune, base, names, cfg.student.width_kwarg, sets, storage=storage,
-                                     workers=stages.workers(cfg), tracking_uri=None, experiment=None,
+                                     workers=stages.workers(cfg.train), tracking_uri=None, experiment=None,
                                      parent_run_id=None)
     wall = time.perf_counter() - start
     trials = _trial_results(storage)
@@ -96,11 +97,11 @@ def run(path: str, out: str, overrides: list[str], trials: int, epochs: int, sea
     task = tasks.for_config(cfg)
     if task.kind != "classification":
         raise ValueError("kd bench tune searches a classification student; give a classification config")
-    lay, dirs, teachers, kd_sets = methods.teachers_and_store(cfg, task, out)
-    names, weights, _ = chain.run(cfg, task, teachers, dirs, lay, None, kd_sets["test"])
-    sets, rows, cached = stages.datasets(cfg, task, dirs, lay, teachers=names,
-                                         splits={"train": task.train_splits(), "val": ("val",)})
-    base = stages.loop(cfg, task, cfg.student.factory, task.student_kwargs(teachers), cfg.train.fit,
+    lay, dirs, teachers, kd_sets = methods.teachers_and_store(task, out)
+    names, weights, _ = chain.run(task, teachers, dirs, lay, None, kd_sets["test"])
+    sets, rows, cached = stages.datasets(task, dirs, lay, teachers=names,
+                                         splits={"train": task.train_splits, "val": ("val",)})
+    base = stages.loop(task, cfg.student.factory, task.student_kwargs(teachers), cfg.train.fit,
                        train_rows=rows["train"], label="bench", distill=True, cached=cached, teacher_weights=weights)
     base = base.replace(epochs=epochs)
 
@@ -163,7 +164,7 @@ def main(args) -> int:
     for r in res.values():
         if isinstance(r, dict):
             r.pop("points", None)
-    (stages.Layout(args.out).out / "bench-tune.json").write_text(json.dumps(res, indent=2))
+    (Layout(args.out).out / "bench-tune.json").write_text(json.dumps(res, indent=2))
     print_table(res, Console(file=console.out(), width=140))
     if args.json:
         print(json.dumps(res), file=console.out(), flush=True)
