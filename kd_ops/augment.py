@@ -55,6 +55,17 @@ def signal_views(x: np.ndarray, ids: np.ndarray, view: np.ndarray | int, seed: i
     return np.where((view == 0)[:, None], x, out)
 
 
+_DRAW_STREAM = 0xD7A3  # the per-epoch view draw's own stream, apart from any view function's
+
+
+def draw_views(seed: int, epoch: int, ids, k: int) -> np.ndarray:
+    """[N] int64 in 0..k-1: the view each row trains on in `epoch`. A pure function of (seed,
+    epoch, id), so a rerun or a resumed fit sees the same views whatever its batches, and each
+    epoch draws anew."""
+    u = uniforms(seed, id_keys(ids), epoch, _DRAW_STREAM, 1)[:, 0]
+    return (u * k).astype(np.int64)  # u < 1: never k
+
+
 def id_keys(ids) -> np.ndarray:
     """Sample ids as the int64 keys augmentations take: integer ids as they are, any other id
     (strings) by a stable 63-bit hash, so a view is a function of the id whatever its type."""

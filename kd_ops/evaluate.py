@@ -23,17 +23,20 @@ def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
     return float((logits.argmax(-1) == labels).mean())
 
 
+def interval95(p: float, n: int) -> tuple[float, float]:
+    """Wilson score 95% interval of a proportion `p` (an accuracy) measured on `n` rows: what the
+    data can resolve (±0.6 points at 0.9 on 10,000 rows; ±2.6 on 500). Stays inside [0, 1]."""
+    if n <= 0:
+        return (0.0, 1.0)
+    z = 1.959963984540054
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (float(max(0.0, centre - half)), float(min(1.0, centre + half)))
+
+
 def agreement(a: np.ndarray, b: np.ndarray) -> float:
     """Fraction of rows where two models' top-1 predictions agree. a, b: [N, C] logits or probs."""
     return float((a.argmax(-1) == b.argmax(-1)).mean())
-
-
-def ensemble_probs_np(teacher_logits: np.ndarray, weights: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    """numpy twin of kd_ops.losses.ensemble_probs for evaluation: [M, N, C] → [N, C]."""
-    from kd_ops.losses import ensemble_probs
-
-    return ensemble_probs(torch.from_numpy(np.asarray(teacher_logits, np.float32)),
-                          torch.from_numpy(np.asarray(weights, np.float32)), temperature).numpy()
 
 
 @torch.inference_mode()

@@ -20,14 +20,18 @@ class UnsafePathError(ValueError):
     """A relative path read from a file (a manifest, a commit record) that would leave its directory."""
 
 
-_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://[^/@:?#]*):[^/@?#]*@")
-_SECRET_QUERY = re.compile(r"([?&](?:[^=&#]*(?:secret|token|password|passwd|signature|credential)[^=&#]*)=)[^&#]*",
-                           re.IGNORECASE)
+# user-info up to the last `@` before the path (an unescaped `@` in a password is still masked);
+# not anchored, so a URI inside a command line or a message is masked too
+_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^/@:?#\s]*):[^/?#\s]*@")
+# query parameters whose names say they hold a secret (token, api_key, access_key, sig, auth, ...)
+_SECRET_QUERY = re.compile(r"([?&](?:[^=&#?\s]*(?:secret|token|pass|pwd|key|sig|credential|auth)[^=&#?\s]*)=)"
+                           r"[^&#\s]*", re.IGNORECASE)
 
 
 def redact(uri: str) -> str:
-    """`uri` for anything shown or stored: the password of its user-info and the values of secret
-    query parameters (secret_key, session_token, ...) replaced by `***` (`http://user:***@host`).
+    """`uri` for anything shown or stored: the password of its user-info (any scheme: http,
+    postgresql, mysql+pymysql, s3 ...) and the values of secret query parameters (secret_key,
+    session_token, api_key, sig, ...) replaced by `***` (`postgresql://user:***@host/db`).
     The URI itself is used unchanged."""
     return _SECRET_QUERY.sub(r"\1***", _USERINFO.sub(r"\1:***@", str(uri)))
 

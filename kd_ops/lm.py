@@ -267,28 +267,3 @@ def tokenize_and_pack(tokenizer, texts: list[str], seq_len: int) -> np.ndarray:
     """Tokenise documents and pack them into [N, seq_len] int32 rows separated by EOS."""
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
     return pack(ids, seq_len, tokenizer.eos_token_id)
-
-
-@torch.inference_mode()
-def perplexity(model: nn.Module, x: np.ndarray, batch_size: int = 64) -> float:
-    """exp(mean next-token cross-entropy) over rows x [N, L] of token ids."""
-    from kd_ops.token_losses import next_token_ce_sum
-
-    model.eval()
-    total, count = 0.0, 0
-    for i in range(0, len(x), batch_size):
-        ids = torch.from_numpy(x[i:i + batch_size]).long()
-        total += float(next_token_ce_sum(model(ids), ids, torch.ones_like(ids, dtype=torch.float32)))
-        count += ids.shape[0] * (ids.shape[1] - 1)
-    return float(np.exp(total / max(count, 1)))
-
-
-@torch.inference_mode()
-def top1_agreement(model: nn.Module, x: np.ndarray, teacher_top1: np.ndarray, batch_size: int = 64) -> float:
-    """Fraction of tokens where the student's argmax equals the teacher's. x, teacher_top1: [N, L]."""
-    model.eval()
-    hits = 0
-    for i in range(0, len(x), batch_size):
-        pred = model(torch.from_numpy(x[i:i + batch_size]).long()).argmax(-1).numpy()
-        hits += int((pred == teacher_top1[i:i + batch_size]).sum())
-    return hits / max(teacher_top1.size, 1)

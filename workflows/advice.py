@@ -11,19 +11,23 @@ def teacher_compute(timings: dict[str, dict[str, float]], precompute_rows: int, 
                     trials: list[dict], final_epochs: int, qat_epochs: int, teachers: int) -> dict[str, Any]:
     """Teacher forward passes (rows) that online KD would have run — every teacher over every
     training row, each epoch of every tune trial, of the final fit and of quantization-aware
-    distillation — against the one precompute pass over all splits; in teacher-seconds at the
-    measured precompute throughput (None when this --out never timed a full precompute)."""
+    distillation — against what the store took: the teachers' pass over all splits
+    (`precompute_rows`) and the views' passes over the training rows (in `timings`). In
+    teacher-seconds at the measured precompute throughput: teacher rows per second of pass wall
+    time, where a pass of M teachers over R rows ran M·R of them (`stages.timings`: each entry
+    holds its share of its pass's wall time). None when this --out never timed a full precompute."""
     epochs = sum(int(t.get("epochs") or 0) for t in trials) + final_epochs + qat_epochs
     online = train_rows * teachers * epochs
+    done = precompute_rows + sum(t["rows"] for t in timings.values() if t.get("view"))
     rows = sum(t["rows"] for t in timings.values())
     seconds = sum(t["seconds"] for t in timings.values())
     rate = rows / seconds if rows and seconds else None
-    return {"precompute_forward_rows": precompute_rows, "online_forward_rows": online, "epochs_counted": epochs,
-            "ratio": online / precompute_rows if precompute_rows else None,
+    return {"precompute_forward_rows": done, "online_forward_rows": online, "epochs_counted": epochs,
+            "ratio": online / done if done else None,
             "teacher_rows_per_second": rate,
-            "precompute_teacher_seconds": precompute_rows / rate if rate else None,
+            "precompute_teacher_seconds": done / rate if rate else None,
             "online_teacher_seconds": online / rate if rate else None,
-            "saved_teacher_seconds": (online - precompute_rows) / rate if rate else None}
+            "saved_teacher_seconds": (online - done) / rate if rate else None}
 
 
 def _noise(a: float, b: float, n: int) -> float:
@@ -45,25 +49,30 @@ def warnings(s: dict[str, Any], cfg, best: dict[str, Any] | None) -> list[str]:
             if t["val_perplexity"] > lo["val_perplexity"]:
                 out.append(f"teacher {t['name']} (val perplexity {t['val_perplexity']:.3f}) is worse than the "
                            f"label-only student ({lo['val_perplexity']:.3f}): train it longer or drop it")
-    else:
-        n = int(s.get("test_rows") or 0)
-        a, b = lo["test_accuracy"], kd["test_accuracy"]
+    else:  # judged on the validation split: what a user changes next is a choice too
+        n = int(s.get("val_rows") or 0)
+        a, b = lo["val_accuracy"], kd["val_accuracy"]
         if a - b > _noise(a, b, n):
-            out.append(f"the label-only student ({a:.4f}) beats the KD student ({b:.4f}) by more than seed noise "
-                       f"(±{_noise(a, b, n):.4f} on {n} test rows): the teachers mislead the student; check their "
-                       "accuracy, train them longer, or let labels dominate (lower distill.alpha; tune.alpha down to 0)")
+            out.append(f"the label-only student (val accuracy {a:.4f}) beats the KD student ({b:.4f}) by more than "
+                       f"seed noise (±{_noise(a, b, n):.4f} on {n} validation rows): the teachers mislead the student; "
+                       "check their accuracy, train them longer, or let labels dominate (lower distill.alpha; "
+                       "tune.alpha down to 0)")
         for t in s["teachers"]:
-            if a - t["test_accuracy"] > _noise(a, t["test_accuracy"], n):
-                out.append(f"teacher {t['name']} ({t['test_accuracy']:.4f}) is worse than the label-only student "
-                           f"({a:.4f}): train it longer, give it more capacity, or drop it from teachers")
+            if a - t["val_accuracy"] > _noise(a, t["val_accuracy"], n):
+                out.append(f"teacher {t['name']} (val accuracy {t['val_accuracy']:.4f}) is worse than the label-only "
+                           f"student ({a:.4f}): train it longer, give it more capacity, or drop it from teachers")
     i8 = (s.get("deploy") or {}).get("int8")
     if i8:
         lost = i8.get("qat_drop", i8["ptq_drop"]) if i8["method"] == "qat" else i8["ptq_drop"]
         if lost > i8["max_drop"]:
-            what = "relative perplexity" if lm else "accuracy"
+            what = "relative validation perplexity" if lm else "validation accuracy"
             out.append(f"the INT8 student loses {lost:.4f} {what} against fp32 (tolerance deploy.int8_max_drop="
                        f"{i8['max_drop']}" + (f", after {i8['qat_epochs']} QAT epochs" if i8.get("qat_epochs") else "")
                        + "): ship fp32, raise deploy.qat_epochs, or widen the student")
+    if (s.get("deploy") or {}).get("int8_error"):
+        out.append(f"INT8 quantization failed ({s['deploy']['int8_error']}): the student ships in fp32 only; "
+                   "see logs/kd.log, or set deploy.int8: false")
+    out += _below_target(s, lm)
     if best is not None:
         out += _edges(cfg.tune, best)
     return out
@@ -80,14 +89,46 @@ def _edges(tc, best: dict[str, Any]) -> list[str]:
             values = sorted(float(c) for c in dim.choice)
             if len(values) < 2 or values[0] < v < values[-1]:
                 continue
-            lo, hi, near = values[0], values[-1], v in (values[0], values[-1])
+            lo, hi = values[0], values[-1]
+            at = 0.0 if v == lo else 1.0 if v == hi else 0.5
         else:
             lo, hi = (dim.uniform or dim.loguniform)
-            near = v <= lo + 0.05 * (hi - lo) or v >= hi - 0.05 * (hi - lo)
-        if near:
-            side = "bottom" if abs(v - lo) <= abs(v - hi) else "top"
+            at = _position(v, lo, hi, log=dim.loguniform is not None)
+        if at <= 0.05 or at >= 0.95:
+            side = "bottom" if at <= 0.5 else "top"
             if key == "alpha" and (lo if side == "bottom" else hi) in (0.0, 1.0):
                 continue  # α cannot go beyond [0, 1]
             out.append(f"tune: the best {key} ({v:g}) sits at the {side} of its range [{lo:g}, {hi:g}]: the optimum "
                        f"may lie beyond it; widen tune.{key}")
     return out
+
+
+def _below_target(s: dict[str, Any], lm: bool) -> list[str]:
+    """The budget picked a trial that met deploy.quality_target; the final student is trained
+    again (longer, another seed of the data order): checked against the target once more, on the
+    same validation measure (× the ensemble's validation accuracy, or validation perplexity)."""
+    b = (s.get("deploy") or {}).get("budget") or {}
+    target = b.get("quality_target")
+    if target is None:
+        return []
+    if lm:
+        q = s["student"].get("val_perplexity")
+        below = q is not None and q > target
+    else:
+        acc, ref = s["student"].get("val_accuracy"), b.get("reference")
+        q = acc / ref if acc is not None and ref else None
+        below = q is not None and q < target
+    if not below:
+        return []
+    what = "validation perplexity" if lm else "× the ensemble's validation accuracy"
+    return [f"the final student's quality {q:.4f} {what} misses deploy.quality_target={target}, which trial "
+            f"{b.get('chosen_trial')} met in the search: the retrained student fell short; raise train.fit.epochs, "
+            "or search larger students (tune.student_width)"]
+
+
+def _position(v: float, lo: float, hi: float, log: bool) -> float:
+    """Where v sits in [lo, hi], 0 to 1, measured as the search draws: a loguniform range in log
+    space (1.0 in [0.5, 20] is 19% up it, not 3%)."""
+    if log:
+        v, lo, hi = math.log(v), math.log(lo), math.log(hi)
+    return (v - lo) / (hi - lo)

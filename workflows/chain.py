@@ -62,13 +62,12 @@ def run(task, teachers: list[TeacherConfig], dirs, lay: Layout, tracker: Tracker
         console.say(f"==> {name}")
         use = names + ([previous] if previous else [])
         weights = weights_for(cfg, 1 if previous else 0)
-        sets, rows_, cached = stages.datasets(task, dirs, lay, teachers=use,
-                                              splits={"train": task.train_splits, "val": ("val",)})
-        loop = stages.loop(task, cfg.student.factory, kwargs, cfg.train.fit, train_rows=rows_["train"],
-                           label=name, distill=True, cached=cached, teacher_weights=weights)
+        inputs = stages.datasets(task, dirs, lay, teachers=use, splits={"train": task.train_splits, "val": ("val",)})
+        loop = stages.loop(task, cfg.student.factory, kwargs, cfg.train.fit, inputs=inputs,
+                           label=name, distill=True, teacher_weights=weights)
         loop = loop.replace(method=dataclasses.replace(loop.method, feature=None, feature_weight=0.0))
         with stages.child_fit(cfg.train, tracker, name, {"student_kwargs": kwargs, "teachers": use, "teacher_weights": weights},
-                              loop, sets, name=f"chain-{name}", lay=lay) as res:
+                              loop, inputs.sets, name=f"chain-{name}", lay=lay) as res:
             row = {"name": name, **task.model_report(loop, res.weights, {"test": test_set})}
             path = lay.teachers / f"{name}.safetensors"
             models.save_weights(models.load_weights(models.build(loop.factory, loop.kwargs), res.weights), path)

@@ -74,12 +74,11 @@ def _datasets(lay, task):
     for name in entries:
         if store.read_manifest(lay.store, name) is None:
             raise ValueError(f"no soft labels or features {name!r} in {lay.store}; run `kd precompute` first")
-    sets, rows, cached = stages.datasets(task, dirs, lay, teachers=True,
-                                 splits={"train": task.train_splits, "val": ("val",), "test": ("test",)},
-                                 features=features)
+    inputs = stages.datasets(task, dirs, lay, teachers=True,
+                             splits={"train": task.train_splits, "val": ("val",), "test": ("test",)}, features=features)
     base = stages.loop(task, cfg.student.factory, task.student_kwargs(cfg.teachers), cfg.train.fit,
-                       train_rows=rows["train"], label="student", distill=True, cached=cached, features=features)
-    return sets, base
+                       inputs=inputs, label="student", distill=True, features=features)
+    return inputs.sets, base
 
 
 def train(cfg: RunConfig, out: Path, *, tracking_uri=None, ray_address=None) -> int:

@@ -34,9 +34,9 @@ class Strict(BaseModel):
 
 
 class Mnist1dSource(Strict):
-    labelled: int = Field(7000, ge=100, description="labelled samples, split into train/val/test")
-    val: int = Field(500, ge=10)
-    test: int = Field(1500, ge=10)
+    labelled: int = Field(20000, ge=100, description="labelled samples, split into train/val/test")
+    val: int = Field(5000, ge=10)
+    test: int = Field(10000, ge=10)
     transfer: int = Field(60000, ge=0, description="unlabelled transfer-set size (another seed)")
     seed: int = 0
     transfer_seed: int = 1
@@ -241,7 +241,8 @@ class PrecomputeConfig(Strict):
                        "draws one view per row per epoch and gives the student that same view")
     augment: str = Field("kd_ops.augment:signal_views", description="the view function fn(x, ids, view, seed) → "
                          "x of the same shape and dtype; view 0 must be x itself")
-    augment_seed: int = Field(0, description="seed of the views (with the row id and view number)")
+    augment_seed: int = Field(0, ge=0, lt=2**64, description="seed of the views (with the row id and view number; "
+                              "drawn as an unsigned 64-bit integer)")
 
 
 class Dim(Strict):

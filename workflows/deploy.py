@@ -23,7 +23,7 @@ import ray
 
 from kd_ops import data, deploy as dp, evaluate, models
 from kd_ops.fsio import Loc
-from workflows import console, stages, tune
+from workflows import console, evaluation, stages, train, tune
 from workflows.loop import Loop
 from workflows.layout import Layout
 
@@ -93,11 +93,16 @@ def _stage(task, lay, loop, weights, kd_sets, dirs, train_sets, fp32_row, teache
     int8 = None
     if d.int8:
         calib = sample_rows(dirs["train"], task, d.calibration_rows, seed=2)
-        int8, out["int8"], qat_weights = _int8(task, lay, loop, weights, kd_sets, train_sets, fp32_row, calib,
-                                                fp32, work, tracker)
-        files["student.int8.onnx"] = int8
-        if qat_weights is not None:
-            files["student.qat.onnx"] = work / "student.qat.onnx"
+        try:
+            int8, out["int8"], qat_weights = _int8(task, lay, loop, weights, kd_sets, train_sets, fp32_row, calib,
+                                                    fp32, work, tracker)
+        except Exception as e:  # noqa: BLE001 - like a failed export: the run finishes and ships fp32
+            log.exception("deploy: INT8 quantization failed")
+            out["int8_error"] = evaluation.one_line(e)
+        else:
+            files["student.int8.onnx"] = int8
+            if qat_weights is not None:
+                files["student.qat.onnx"] = work / "student.qat.onnx"
     teacher = teachers[0]
     teacher_spec = ({"factory": teacher.factory, "kwargs": teacher.kwargs,
                      "weights": Loc.of(teacher.weights).read_bytes()} if teacher.factory else None)
@@ -107,8 +112,6 @@ def _stage(task, lay, loop, weights, kd_sets, dirs, train_sets, fp32_row, teache
     out |= latency_on_target(d, task, {"factory": loop.factory, "kwargs": loop.kwargs,
                                        "weights": Loc.of(weights).read_bytes()},
                              fp32.read_bytes(), int8.read_bytes() if int8 else None, teacher_spec, test_rows)
-    if "student.qat.onnx" not in files:  # an earlier run's QAT model is not this run's
-        (lay.out / "deploy" / "student.qat.onnx").delete()
     for name, f in files.items():
         (lay.out / "deploy" / name).write_bytes(f.read_bytes())
         if tracker:
@@ -121,53 +124,75 @@ def _quality(task, row: dict) -> float:
     return row[task.quality_key]
 
 
+def _onnx_loop(loop: Loop, path: Path) -> Loop:
+    """The loop of an ONNX file, scored on the cluster like any model."""
+    return loop.replace(factory="kd_ops.deploy:onnx_module", kwargs={"data": path.read_bytes()})
+
+
 def _score_onnx(task, loop: Loop, path: Path, kd_sets) -> dict[str, Any]:
-    """The task's model report for an ONNX file (scored on the cluster like any model)."""
-    row = task.model_report(loop.replace(factory="kd_ops.deploy:onnx_module", kwargs={"data": path.read_bytes()}),
-                            None, kd_sets)
+    """The task's test report for the ONNX file that ships."""
+    row = task.model_report(_onnx_loop(loop, path), None, kd_sets)
     row.pop("params", None)
     return row
 
 
 def _int8(task, lay, loop: Loop, weights, kd_sets, train_sets, fp32_row, calib, fp32: Path, work: Path, tracker):
+    """PTQ, then QAT when PTQ loses more than deploy.int8_max_drop: every choice is made on the
+    validation split (`task.choice_key`); the test split scores only the INT8 model that ships."""
     cfg = task.cfg
-    d = cfg.deploy
+    d, key = cfg.deploy, task.choice_key
+    fp32_val = task.choice_score(loop, weights, kd_sets)
     int8 = dp.quantize_int8(fp32, calib, work / "student.int8.onnx")
-    ptq = _score_onnx(task, loop, int8, kd_sets)
-    drop = task.int8_drop(fp32_row, ptq)
-    row = {"method": "ptq", "calibration_rows": len(calib), "file_bytes": dp.file_bytes(int8),
-           "weight_bytes": dp.weight_bytes(int8), "ptq_drop": drop, "ptq_" + task.quality_key: _quality(task, ptq),
-           "qat_epochs": None, "qat_" + task.quality_key: None, "max_drop": d.int8_max_drop, **ptq}
-    console.say(f"deploy: INT8 (PTQ, {len(calib)} calibration rows) {task.quality_key} {_quality(task, ptq):.4f}, "
-                f"fp32 {_quality(task, fp32_row):.4f}: drop {drop:.4f} (tolerance {d.int8_max_drop})")
-    if d.qat == "never" or (d.qat == "auto" and drop <= d.int8_max_drop):
-        return int8, row, None
-    # quantization-aware distillation: the fp32 student fine-tuned through INT8 fake quantization
-    # with the same stored soft labels and loss, then exported and quantized again. A feature term
-    # is left out: its projection was trained beside the student but is not saved or shipped.
-    qloop = loop.replace(init_weights=Loc.of(weights).uri, fake_quant=True, epochs=d.qat_epochs,
-                         lr=loop.lr * d.qat_lr_scale, label="qat student", features=None,
-                         method=dataclasses.replace(loop.method, feature=None, feature_weight=0.0))
-    with stages.child_fit(cfg.train, tracker, "qat-student", {"epochs": d.qat_epochs, "lr": qloop.lr}, qloop, train_sets,
-                          name="qat-student", lay=lay) as res:
-        model = models.load_weights(models.build(loop.factory, loop.kwargs), res.weights).eval()
-        _export(model, calib[:64], task, work / "student.qat.onnx", d.opset)
-        qint8 = dp.quantize_int8(work / "student.qat.onnx", calib, work / "student.qat.int8.onnx")
-        qat = _score_onnx(task, loop, qint8, kd_sets)
-    qdrop = task.int8_drop(fp32_row, qat)
-    console.say(f"deploy: INT8 after {d.qat_epochs} epochs of quantization-aware distillation "
-                f"{task.quality_key} {_quality(task, qat):.4f}: drop {qdrop:.4f} (PTQ alone {drop:.4f})")
-    if qdrop >= drop:  # keep whichever INT8 model is better
-        row |= {"qat_epochs": d.qat_epochs, "qat_" + task.quality_key: _quality(task, qat), "qat_drop": qdrop}
-        return int8, row, None
-    row |= qat | {"method": "qat", "qat_epochs": d.qat_epochs, "qat_" + task.quality_key: _quality(task, qat),
-                  "qat_drop": qdrop, "file_bytes": dp.file_bytes(qint8), "weight_bytes": dp.weight_bytes(qint8)}
-    return qint8, row, res.weights
+    ptq = task.choice_score(_onnx_loop(loop, int8), None, kd_sets)
+    drop = task.int8_drop(fp32_val, ptq)
+    row = {"method": "ptq", "chosen_by": key, "calibration_rows": len(calib), "file_bytes": dp.file_bytes(int8),
+           "weight_bytes": dp.weight_bytes(int8), "fp32_" + key: fp32_val, "ptq_" + key: ptq, "ptq_drop": drop,
+           "qat_epochs": None, "qat_" + key: None, "max_drop": d.int8_max_drop}
+    console.say(f"deploy: INT8 (PTQ, {len(calib)} calibration rows) {key} {ptq:.4f}, fp32 {fp32_val:.4f}: "
+                f"drop {drop:.4f} (tolerance {d.int8_max_drop})")
+    shipped, qat_weights = int8, None
+    if d.qat == "always" or (d.qat == "auto" and drop > d.int8_max_drop):
+        # quantization-aware distillation: the fp32 student fine-tuned through INT8 fake quantization
+        # with the same stored soft labels and loss, then exported and quantized again. A feature term
+        # is left out: its projection was trained beside the student but is not saved or shipped.
+        qloop = loop.replace(init_weights=Loc.of(weights).uri, fake_quant=True, epochs=d.qat_epochs,
+                             lr=loop.lr * d.qat_lr_scale, label="qat student", features=None,
+                             method=dataclasses.replace(loop.method, feature=None, feature_weight=0.0))
+        with stages.child_fit(cfg.train, tracker, "qat-student", {"epochs": d.qat_epochs, "lr": qloop.lr}, qloop,
+                              train_sets, name="qat-student", lay=lay) as res:
+            model = models.load_weights(models.build(loop.factory, loop.kwargs), res.weights).eval()
+            _export(model, calib[:64], task, work / "student.qat.onnx", d.opset)
+            qint8 = dp.quantize_int8(work / "student.qat.onnx", calib, work / "student.qat.int8.onnx")
+            qat = task.choice_score(_onnx_loop(loop, qint8), None, kd_sets)
+        qdrop = task.int8_drop(fp32_val, qat)
+        console.say(f"deploy: INT8 after {d.qat_epochs} epochs of quantization-aware distillation "
+                    f"{key} {qat:.4f}: drop {qdrop:.4f} (PTQ alone {drop:.4f})")
+        row |= {"qat_epochs": d.qat_epochs, "qat_" + key: qat, "qat_drop": qdrop}
+        if qdrop < drop:  # keep whichever INT8 model loses less on validation
+            shipped, qat_weights = qint8, res.weights
+            row |= {"method": "qat", "file_bytes": dp.file_bytes(qint8), "weight_bytes": dp.weight_bytes(qint8)}
+    test = _score_onnx(task, loop, shipped, kd_sets)
+    row |= test | {"test_drop": task.int8_drop(_quality(task, fp32_row), _quality(task, test))}
+    return shipped, row, qat_weights
 
 
 def _gpu_note(d) -> str:
     return ("GPU latency: measured on the target's GPU" if d.target.accelerator_type
             else "GPU latency: not measured (deploy.target names no accelerator)")
+
+
+def check_target(cfg) -> None:
+    """Some node can hold the deploy stage's timing task (`deploy.target`), checked before any
+    teacher runs: ResourceWaitError naming the resources after train.resource_wait_s otherwise
+    (nodes may still be on their way), instead of a run that hangs after all its training."""
+    if not cfg.deploy.enabled:
+        return
+    opts = _options(cfg.deploy)
+    bundle = {"CPU": opts["num_cpus"], **opts.get("resources", {})}
+    if cfg.deploy.target.accelerator_type:
+        bundle |= {"GPU": 1, f"accelerator_type:{cfg.deploy.target.accelerator_type}": 0.001}
+    train.wait_for_a_node(bundle, "deploy.target", "Fix deploy.target (threads, resources, accelerator_type) to "
+                          "match a node, add such a node, or set deploy.enabled: false", cfg.train.resource_wait_s)
 
 
 def _options(d) -> dict[str, Any]:
@@ -255,7 +280,7 @@ def trials_on_target(task, lay, tracker, search_base, names, trials, kd_sets, di
     budget, base = None, None
     if d.latency_budget_ms is not None or d.quality_target is not None:
         budget = {"latency_budget_ms": d.latency_budget_ms, "quality_target": d.quality_target,
-                  "batch_size": d.budget_batch_size,
+                  "batch_size": d.budget_batch_size, "reference": reference, "counted_by": "best epoch",
                   **pick_under_budget(trials, d.latency_budget_ms, d.quality_target, lm)}
         chosen = next(t for t in trials if t["trial_id"] == budget["chosen_trial"])
         base = tune.apply_trial(search_base, chosen, names, cfg.student.width_kwarg)
@@ -316,6 +341,10 @@ def pick_under_budget(trials: list[dict], budget_ms: float | None, target: float
         lm_ = 0.0 if budget_ms is None else max(0.0, t["latency_ms"] - budget_ms) / budget_ms
         return qm, lm_
 
+    if target is not None and all(misses(t)[0] == math.inf for t in trials):
+        raise ValueError(f"deploy.quality_target={target}: none of the {len(trials)} tune trials reported a validation "
+                         "score (each stopped before its first validation), so none can be checked against it; "
+                         "raise tune.epochs / tune.grace_period, or check the trials' errors in the log")
     ok = [t for t in trials if misses(t) == (0.0, 0.0)]
     if ok:
         best = min(ok, key=lambda t: (t["params"], t["latency_ms"], t["quality"] if lm else -t["quality"]))

@@ -10,9 +10,10 @@ Ray Train's local shuffle buffer (`fit.shuffle_buffer`) mixes rows of the chunks
 Rows: `x` (features or token ids), `y` (int64, −1 for unlabelled rows; classification only) and
 each stored column stacked over teachers, [M, ...] per row (e.g. `logits` [M, C]).
 
-Augmented views (`Views`, K > 1): the read tasks stack every teacher's K view entries, and a
-last step, run every epoch after any caching, draws one view per row, rebuilds that view of
-`x` and keeps the teachers' logits of that view, so the student sees what the teachers saw.
+Augmented views (`Views`, K > 1): the read tasks stack every teacher's K view entries, and the
+Train worker, reading epoch e, draws one view per row from (augment_seed, e, id), rebuilds that
+view of `x` and keeps the teachers' logits of that view (`ViewPicker`), so the student sees what
+the teachers saw, and a rerun or resumed fit sees the same views.
 """
 from __future__ import annotations
 
@@ -22,9 +23,12 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import ray
+import torch
+from ray.data.collate_fn import NumpyBatchCollateFn
 
 from kd_ops import augment, data, models, store
 from kd_ops.fsio import Loc
+from workflows.kinds import TEACHER_COLUMNS
 
 
 @dataclass(frozen=True)
@@ -37,23 +41,30 @@ class Views:
 
 
 @dataclass
-class ViewPicker:
-    """Ray Data step after the read (and after a cache): per row, a random view v of the K stored,
-    x replaced by view v of x and each stored column [M·K, ...] reduced to view v's [M, ...]."""
+class ViewPicker(NumpyBatchCollateFn):
+    """A Train worker's `iter_torch_batches(collate_fn=…)` for epoch `epoch` of a dataset with
+    views (`dataset(views=…)`): per row, view v = augment.draw_views(seed, epoch, id) of the K
+    stored, x replaced by view v of x and each stored column [M·K, ...] reduced to view v's
+    [M, ...]; then torch tensors. Here, not in a Ray Data step, because only the worker knows the
+    epoch; Ray Data runs it in the iterator's prefetch thread, beside the training step."""
     views: Views
-    teachers: int
-    columns: list[str]
+    epoch: int
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def pick(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        batch = dict(batch)
         keys = batch.pop("view_key")
         n, k = len(keys), self.views.count
-        v = np.random.default_rng().integers(0, k, n)  # a new draw every epoch
+        v = augment.draw_views(self.views.seed, self.epoch, keys, k)
         batch["x"] = augment.apply(models.resolve(self.views.augment), batch["x"], keys, v, self.views.seed)
-        for c in self.columns:
-            a = batch[c]
-            a = a.reshape(n, self.teachers, k, *a.shape[2:])
-            batch[c] = np.ascontiguousarray(a[np.arange(n), :, v])
+        for c in TEACHER_COLUMNS:
+            if c in batch:
+                a = batch[c]
+                batch[c] = np.ascontiguousarray(a.reshape(n, -1, k, *a.shape[2:])[np.arange(n), :, v])
         return batch
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        # Ray Data's arrays may be read-only views of Arrow memory, which torch will not wrap
+        return {c: torch.from_numpy(np.require(a, requirements=["C", "W"])) for c, a in self.pick(batch).items()}
 
 
 @dataclass
@@ -123,7 +134,8 @@ def dataset(split_dirs: dict[str, Any], *, feature_columns: list[str], label_col
     dataset's rows stay in their blocks across epochs, so it wants the Train worker's local
     shuffle buffer; a streamed one is permuted by its read tasks every epoch. `features`: a store
     entry of teacher features (`precompute.feature_entry`) whose rows become the `features` column.
-    `views`: each teacher's view entries are read too, and one view per row is drawn every epoch."""
+    `views`: each teacher's view entries are read too, stacked [M·K, ...] per row with its
+    `view_key`; the Train worker draws one view per row and epoch as it reads (`ViewPicker`)."""
     files, rows = {}, 0
     for split, d in split_dirs.items():
         for f in data.parquet_files(d):
@@ -152,9 +164,6 @@ def dataset(split_dirs: dict[str, Any], *, feature_columns: list[str], label_col
     reader = Reader(files, shards, columns, feature_columns, label_column, input_dtype, batch_rows, permute=shuffle,
                     feature_spec=feature_spec, view_keys=views is not None)
     ds, cached = _read(reader, files, shards, shuffle, read_tasks, cache_bytes)
-    if views is not None:
-        ds = ds.map_batches(ViewPicker(views, len(teachers), list(columns)), batch_format="numpy", num_cpus=0,
-                            compute=ray.data.TaskPoolStrategy(size=read_tasks))
     return ds, rows, cached
 
 

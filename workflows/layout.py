@@ -46,3 +46,7 @@ class Layout:
         """A classification teacher's weights: the file the config names, or where `kd run` keeps
         the ones it trains."""
         return t.weights or self.teachers / f"{t.name}.safetensors"
+
+    def teacher_key(self, t: TeacherConfig) -> Loc:
+        """What the teacher `kd run` trained into `teacher_weights` is keyed by (workflows.fingerprints)."""
+        return self.teachers / f"{t.name}.key.json"

@@ -9,6 +9,7 @@ from typing import Any
 from kd_ops import method_loss
 from workflows import kinds
 from workflows.config import DistillConfig, Fit, TrainConfig
+from workflows.ingest import Views
 
 
 def _defaults(model) -> dict[str, Any]:
@@ -46,6 +47,7 @@ class Loop:
     weight_decay: float
     seed: int
     train_rows: int                          # rows per epoch (all workers): sizes the LR schedule
+    inputs: str = ""                         # digest of what its datasets read (stages.Inputs.key): part of the fit's key
     # the config's defaults (config.py holds them; a Loop built by hand gets the same)
     max_grad_norm: float | None = _FIT["max_grad_norm"]
     cpus_per_worker: int = _TRAIN["cpus_per_worker"]
@@ -62,6 +64,7 @@ class Loop:
     tail: bool = _DISTILL["tail"]
     method: method_loss.Method = method_loss.Method()   # classification students: the method's own settings
     features: FeaturePlan | None = None      # feature KD
+    views: Views | None = None               # its train dataset holds K views per row: the worker draws one per epoch
     init_weights: str | None = None          # start from these safetensors (a local path or URI) instead of a fresh init
     fake_quant: bool = False                 # quantization-aware: train through INT8 fake quantization (kd_ops.qat)
     mlflow: dict[str, str] | None = field(default=None, compare=False)  # {tracking_uri, run_id}: rank 0 logs there

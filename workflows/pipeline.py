@@ -36,7 +36,9 @@ def run(cfg: RunConfig, out: Path, *, tracking_uri: str | None = None, ray_addre
     task = tasks.for_config(cfg)
     lay = Layout(out)
     lay.make()
-    (lay.out / "summary.json").delete()  # a summary only ever describes a finished run
+    # a summary and shipped files only ever describe a finished run: an earlier run's go first
+    (lay.out / "summary.json").delete()
+    (lay.out / "deploy").delete()
     tracker = Tracker(tracking_uri or cfg.tracking.tracking_uri, cfg.tracking.experiment,
                       artifact_root=None if lay.out.local else (lay.out / "mlflow").bare_uri)
     resume = _previous_run(cfg, lay, tracker, restart)
@@ -48,25 +50,27 @@ def run(cfg: RunConfig, out: Path, *, tracking_uri: str | None = None, ray_addre
         step("data")
         dirs = task.data(lay)
         features = stages.check_run(task, dirs, lay)  # inputs, views, feature layers: before any teacher runs
+        deploy.check_target(cfg)
         chain.warn_sizes(cfg, cfg.teachers)
         step("teachers")
         teachers = stages.teachers(task, dirs, lay, tracker)
         step("precompute")
         precomputed, _ = stages.precompute_all(task, teachers, dirs, lay, tracker)
-        kd_sets, rows, cached = stages.datasets(task, dirs, lay, teachers=True,
-                                        splits={"train": task.train_splits, "val": ("val",), "test": ("test",)})
-        rows_test = rows["test"]
+        kd = stages.datasets(task, dirs, lay, teachers=True,
+                             splits={"train": task.train_splits, "val": ("val",), "test": ("test",)})
+        kd_sets, rows_test = kd.sets, kd.rows["test"]
         teacher_rows, reference, teacher_metrics = task.teacher_report(teachers, kd_sets)
         mlflow.log_metrics(teacher_metrics)
         # TAKD / born-again stages, each stored as a new teacher; the student distils from the last
         names, teacher_weights, chain_rows = chain.run(task, teachers, dirs, lay, tracker, kd_sets["test"])
-        train_sets = {k: kd_sets[k] for k in ("train", "val")}
+        inputs = kd
         if chain_rows or features:
-            train_sets, rows, cached = stages.datasets(task, dirs, lay, teachers=names, features=features,
-                                                       splits={"train": task.train_splits, "val": ("val",)})
+            inputs = stages.datasets(task, dirs, lay, teachers=names, features=features,
+                                     splits={"train": task.train_splits, "val": ("val",)})
+        train_sets, rows = {k: inputs.sets[k] for k in ("train", "val")}, inputs.rows
 
         base = stages.loop(task, cfg.student.factory, task.student_kwargs(teachers), cfg.train.fit,
-                           train_rows=rows["train"], label="student", distill=True, cached=cached,
+                           inputs=inputs, label="student", distill=True,
                            teacher_weights=teacher_weights, features=features)
         tune_rows: list[dict] = []
         tune_failed: list[dict] = []
@@ -92,15 +96,14 @@ def run(cfg: RunConfig, out: Path, *, tracking_uri: str | None = None, ray_addre
         chosen = {"temperature": base.temperature, "alpha": base.alpha, "teacher_weights": base.teacher_weights,
                   "student_kwargs": {k: v for k, v in base.kwargs.items() if k != "teacher_dir"}}
         chosen |= task.chosen(base, names)
-        lo_sets, lo_rows, lo_cached = stages.datasets(task, dirs, lay, teachers=False,
-                                           splits={"train": ("train",), "val": ("val",)})
-        lo = stages.loop(task, base.factory, base.kwargs, cfg.train.label_only_fit,
-                         train_rows=lo_rows["train"], label="label-only", cached=lo_cached)
+        lo_inputs = stages.datasets(task, dirs, lay, teachers=False, splits={"train": ("train",), "val": ("val",)})
+        lo = stages.loop(task, base.factory, base.kwargs, cfg.train.label_only_fit, inputs=lo_inputs,
+                         label="label-only")
         progress = stages.epochs_progress("student, label-only", [base, lo])
         # (MLflow run, its params, loop, datasets, fit name) of the KD student and its label-only baseline
         fits = [("student", chosen | {"epochs": base.epochs}, base, train_sets, "student"),
                 ("label-only-student", {"student_kwargs": chosen["student_kwargs"],
-                                        **cfg.train.label_only_fit.model_dump()}, lo, lo_sets, "label-only")]
+                                        **cfg.train.label_only_fit.model_dump()}, lo, lo_inputs.sets, "label-only")]
 
         def fit_and_score(i: int):
             run_name, params, loop, sets, name = fits[i]
@@ -115,7 +118,7 @@ def run(cfg: RunConfig, out: Path, *, tracking_uri: str | None = None, ray_addre
             return res, row, registered
 
         # independent fits: side by side when the cluster holds both
-        (res, srow, registered), (_, lorow, _) = concurrent_fits.run_all(
+        (res, srow, registered), (lo_res, lorow, _) = concurrent_fits.run_all(
             fit_and_score, range(len(fits)), concurrent_fits.fits_at_once(cfg.train, len(fits)))
 
         dep = None
@@ -127,7 +130,7 @@ def run(cfg: RunConfig, out: Path, *, tracking_uri: str | None = None, ray_addre
                 mlflow.log_dict(dep, "deploy.json")
 
         store_bytes = store.size_bytes(lay.store)
-        summary = {"name": cfg.name, **task.summary(teacher_rows, reference, srow, lorow, res, store_bytes, rows, names)}
+        summary = {"name": cfg.name, **task.summary(teacher_rows, reference, srow, lorow, res, lo_res, store_bytes, rows, names)}
         summary["student"]["config"] = chosen
         summary |= {
             "chain": chain_rows,
@@ -135,17 +138,20 @@ def run(cfg: RunConfig, out: Path, *, tracking_uri: str | None = None, ray_addre
             **({"generations": [r["test_accuracy"] for r in chain_rows] + [srow["test_accuracy"]]}
                if cfg.distill.generations > 1 else {}),
             "tune_trials": tune_rows,
+            # the trial the student's settings come from: the budget's pick, else Tune's best
+            "chosen_trial": (budget or {}).get("chosen_trial") or (best or {}).get("trial_id"),
             "tune_failed_trials": tune_failed,
             "store_bytes": store_bytes,
             "test_rows": rows_test,
+            "val_rows": kd.rows["val"],
             "deploy": dep,
             "teacher_compute": advice.teacher_compute(
                 stages.timings(lay), sum(r.manifest["rows"] for r in precomputed), rows["train"], tune_rows,
                 base.epochs, ((dep or {}).get("int8") or {}).get("qat_epochs") or 0, len(names)),
             "wall_seconds": time.perf_counter() - start,
-            "mlflow": {"tracking_uri": tracker.uri, "experiment": tracker.experiment, "parent_run_id": parent_id,
-                       "registered_model": registered},
+            "mlflow": tracker.summary(registered),  # the tracking URI with its secrets masked
         }
+        task.add_intervals(summary)
         summary["warnings"] = advice.warnings(summary, cfg, best)
         mlflow.log_metrics({k: v for k, v in summary.items() if isinstance(v, float)})
         mlflow.log_dict(summary, "summary.json")

@@ -231,7 +231,7 @@ class TeacherResult:
     name: str
     reused: bool
     manifest: dict
-    seconds: float
+    seconds: float           # wall time of the pass that computed it, shared with that pass's other entries
     shards_computed: int = 0
 
 
@@ -427,6 +427,10 @@ def precompute(teachers, split_dirs: dict[str, Any], store_dir, *, feature_colum
                                                            "weights": [str(f) for f in s.weight_files],
                                                            **({"view": s.view, "augment": s.augment,
                                                                "augment_seed": s.augment_seed} if s.view else {})})
-        results[n] = TeacherResult(n, False, manifest, time.perf_counter() - start,
-                                   sum(n in ts for ts in need.values()))
+        results[n] = TeacherResult(n, False, manifest, 0.0, sum(n in ts for ts in need.values()))
+    # one pass ran every entry of `todo` at once: each gets the pass's wall time, the same for all
+    # (stages._remember_timings splits it by rows), not the time until its own manifest
+    seconds = time.perf_counter() - start
+    for n in todo:
+        results[n].seconds = seconds
     return [results[n] for n in specs]

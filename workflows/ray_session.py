@@ -19,12 +19,15 @@ from pathlib import Path
 import ray
 from ray.data._internal.execution.execution_callback import ExecutionCallback  # the base of DataContext callbacks
 
+from kd_ops.fsio import redact
+
 # Ray internals used here (pyproject pins Ray to the range they were tested with): fail at import,
 # naming them, rather than run with the pacing silently gone
 if not (callable(getattr(ExecutionCallback, "on_execution_step", None))
-        and callable(getattr(getattr(ray._private, "utils", None), "get_dashboard_dependency_error", None))):
-    raise ImportError(f"kd-ops needs Ray's ExecutionCallback.on_execution_step and "
-                      f"ray._private.utils.get_dashboard_dependency_error, which Ray {ray.__version__} lacks; "
+        and callable(getattr(getattr(ray._private, "utils", None), "get_dashboard_dependency_error", None))
+        and callable(getattr(getattr(ray._private, "utils", None), "get_entrypoint_name", None))):
+    raise ImportError(f"kd-ops needs Ray's ExecutionCallback.on_execution_step and ray._private.utils."
+                      f"get_dashboard_dependency_error / get_entrypoint_name, which Ray {ray.__version__} lacks; "
                       "install the Ray version pyproject.toml names")
 
 # Ray Train V2 workers block in report() until the controller drains a 1-slot queue, which it
@@ -70,9 +73,10 @@ def init_ray(address: str | None = None, code: list | None = None, resource_wait
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # local default; a real cluster sets its own
     os.environ.update({k: os.environ.get(k, v) for k, v in RAY_ENV.items()})  # the local raylet inherits these
     os.environ[WAIT_ENV] = str(resource_wait_s)
+    # no secret here: Ray's job API returns the runtime env whole and every node's runtime-env agent
+    # logs it. MLflow credentials reach Ray's processes through their node's environment (a local
+    # cluster's inherit this process's, see tracking.connect_uri).
     env = {k: os.environ[k] for k in (*RAY_ENV, WAIT_ENV)}
-    # a tracking server's basic-auth credentials (taken out of its URI, see tracking.without_credentials)
-    env |= {k: os.environ[k] for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD") if k in os.environ}
     if address is None:
         port = _free_port()
         os.environ["RAY_GCS_SERVER_PORT"] = str(port)
@@ -86,8 +90,9 @@ def init_ray(address: str | None = None, code: list | None = None, resource_wait
         # a local cluster gets the dashboard (127.0.0.1) where its packages are installed (`ray[default]`;
         # a minimal Ray, e.g. a trimmed bundle, runs without it rather than failing to start)
         dashboard = address is None and not ray._private.utils.get_dashboard_dependency_error()
-        ray.init(address=address or "local", include_dashboard=dashboard, dashboard_host="127.0.0.1",
-                 runtime_env=runtime_env, configure_logging=True, logging_level=logging.WARNING)
+        with _entrypoint_redacted():
+            ray.init(address=address or "local", include_dashboard=dashboard, dashboard_host="127.0.0.1",
+                     runtime_env=runtime_env, configure_logging=True, logging_level=logging.WARNING)
     finally:
         os.environ.pop("RAY_GCS_SERVER_PORT", None)
     # the driver's own later helpers (state API, subprocesses) use this cluster too
@@ -97,6 +102,19 @@ def init_ray(address: str | None = None, code: list | None = None, resource_wait
     ctx.enable_progress_bars = False
     if PacedScheduling not in ctx.custom_execution_callback_classes:
         ctx.custom_execution_callback_classes = [*ctx.custom_execution_callback_classes, PacedScheduling]
+
+
+@contextmanager
+def _entrypoint_redacted():
+    """Ray records the driver's command line as its job's entrypoint (job API, dashboard): a
+    `--tracking-uri` or `--out` with a password in it is recorded redacted."""
+    utils = ray._private.utils
+    original = utils.get_entrypoint_name
+    utils.get_entrypoint_name = lambda: redact(original())
+    try:
+        yield
+    finally:
+        utils.get_entrypoint_name = original
 
 
 class PacedScheduling(ExecutionCallback):

@@ -87,20 +87,9 @@ def _print_deploy(s: dict[str, Any], console: Console) -> None:
             sizes += (f"; INT8 {i8['file_bytes']:,} B file ({i8['file_bytes'] / o['fp32_file_bytes']:.2f}×), "
                       f"{i8['weight_bytes']:,} B weights ({i8['weight_bytes'] / o['fp32_weight_bytes']:.2f}×)")
         console.print(sizes + f"; max |Δlogit| ONNX vs PyTorch {o['max_abs_logit_diff']:.1e}")
-        t = Table(title=f"latency on the target: {d['target']['description']} ({d['target']['cpu']})")
-        for col in ("runtime", "batch", "median ms", "p95 ms", "× PyTorch fp32", "note"):
-            t.add_column(col, justify="left" if col in ("runtime", "note") else "right")
-        by = {(r["runtime"], r["batch"]): r for r in d["latency"]}
-        for r in d["latency"]:
-            ref = by.get(("pytorch-fp32", r["batch"]))
-            note = ""
-            if r["runtime"] == "onnxruntime-int8" and ("onnxruntime-fp32", r["batch"]) in by:
-                f32 = by[("onnxruntime-fp32", r["batch"])]["median_ms"]
-                note = (f"INT8 {f32 / r['median_ms']:.2f}× faster than ORT fp32" if r["median_ms"] < f32
-                        else f"INT8 not faster here ({r['median_ms'] / f32:.2f}× ORT fp32's time)")
-            t.add_row(r["runtime"], str(r["batch"]), f"{r['median_ms']:.3f}", f"{r['p95_ms']:.3f}",
-                      f"{ref['median_ms'] / r['median_ms']:.2f}× speed" if ref else "", note)
-        console.print(t)
+        console.print(_latency_table(d))
+        for note in _int8_notes(d["latency"]):
+            console.print(note)
         console.print(d.get("gpu", ""))
     b = d.get("budget")
     if b:
@@ -112,6 +101,34 @@ def _print_deploy(s: dict[str, Any], console: Console) -> None:
                 f"teacher-s precomputed" if tc.get("online_teacher_seconds") else "")
         console.print(f"teacher compute: online KD would run {tc['online_forward_rows']:,} teacher forward rows, the "
                       f"store took {tc['precompute_forward_rows']:,} ({tc['ratio']:.1f}× fewer){secs}")
+
+
+def _latency_table(d: dict[str, Any]) -> Table:
+    """One row per (runtime, batch), narrow enough for 80 columns (a pipe or a file): runtime names
+    never wrap nor get cut; the INT8 notes go below the table (`_int8_notes`)."""
+    t = Table(title=f"latency on the target: {d['target']['description']} ({d['target']['cpu']})")
+    t.add_column("runtime", no_wrap=True, min_width=max(len(r["runtime"]) for r in d["latency"]))
+    for col in ("batch", "median ms", "p95 ms", "vs PyTorch fp32"):
+        t.add_column(col, justify="right", no_wrap=True)
+    by = {(r["runtime"], r["batch"]): r for r in d["latency"]}
+    for r in d["latency"]:
+        ref = by.get(("pytorch-fp32", r["batch"]))
+        t.add_row(r["runtime"], str(r["batch"]), f"{r['median_ms']:.3f}", f"{r['p95_ms']:.3f}",
+                  f"{ref['median_ms'] / r['median_ms']:.2f}× speed" if ref else "")
+    return t
+
+
+def _int8_notes(latency: list[dict]) -> list[str]:
+    """Whether ONNX Runtime INT8 beat ORT fp32, per batch size."""
+    by = {(r["runtime"], r["batch"]): r["median_ms"] for r in latency}
+    out = []
+    for (runtime, batch), ms in by.items():
+        f32 = by.get(("onnxruntime-fp32", batch))
+        if runtime == "onnxruntime-int8" and f32 is not None:
+            said = (f"{f32 / ms:.2f}× faster than ORT fp32" if ms < f32
+                    else f"not faster here ({ms / f32:.2f}× ORT fp32's time)")
+            out.append(f"onnxruntime-int8 at batch {batch}: {said}")
+    return out
 
 
 def _footer(s: dict[str, Any], store_text: str) -> str:

@@ -311,16 +311,18 @@ def _deployment(deploy: dict[str, Any]) -> str:
     if int8:
         method = str(int8.get("method") or "ptq")
         how = "quantization-aware distillation" if method == "qat" else "post-training static quantization"
-        key = "val_perplexity" if "ptq_val_perplexity" in int8 else "test_accuracy"  # the LM's quality: perplexity
-        what, spec = key.replace("_", " "), (".3f" if key == "val_perplexity" else ".4f")
-        text = (f"INT8: <b>{_e(method.upper())}</b> ({how}). "
+        # chosen on validation (`chosen_by`); the test split scores only the model that ships
+        key = str(int8.get("chosen_by") or "val_accuracy")
+        shipped = key.replace("val_", "test_")
+        what, spec = key.replace("_", " "), (".3f" if "perplexity" in key else ".4f")
+        text = (f"INT8: <b>{_e(method.upper())}</b> ({how}), chosen on the validation split. "
                 f"PTQ {what} <b>{_f(int8.get('ptq_' + key), spec)}</b>")
         if _real(int8.get("ptq_drop")) is not None:
             text += f" (drop {_f(int8['ptq_drop'])}, tolerance {_f(int8.get('max_drop'))})"
         if int8.get("qat_" + key) is not None:
             text += (f"; QAT {what} <b>{_f(int8.get('qat_' + key), spec)}</b> after "
                      f"{_e(int8.get('qat_epochs') if int8.get('qat_epochs') is not None else '?')} epoch(s)")
-        text += f". Shipped INT8 {what} <b>{_f(int8.get(key), spec)}</b>."
+        text += f". Shipped INT8 {shipped.replace('_', ' ')} <b>{_f(int8.get(shipped), spec)}</b>."
         parts.append(f"<p>{text}</p>")
     elif deploy.get("int8_error"):
         parts.append(f'<p class="error">INT8 quantization failed: {_e(deploy["int8_error"])}</p>')
@@ -410,36 +412,12 @@ def _score_key(trials: list[dict]) -> tuple[str | None, bool]:
     return None, True
 
 
-def _chosen_trial(trials: list[dict], s: dict[str, Any], deploy: dict[str, Any], key: str | None, higher: bool):
-    """The trial id the run went on with: the budget's pick, else the trial matching the student's
-    config, else the best score."""
-    b = deploy.get("budget") if isinstance(deploy.get("budget"), dict) else {}
-    if b.get("chosen_trial") is not None:
-        return b["chosen_trial"]
-    c = s["student"].get("config") if isinstance(s.get("student"), dict) else None
-    c = c if isinstance(c, dict) else {}
-    kwargs = c.get("student_kwargs") if isinstance(c.get("student_kwargs"), dict) else {}
-    width = [v for v in kwargs.values() if isinstance(v, int) and not isinstance(v, bool)]
-    matches = [t for t in trials
-               if all(_real(t.get(k)) is not None and _real(c.get(k)) is not None
-                      and math.isclose(t[k], c[k], rel_tol=1e-9)
-                      for k in ("temperature", "alpha"))
-               and (t.get("student_width") is None or not width or t.get("student_width") in width)]
-    if len(matches) == 1:
-        return matches[0].get("trial_id")
-    pool = matches or trials
-    scored = [t for t in pool if key and _real(t.get(key)) is not None]
-    if not scored:
-        return None
-    return (max if higher else min)(scored, key=lambda t: t[key]).get("trial_id")
-
-
 def _trials(s: dict[str, Any], deploy: dict[str, Any]) -> str:
     trials = [t for t in _list(s.get("tune_trials")) if isinstance(t, dict)]
     if not trials:
         return ""
     key, higher = _score_key(trials)
-    chosen = _chosen_trial(trials, s, deploy, key, higher)
+    chosen = s.get("chosen_trial")  # recorded by the run: the budget's pick, else Tune's best
     weights = list(dict.fromkeys(k for t in trials for k in t if str(k).startswith("teacher_weight.")))
     cols: list[tuple[str, str]] = [("trial_id", ".0f"), ("temperature", ".3g"), ("alpha", ".3g"), ("student_width", "d")]
     cols += [(w, ".3f") for w in weights] + [("epochs", "d")]

@@ -9,6 +9,7 @@ import json
 import logging
 import threading
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
@@ -20,6 +21,7 @@ from kd_ops.fsio import Loc
 from workflows import concurrent_fits, console, ingest, train, validate
 from workflows import precompute as pre
 from workflows.config import RunConfig, TeacherConfig, TrainConfig
+from workflows.fingerprints import data_key, digest
 from workflows.layout import Layout
 from workflows.loop import FeaturePlan, Loop
 from workflows.ray_session import progress_bars
@@ -54,7 +56,7 @@ def teachers(task, dirs, lay: Layout, tracker: Tracker | None) -> list[TeacherCo
     """The run's teachers, ready for precompute: those the task says to train (`teachers_to_train`)
     are trained on the labelled train split, then the task keeps and checks them all (`keep_teachers`)."""
     todo = task.teachers_to_train(dirs, lay)
-    return task.keep_teachers(list(zip(todo, train_teachers(task, todo, dirs, lay, tracker))), lay, tracker)
+    return task.keep_teachers(list(zip(todo, train_teachers(task, todo, dirs, lay, tracker))), lay, tracker, dirs)
 
 
 def train_teachers(task, todo: list[tuple[TeacherConfig, str, dict]], dirs, lay: Layout,
@@ -64,9 +66,8 @@ def train_teachers(task, todo: list[tuple[TeacherConfig, str, dict]], dirs, lay:
     if not todo:
         return []
     cfg = task.cfg
-    sets, rows, cached = datasets(task, dirs, lay, teachers=False, splits={"train": ("train",), "val": ("val",)})
-    loops = [loop(task, factory, kwargs, t.fit, train_rows=rows["train"], label=f"teacher {t.name}", cached=cached)
-             for t, factory, kwargs in todo]
+    inputs = datasets(task, dirs, lay, teachers=False, splits={"train": ("train",), "val": ("val",)})
+    loops = [loop(task, factory, kwargs, t.fit, inputs=inputs, label=f"teacher {t.name}") for t, factory, kwargs in todo]
     at_once = concurrent_fits.fits_at_once(cfg.train, len(todo))
     if at_once > 1:
         log.info("teachers: training %d at once", at_once)
@@ -75,7 +76,7 @@ def train_teachers(task, todo: list[tuple[TeacherConfig, str, dict]], dirs, lay:
     def fit(i: int):
         t, lp = todo[i][0], loops[i]
         with child_fit(cfg.train, tracker, f"teacher-{t.name}", json.loads(json.dumps(vars(lp), default=str)),
-                       lp, sets, name=f"teacher-{t.name}", lay=lay, progress=progress(i)) as res:
+                       lp, inputs.sets, name=f"teacher-{t.name}", lay=lay, progress=progress(i)) as res:
             return res.weights
 
     return concurrent_fits.run_all(fit, range(len(todo)), at_once)
@@ -146,23 +147,35 @@ def precompute_all(task, teachers: list[TeacherConfig], dirs: dict[str, Path], l
     return results, extra + precompute_views(task, teachers, dirs, lay, tracker)
 
 
-TIMINGS = "precompute-timings.json"  # {teacher: {rows, seconds}} of its last full precompute
+# {store entry: {rows, seconds, pass_seconds, view}} of the last full pass that computed it
+TIMINGS = "precompute-timings.json"
 
 
 def _remember_timings(lay: Layout, results: list[pre.TeacherResult]) -> None:
-    """Keep each teacher's measured throughput, so a rerun that reuses the store can still say
-    what the store saved in teacher-seconds."""
-    path = lay.out / TIMINGS
-    known = json.loads(path.read_text()) if path.is_file() else {}
-    for r in results:
-        if not r.reused and r.shards_computed == len(r.manifest.get("shards", {})) and r.seconds > 0:
-            known[r.name] = {"rows": r.manifest["rows"], "seconds": r.seconds}
-    path.write_text(json.dumps(known))
+    """Keep what each entry's precompute pass measured, so a rerun that reuses the store can still
+    say what the store saved in teacher-seconds. A pass runs all its entries at once in one wall
+    time: each entry keeps its share of it by rows, so a pass of M teachers counts its wall time
+    once (not M times), and a later pass of some entries replaces only their shares. A pass that
+    computed only part of an entry (resumed after a crash) is not timed: it ran rows no entry counts."""
+    ran = [r for r in results if not r.reused]
+    if not ran or any(r.shards_computed != len(r.manifest.get("shards", {})) for r in ran):
+        return
+    wall, rows = max(r.seconds for r in ran), sum(r.manifest["rows"] for r in ran)
+    if wall <= 0 or rows <= 0:
+        return
+    known = timings(lay)
+    for r in ran:
+        known[r.name] = {"rows": r.manifest["rows"], "seconds": wall * r.manifest["rows"] / rows,
+                         "pass_seconds": wall, "view": r.manifest.get("view", 0)}
+    (lay.out / TIMINGS).write_text(json.dumps(known))
 
 
 def timings(lay: Layout) -> dict[str, dict[str, float]]:
+    """The recorded passes (`_remember_timings`) by store entry. Records without `pass_seconds`
+    (an older kd) are left out: each held the whole wall time of a pass it shared."""
     path = lay.out / TIMINGS
-    return json.loads(path.read_text()) if path.is_file() else {}
+    known = json.loads(path.read_text()) if path.is_file() else {}
+    return {k: v for k, v in known.items() if "pass_seconds" in v}
 
 
 def feature_spec(cfg: RunConfig, teachers: list[TeacherConfig]) -> pre.TeacherSpec | None:
@@ -218,6 +231,7 @@ def precompute_views(task, teachers: list[TeacherConfig], dirs, lay: Layout,
                     f"teachers' {one / 1e6:.1f} MB ({(one + views_bytes) / max(one, 1):.2f}x)")
         if tracker:
             mlflow.log_metric("views_store_bytes", views_bytes)
+    _remember_timings(lay, results)  # the views' pass is teacher compute too
     return results
 
 
@@ -271,13 +285,16 @@ def workers(t: TrainConfig) -> dict:
     return dict(num_workers=t.num_workers, use_gpu=t.use_gpu, max_failures=t.max_failures, resources=t.resources)
 
 
-def loop(task, factory: str, kwargs: dict, fit, *, train_rows: int, label: str,
-         distill: bool = False, cached: bool = True, teacher_weights: list[float] | None = None,
+def loop(task, factory: str, kwargs: dict, fit, *, inputs: "Inputs", label: str,
+         distill: bool = False, teacher_weights: list[float] | None = None,
          features: FeaturePlan | None = None) -> Loop:
-    """The typed training-loop settings for one model: its fit, the run's distillation settings
-    when it is a student (`teacher_weights` over the dataset's teachers, default the config's),
-    and the task's loss kind. `cached`: whether the train dataset sits in the object store (it
-    then needs the local shuffle buffer; see ingest.dataset)."""
+    """The typed training-loop settings for one model trained on `inputs` (`datasets`): its fit,
+    the run's distillation settings when it is a student (`teacher_weights` over the dataset's
+    teachers, default the config's), and the task's loss kind. Whether the train dataset sits in
+    the object store (it then needs the local shuffle buffer; see ingest.dataset) and what the
+    datasets read (part of the fit's key: a rerun reuses a fit only of the same data) come from
+    `inputs`."""
+    train_rows, cached = inputs.rows["train"], inputs.cached
     cfg = task.cfg
     d = cfg.distill
     kd = dict(temperature=d.temperature, alpha=d.alpha, teacher_weights=teacher_weights or cfg.teacher_weight_list(),
@@ -287,11 +304,11 @@ def loop(task, factory: str, kwargs: dict, fit, *, train_rows: int, label: str,
     settings = fit.model_dump()
     if settings["shuffle_buffer"] is None:  # auto
         settings["shuffle_buffer"] = CACHED_SHUFFLE_BUFFER if cached else 0
-    # augmented views are drawn by a Ray Data step every epoch (ingest.ViewPicker): those fits stream
-    views = distill and _views(cfg) is not None
+    # augmented views: the worker draws each row's view per epoch as it reads (ingest.ViewPicker): those fits stream
+    views = _views(cfg) if distill else None
     return Loop(factory=factory, kwargs=kwargs, train_rows=train_rows, label=label, task=task.kind,
                 cpus_per_worker=cfg.train.cpus_per_worker, in_memory=cfg.train.in_memory and cached and not views,
-                checkpoint_interval_s=cfg.train.checkpoint_interval_s, **settings, **kd)
+                checkpoint_interval_s=cfg.train.checkpoint_interval_s, inputs=inputs.key, views=views, **settings, **kd)
 
 
 # Rows in a Train worker's local shuffle buffer for a dataset cached in the object store (its rows
@@ -300,13 +317,21 @@ def loop(task, factory: str, kwargs: dict, fit, *, train_rows: int, label: str,
 CACHED_SHUFFLE_BUFFER = 8192
 
 
+@dataclass
+class Inputs:
+    """Streamed datasets by name (`datasets`) and what they read."""
+    sets: dict[str, ray.data.Dataset]
+    rows: dict[str, int]
+    cached: bool   # whether "train" sits in the object store
+    key: str       # a digest of the input files, store entries and view settings that fits read
+
+
 def datasets(task, dirs: dict[str, Path], lay: Layout, *, teachers: bool | list[str],
-             splits: dict[str, tuple[str, ...]], features: FeaturePlan | None = None
-             ) -> tuple[dict[str, ray.data.Dataset], dict[str, int], bool]:
+             splits: dict[str, tuple[str, ...]], features: FeaturePlan | None = None) -> Inputs:
     """Streamed datasets by name, e.g. {"train": ("train", "transfer"), "val": ("val",)}, with the
     stored columns of every teacher (`teachers` True), of the teachers named, or of none; only
     "train" is shuffled, and it carries stored teacher features when `features` (a feature_plan)
-    reads them from the store. Returns (datasets, rows, whether "train" is cached in the object store)."""
+    reads them from the store."""
     cfg = task.cfg
     names = list(teachers) if isinstance(teachers, list) else [t.name for t in cfg.teachers] if teachers else []
     stored = features.store_entry if features and features.source == "store" else None
@@ -319,7 +344,14 @@ def datasets(task, dirs: dict[str, Path], lay: Layout, *, teachers: bool | list[
                                                cache_bytes=int(cfg.train.cache_datasets_mb * 1e6),
                                                features=stored if name == "train" else None,
                                                views=_views(cfg) if name == "train" and names else None)
-    return out, rows, cached.get("train", True)
+    # fits read "train" and "val" only: the test split does not enter their key
+    used = sorted({s for name, parts in splits.items() if name != "test" for s in parts if s in dirs})
+    views = _views(cfg) if names else None
+    entries = [store.view_entry(t, k) for t in names for k in range(views.count)] if views else names
+    key = digest({"files": data_key(task.feature_columns, {s: dirs[s] for s in used}),
+                  "store": {e: store.read_manifest(lay.store, e) for e in [*entries, *([stored] if stored else [])]},
+                  "views": views and [views.count, views.augment, views.seed]})
+    return Inputs(out, rows, cached.get("train", True), key)
 
 
 def _views(cfg: RunConfig) -> "ingest.Views | None":

@@ -18,13 +18,20 @@ import ray
 
 from kd_ops import data, evaluate, lm, models
 from workflows import precompute as pre
-from workflows import evaluation, ingest
+from workflows import evaluation, fingerprints, ingest
 from workflows.config import RunConfig, TeacherConfig
 from workflows.layout import Layout
 from workflows.loop import Loop
 from workflows.tracking import Tracker
 
 log = logging.getLogger("kd")
+
+
+KEY_FILE = "kd-teacher-key.json"  # beside a Hugging Face teacher `kd run` trained
+
+
+def _teacher_key(task, t: TeacherConfig, factory: str, kwargs: dict, dirs) -> str:
+    return fingerprints.teacher_key(factory, kwargs, t.fit.model_dump(mode="json"), task.feature_columns, dirs)
 
 
 def for_config(cfg: RunConfig):
@@ -43,7 +50,8 @@ class Classification:
     example_dtype = "float32"  # of the registered model's input example
     eval_split = "test"
     train_splits = ("train", "transfer")  # what students train on; transfer rows carry no label (−1): soft term only
-    quality_key = "test_accuracy"  # what the deploy stage compares fp32 and INT8 models by
+    quality_key = "test_accuracy"  # what is reported of a model that ships (the test split)
+    choice_key = "val_accuracy"    # what choices between models are made by (the validation split)
     perplexity_quality = False     # tune trials' quality: × the ensemble's val accuracy (higher is better)
     stage_commands = True          # kd precompute / train / tune
 
@@ -83,17 +91,21 @@ class Classification:
         """(teacher, factory, kwargs) of each teacher without weights, given or kept under --out.
         Each is built and run on the first train rows first: a bad factory or a model that cannot
         take the inputs fails here, before Ray Train starts."""
-        todo = [t for t in self.cfg.teachers if t.weights is None and not lay.teacher_weights(t).is_file()]
+        todo = [t for t in self.cfg.teachers if t.weights is None
+                and not fingerprints.matches(lay.teacher_key(t), _teacher_key(self, t, t.factory, t.kwargs, dirs))]
         for t in todo:
             pre.forward(f"teacher {t.name!r}", models.build(t.factory, t.kwargs),
                         ingest.first_rows(dirs["train"], self.feature_columns, self.input_dtype))
         return [(t, t.factory, t.kwargs) for t in todo]
 
     def keep_teachers(self, trained: list[tuple[tuple[TeacherConfig, str, dict], Any]], lay: Layout,
-                      tracker: Tracker | None) -> list[TeacherConfig]:
-        """Save each trained teacher's weights under --out; returns every teacher with its weights file."""
+                      tracker: Tracker | None, dirs) -> list[TeacherConfig]:
+        """Save each trained teacher's weights under --out (and what they are keyed by, written last);
+        returns every teacher with its weights file."""
         for (t, _, _), weights in trained:
+            lay.teacher_key(t).delete()
             models.save_weights(models.load_weights(models.build(t.factory, t.kwargs), weights), lay.teacher_weights(t))
+            fingerprints.record(lay.teacher_key(t), _teacher_key(self, t, t.factory, t.kwargs, dirs))
             if tracker:
                 tracker.log_file(lay.teacher_weights(t), "weights")
         return [t.model_copy(update={"weights": str(lay.teacher_weights(t))}) for t in self.cfg.teachers]
@@ -105,21 +117,31 @@ class Classification:
         return dict(self.cfg.student.kwargs)
 
     def teacher_report(self, teachers: list[TeacherConfig], kd_sets) -> tuple[list[dict], dict[str, Any], dict[str, float]]:
-        """Per-teacher and uniform-ensemble test accuracy from the stored logits: (a row per teacher,
-        the ensemble's numbers the student is compared with, the metrics to log)."""
+        """Per-teacher and uniform-ensemble test accuracy from the stored logits, and each teacher's
+        validation accuracy (what warnings judge it by): (a row per teacher, the ensemble's numbers
+        the student is compared with, the metrics to log)."""
         n = len(teachers)
         acc = evaluate.rates(evaluation.score(kd_sets["test"], task=self.kind, teacher_weights=[1 / n] * n), self.kind)
+        val = evaluate.rates(evaluation.score(kd_sets["val"], task=self.kind, teacher_weights=[1 / n] * n), self.kind)
         rows = [{"name": t.name, "params": models.num_params(models.build(t.factory, t.kwargs)),
-                 "test_accuracy": acc[f"teacher{i}_accuracy"]} for i, t in enumerate(teachers)]
+                 "test_accuracy": acc[f"teacher{i}_accuracy"], "val_accuracy": val[f"teacher{i}_accuracy"]}
+                for i, t in enumerate(teachers)]
         reference = {"ensemble_test_accuracy": acc["ensemble_accuracy"], "ensemble_test_ece": acc["ensemble_ece"],
                      "ensemble_per_class_accuracy": acc["ensemble_per_class_accuracy"]}
         return rows, reference, {**{k: v for k, v in reference.items() if isinstance(v, float)},
                                  **{f"teacher.{r['name']}.test_accuracy": r["test_accuracy"] for r in rows}}
 
     @staticmethod
-    def int8_drop(fp32_row: dict, int8_row: dict) -> float:
-        """What INT8 lost: accuracy points/100."""
-        return fp32_row["test_accuracy"] - int8_row["test_accuracy"]
+    def int8_drop(fp32: float, int8: float) -> float:
+        """What INT8 lost, from two accuracies: points/100."""
+        return fp32 - int8
+
+    def choice_score(self, loop: Loop, weights, kd_sets) -> float:
+        """A model's `choice_key`: its accuracy on the validation split, computed on the cluster."""
+        n = len(self.cfg.teachers)  # the sets hold the teachers' logits: scored too, not used here
+        sums = evaluation.score(kd_sets["val"], task=self.kind, factory=loop.factory, kwargs=loop.kwargs,
+                                weights=weights, teacher_weights=[1 / n] * n)
+        return evaluate.rates(sums, self.kind)["accuracy"]
 
     def trial_reference(self, kd_sets) -> float:
         """The uniform teacher ensemble's validation accuracy (what tune trials' scores are compared with)."""
@@ -137,16 +159,31 @@ class Classification:
                 "test_accuracy": acc["accuracy"], "test_agreement": acc["agreement"], "test_ece": acc["ece"],
                 "per_class_accuracy": acc["per_class_accuracy"]}
 
-    def summary(self, teacher_rows, reference, srow, lorow, res, store_bytes: int, rows: dict[str, int],
+    def summary(self, teacher_rows, reference, srow, lorow, res, lo_res, store_bytes: int, rows: dict[str, int],
                 teachers: list[str]) -> dict[str, Any]:
-        """The summary's task-specific part (the store's size is not broken down further here)."""
+        """The summary's task-specific part (the store's size is not broken down further here).
+        `res`, `lo_res`: the KD and label-only students' fits (their best validation metrics)."""
         ens = reference["ensemble_test_accuracy"]
         per_class = {"teacher ensemble": reference["ensemble_per_class_accuracy"],
                      "KD student": srow.pop("per_class_accuracy"), "label-only student": lorow.pop("per_class_accuracy")}
         return {"teachers": teacher_rows, "ensemble_test_accuracy": ens, "ensemble_test_ece": reference["ensemble_test_ece"],
                 "student": srow | {"val_accuracy": res.metrics["val_accuracy"]},
-                "label_only_student": lorow, "student_vs_ensemble": srow["test_accuracy"] / ens,
+                "label_only_student": lorow | {"val_accuracy": lo_res.metrics["val_accuracy"]},
+                "student_vs_ensemble": srow["test_accuracy"] / ens,
                 "per_class_accuracy": per_class}
+
+    @staticmethod
+    def add_intervals(s: dict[str, Any]) -> None:
+        """Every accuracy of the summary `s` gets its 95% interval beside it (`<key>_ci95`, Wilson)
+        on the rows it was measured on: what the splits can resolve."""
+        n = {"test_accuracy": s["test_rows"], "val_accuracy": s["val_rows"]}
+        rows = [*s["teachers"], *(s.get("chain") or []), s["student"], s["label_only_student"],
+                (s.get("deploy") or {}).get("int8") or {}]
+        for row in rows:
+            for key, rows_n in n.items():
+                if isinstance(row.get(key), float):
+                    row[f"{key}_ci95"] = evaluate.interval95(row[key], rows_n)
+        s["ensemble_test_accuracy_ci95"] = evaluate.interval95(s["ensemble_test_accuracy"], s["test_rows"])
 
     def method_settings(self, features) -> dict[str, Any]:
         """A student Loop's classification method (DKD, schedules, feature and relation KD)."""
@@ -174,7 +211,8 @@ class LanguageModel:
     example_dtype = "int64"  # token ids, as the registered model's signature takes them
     eval_split = "val"
     train_splits = ("train",)
-    quality_key = "val_perplexity"
+    quality_key = "test_perplexity"  # reported of a model that ships
+    choice_key = "val_perplexity"    # what choices between models are made by
     perplexity_quality = True      # tune trials' quality: val perplexity (lower is better)
     stage_commands = False
     feature_columns = ["x"]
@@ -239,18 +277,23 @@ class LanguageModel:
     def teachers_to_train(self, dirs, lay: Layout) -> list[tuple[TeacherConfig, str, dict]]:
         """(teacher, factory, kwargs) of each `init` teacher not yet trained under --out."""
         cfg, tokenizer = self.cfg, self.tokenizer
-        return [(t, "kd_ops.lm:new_causal_lm", {"vocab_size": len(tokenizer), "n_positions": cfg.data.seq_len, **t.init})
-                for t in cfg.teachers if t.init is not None and not (self._teacher_dir(t, lay) / "config.json").is_file()]
+        todo = [(t, "kd_ops.lm:new_causal_lm", {"vocab_size": len(tokenizer), "n_positions": cfg.data.seq_len, **t.init})
+                for t in cfg.teachers if t.init is not None]
+        return [(t, f, kw) for t, f, kw in todo if not (self._teacher_dir(t, lay) / "config.json").is_file()
+                or not fingerprints.matches(self._teacher_dir(t, lay) / KEY_FILE, _teacher_key(self, t, f, kw, dirs))]
 
     def keep_teachers(self, trained: list[tuple[tuple[TeacherConfig, str, dict], Any]], lay: Layout,
-                      tracker: Tracker | None) -> list[TeacherConfig]:
-        """Save each trained teacher as a Hugging Face directory, resolve every teacher to one, then
-        check that all of them, the student and the data share one vocabulary and fit seq_len."""
+                      tracker: Tracker | None, dirs) -> list[TeacherConfig]:
+        """Save each trained teacher as a Hugging Face directory (and what it is keyed by, written
+        last), resolve every teacher to one, then check that all of them, the student and the data
+        share one vocabulary and fit seq_len."""
         cfg, tokenizer = self.cfg, self.tokenizer
         for (t, factory, kwargs), weights in trained:
+            (self._teacher_dir(t, lay) / KEY_FILE).unlink(missing_ok=True)
             model = models.load_weights(models.build(factory, kwargs), weights)
             model.hf.save_pretrained(self._teacher_dir(t, lay))
             tokenizer.save_pretrained(self._teacher_dir(t, lay))
+            fingerprints.record(self._teacher_dir(t, lay) / KEY_FILE, _teacher_key(self, t, factory, kwargs, dirs))
         resolved = []
         for t in cfg.teachers:
             lm.weight_files(self._teacher_dir(t, lay), t.allow_pickle)  # safetensors, or pickle only where the config opts in
@@ -295,7 +338,7 @@ class LanguageModel:
                 "val_perplexity": val["perplexity"], "test_perplexity": test["perplexity"],
                 "top1_agreement": val["top1_agreement"]}
 
-    def summary(self, teacher_rows, reference, srow, lorow, res, store_bytes: int, rows: dict[str, int],
+    def summary(self, teacher_rows, reference, srow, lorow, res, lo_res, store_bytes: int, rows: dict[str, int],
                 teachers: list[str]) -> dict[str, Any]:
         tokens = sum(rows.values()) * self.cfg.data.seq_len * len(teachers)
         return {"task": "lm", "teachers": teacher_rows, **reference,
@@ -305,12 +348,22 @@ class LanguageModel:
                 "store_bytes_per_token": store_bytes / tokens}
 
     @staticmethod
-    def int8_drop(fp32_row: dict, int8_row: dict) -> float:
-        """What INT8 lost: the relative rise in validation perplexity."""
-        return int8_row["val_perplexity"] / fp32_row["val_perplexity"] - 1
+    def int8_drop(fp32: float, int8: float) -> float:
+        """What INT8 lost, from two perplexities: the relative rise."""
+        return int8 / fp32 - 1
+
+    def choice_score(self, loop: Loop, weights, kd_sets) -> float:
+        """A model's `choice_key`: its perplexity on the validation split, computed on the cluster."""
+        sums = evaluation.score(kd_sets["val"], task=self.kind, factory=loop.factory, kwargs=loop.kwargs,
+                                weights=weights, teacher_weights=None, batch_size=64)
+        return evaluate.rates(sums, self.kind)["perplexity"]
 
     def trial_reference(self, kd_sets) -> None:
         return None  # trials are compared by their perplexity itself
+
+    @staticmethod
+    def add_intervals(s: dict[str, Any]) -> None:
+        """Perplexities get no interval here (no per-sequence variance is kept)."""
 
     def method_settings(self, features) -> dict[str, Any]:
         return {}  # token-level distillation: distill.divergence, already in the Loop

@@ -30,20 +30,30 @@ def resolve_uri(uri: str | None) -> str:
     return uri
 
 
-# MLflow's own variables for HTTP basic auth; Ray workers get them through the run's runtime env
+# MLflow's own variables for HTTP basic auth. Ray processes read them from their node's
+# environment (a local cluster's inherit the driver's at `ray.init`), never from the runtime env,
+# which Ray's job API and every node's runtime-env agent log hand out whole.
 CREDENTIAL_ENV = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
 
 
 def without_credentials(uri: str) -> str:
     """`http://user:pass@host` → `http://host`, the user and password moved into MLflow's
-    MLFLOW_TRACKING_USERNAME / _PASSWORD variables, so the URI that is logged, printed, written to
-    summary.json or handed to Tune's callbacks (which Tune saves to disk) holds no secret."""
+    MLFLOW_TRACKING_USERNAME / _PASSWORD variables (MLflow's HTTP client reads them there)."""
     u = urlsplit(uri)
     if u.scheme not in ("http", "https") or u.password is None:
         return uri
     os.environ["MLFLOW_TRACKING_USERNAME"] = unquote(u.username or "")
     os.environ["MLFLOW_TRACKING_PASSWORD"] = unquote(u.password)
     return urlunsplit((u.scheme, u.netloc.rsplit("@", 1)[1], u.path, u.query, u.fragment))
+
+
+def connect_uri(shown: str) -> str:
+    """The URI to connect to for a Tracker's `uri` (its secrets masked): this process's
+    MLFLOW_TRACKING_URI when that is the real form of `shown` (the driver's Tracker sets it before
+    Ray starts, so a local cluster's processes inherit it; a real cluster's pods get it from a
+    Secret), else `shown` itself."""
+    real = os.environ.get("MLFLOW_TRACKING_URI")
+    return real if real and redact(real) == shown else shown
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -93,20 +103,31 @@ def check_reachable(uri: str, timeout_s: float = 10.0) -> None:
 
 
 class Tracker:
-    """Thin wrapper holding the tracking URI, the experiment and the parent run."""
+    """Thin wrapper holding the tracking URI, the experiment and the parent run. `uri` is the URI
+    with its secrets masked (`kd_ops.fsio.redact`): what is shown, stored, and handed to Ray's
+    workers and Tune's callback, which find the real one with `connect_uri`."""
 
     def __init__(self, uri: str | None, experiment: str, artifact_root: str | None = None):
         """artifact_root: where a new experiment keeps its artifacts (e.g. s3://bucket/run/mlflow);
         an existing experiment keeps its own location."""
-        self.uri = without_credentials(resolve_uri(uri))
-        check_reachable(self.uri)
-        mlflow.set_tracking_uri(self.uri)
+        self._connect_uri = without_credentials(resolve_uri(uri))  # for connecting only: may hold a secret
+        self.uri = redact(self._connect_uri)  # for everything shown or stored (summary, report, workers, Tune)
+        check_reachable(self._connect_uri)
+        mlflow.set_tracking_uri(self._connect_uri)
+        # what `connect_uri` finds in every process started from here on (MLflow sets it too; said here
+        # because Ray's processes depend on it)
+        os.environ["MLFLOW_TRACKING_URI"] = self._connect_uri
         self.experiment = experiment
         if artifact_root and mlflow.get_experiment_by_name(experiment) is None:
             mlflow.create_experiment(experiment, artifact_location=artifact_root)
         self.experiment_id = mlflow.set_experiment(experiment).experiment_id
-        self.client = MlflowClient(self.uri)
+        self.client = MlflowClient(self._connect_uri)
         self.parent_run_id: str | None = None
+
+    def summary(self, registered: dict | None = None) -> dict[str, Any]:
+        """The run summary's `mlflow` entry (summary.json, the report page, the console table)."""
+        return {"tracking_uri": self.uri, "experiment": self.experiment, "parent_run_id": self.parent_run_id,
+                "registered_model": registered}
 
     @contextmanager
     def parent(self, name: str, params: dict[str, Any], tags: dict[str, str], resume: str | None = None) -> Iterator[str]:

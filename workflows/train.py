@@ -31,17 +31,19 @@ class ResourceWaitError(ValueError):
     """A fit could not get the resources it asked for within train.resource_wait_s."""
 
 
-def wait_for_a_node(bundle: dict[str, float], what: str) -> None:
+def wait_for_a_node(bundle: dict[str, float], what: str,
+                    fix: str = "Lower train.cpus_per_worker / train.resources, add nodes", wait: float | None = None) -> None:
     """Returns once some alive node can hold `bundle` (its total resources); ResourceWaitError
-    after train.resource_wait_s otherwise: a Tune trial that no node can hold would wait forever."""
-    wait = float(os.environ.get(ray_session.WAIT_ENV, "600"))
+    after `wait` seconds (default: train.resource_wait_s of the run that started Ray) otherwise,
+    saying `fix`: a task that no node can hold would wait forever."""
+    wait = float(os.environ.get(ray_session.WAIT_ENV, "600")) if wait is None else wait
     deadline = time.monotonic() + wait
     while not any(n["Alive"] and all(n["Resources"].get(k, 0) >= v for k, v in bundle.items()) for n in ray.nodes()):
         if time.monotonic() > deadline:
             raise ResourceWaitError(
                 f"{what}: gave up waiting for a node with {_resources_text(bundle)} after {wait} s; the cluster has "
-                f"{_resources_text(ray.cluster_resources())} in all. Lower train.cpus_per_worker / train.resources, "
-                "add nodes, or raise train.resource_wait_s if resources are on their way")
+                f"{_resources_text(ray.cluster_resources())} in all. {fix}, "
+                "or raise train.resource_wait_s if resources are on their way")
         time.sleep(1.0)
 
 

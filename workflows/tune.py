@@ -23,6 +23,7 @@ from kd_ops.fsio import Loc
 from workflows import console, train, worker
 from workflows.config import METHOD_DIMS, METHOD_WORDS, Dim, TuneConfig
 from workflows.loop import Loop
+from workflows.tracking import connect_uri
 
 log = logging.getLogger("kd")
 
@@ -90,6 +91,18 @@ def _trial(trial: dict[str, Any], *, base, teachers, width_kwarg, datasets, stor
         raise outcome["error"]
 
 
+class _MLflowLogger(MLflowLoggerCallback):
+    """Tune pickles its callbacks into the run's folder (tuner.pkl): this one holds the tracking URI
+    with its secrets masked and connects with the real one (tracking.connect_uri) while it sets up."""
+
+    def setup(self, *args, **kwargs):
+        shown, self.tracking_uri = self.tracking_uri, connect_uri(self.tracking_uri)
+        try:
+            super().setup(*args, **kwargs)
+        finally:
+            self.tracking_uri = shown
+
+
 def run_tune(tc: TuneConfig, base: Loop, teachers: list[str], width_kwarg: str,
              datasets: dict[str, ray.data.Dataset], *, storage: Loc, workers: dict[str, Any],
              tracking_uri: str | None, experiment: str | None, parent_run_id: str | None):
@@ -108,9 +121,9 @@ def run_tune(tc: TuneConfig, base: Loop, teachers: list[str], width_kwarg: str,
         trainable = tune.with_resources(trainable, {"cpu": 0, "memory": 256 * 1024**2})
     callbacks = []
     if tracking_uri:
-        callbacks.append(MLflowLoggerCallback(tracking_uri=tracking_uri, experiment_name=experiment,
-                                              tags={"mlflow.parentRunId": parent_run_id, "kd.stage": "trial"},
-                                              save_artifact=False))
+        callbacks.append(_MLflowLogger(tracking_uri=tracking_uri, experiment_name=experiment,
+                                       tags={"mlflow.parentRunId": parent_run_id, "kd.stage": "trial"},
+                                       save_artifact=False))
     space = search_space(tc, teachers)
     run = Loc.of(storage) / NAME
     # how trials run is part of the search: a restored trial keeps the resources it was created with
@@ -152,16 +165,26 @@ def run_tune(tc: TuneConfig, base: Loop, teachers: list[str], width_kwarg: str,
     rows = []
     for r in grid:
         if r.metrics and r.error is None:
+            at = _best_epoch(r, metric, mode)
             rows.append({"trial_id": r.metrics.get("trial_id"), **{k: v for k, v in r.config.items()},
-                         "epochs": r.metrics.get("training_iteration"),
-                         metric: r.metrics.get(metric), "val_agreement": r.metrics.get("val_agreement")})
-    pick = max if mode == "max" else min
-    best_val = pick(best.metrics_dataframe[metric]) if best.metrics_dataframe is not None else best.metrics[metric]
-    return (apply_trial(base, best.config, teachers, width_kwarg), {metric: float(best_val), **best.config},
+                         "epochs": r.metrics.get("training_iteration"), "best_epoch": at.get("training_iteration"),
+                         metric: at.get(metric), "val_agreement": at.get("val_agreement")})
+    best_val = _best_epoch(best, metric, mode)[metric]
+    return (apply_trial(base, best.config, teachers, width_kwarg),
+            {metric: float(best_val), "trial_id": best.metrics.get("trial_id"), **best.config},
             rows, failed)
 
 
 NAME, SEARCH_KEY = "tune", "kd-search.json"
+
+
+def _best_epoch(result, metric: str, mode: str) -> dict[str, Any]:
+    """The metrics of a trial's best epoch: a trial counts by its best epoch everywhere (its row,
+    the budget's pick), as in Tune's own pick (get_best_result scope="all")."""
+    df = result.metrics_dataframe
+    if df is None or metric not in df or df[metric].isna().all():
+        return dict(result.metrics)
+    return df.loc[df[metric].idxmax() if mode == "max" else df[metric].idxmin()].to_dict()
 
 
 def _scheduler(tc: TuneConfig):

@@ -25,7 +25,7 @@ import torch
 
 from kd_ops import checkpoint as ckpt
 from kd_ops import feature_kd, models, qat
-from workflows import kinds
+from workflows import ingest, kinds
 from workflows.in_memory import InMemory
 from workflows.loop import Loop
 
@@ -144,7 +144,7 @@ def run_loop(cfg: Loop, session: Session) -> None:
     kd = cfg.teacher_weights is not None
     weights = torch.tensor(cfg.teacher_weights, dtype=torch.float32, device=device) if kd else None
     train_shard, val_shard = session.shard("train"), session.shard("val")
-    if cfg.in_memory and world == 1:
+    if cfg.in_memory and world == 1 and cfg.views is None:  # InMemory takes no collate_fn: no view picking
         train_shard, val_shard = InMemory(train_shard, shuffle=True), InMemory(val_shard, shuffle=False)
     client = _mlflow_client(cfg) if rank == 0 else None
     last_checkpoint = time.monotonic()
@@ -152,9 +152,11 @@ def run_loop(cfg: Loop, session: Session) -> None:
         start, model_loss, seen, wait, first, ids = time.perf_counter(), 0.0, 0, 0.0, None, []
         model.train()
         ready = start
+        # augmented views: each row's view of this epoch, drawn from (augment_seed, epoch, id)
+        views = {"collate_fn": ingest.ViewPicker(cfg.views, epoch)} if cfg.views else {}
         for batch in train_shard.iter_torch_batches(batch_size=batch_rows, device=device,
                                                     local_shuffle_buffer_size=max(cfg.shuffle_buffer, batch_rows) if cfg.shuffle_buffer else None,
-                                                    local_shuffle_seed=cfg.seed + epoch):
+                                                    local_shuffle_seed=cfg.seed + epoch, **views):
             wait += time.perf_counter() - ready  # the step waited for its data (ingest not keeping up)
             first = wait if first is None else first  # the epoch's start-up: all of the wait so far
             loss, rows = step(model, opt, sched, batch, cfg, weights, online)
@@ -188,8 +190,7 @@ def run_loop(cfg: Loop, session: Session) -> None:
                 checkpoint = session.saved(tmp)
             if rank == 0:
                 _say(_epoch_line(cfg.label, epoch, cfg.epochs, metrics))
-                if client is not None:
-                    client.log_batch(cfg.mlflow["run_id"], metrics=_mlflow_metrics(metrics, epoch))
+                client = _log_epoch(client, cfg, metrics, epoch)
             session.report(metrics, checkpoint=checkpoint)
         if due:
             last_checkpoint = time.monotonic()
@@ -226,11 +227,41 @@ def _epoch_line(label: str, epoch: int, epochs: int, m: dict[str, float]) -> str
 
 
 def _mlflow_client(cfg: Loop):
+    """Rank 0's MLflow client, or None. The loop holds the tracking URI with its secrets masked: the
+    real one and basic-auth credentials come from this node's environment (tracking.connect_uri)."""
     if not cfg.mlflow:
         return None
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient(tracking_uri=cfg.mlflow["tracking_uri"])
+    from workflows.tracking import connect_uri
+
+    client = MlflowClient(tracking_uri=connect_uri(cfg.mlflow["tracking_uri"]))
+    try:
+        client.get_run(cfg.mlflow["run_id"])  # reachable, and these credentials may read the run
+    except Exception as e:
+        return _mlflow_off(cfg, e)
+    return client
+
+
+def _log_epoch(client, cfg: Loop, metrics: dict[str, float], epoch: int):
+    """Log one epoch's metrics; returns the client to log the next one with, None once MLflow failed."""
+    if client is None:
+        return None
+    try:
+        client.log_batch(cfg.mlflow["run_id"], metrics=_mlflow_metrics(metrics, epoch))
+    except Exception as e:
+        return _mlflow_off(cfg, e)
+    return client
+
+
+def _mlflow_off(cfg: Loop, e: Exception):
+    # training goes on: the epochs still reach the driver (Train / Tune reports) and the console
+    from kd_ops.fsio import redact
+
+    first = redact((str(e).strip().splitlines() or [""])[0][:200])  # an error may quote the URI
+    _say(f"[{cfg.label}] warning: MLflow at {cfg.mlflow['tracking_uri']} failed ({type(e).__name__}: {first}); "
+         "this fit logs no more epochs there")
+    return None
 
 
 def _mlflow_metrics(metrics: dict[str, float], step: int):

@@ -84,6 +84,24 @@ def test_secrets_in_uris_are_redacted_where_shown_and_stored():
     assert str(Loc.of("s3://AK:SK@bucket/a?region=us-west-2") / "b") == "s3://AK:***@bucket/a/b?region=us-west-2"
 
 
+@pytest.mark.parametrize("uri, shown", [
+    ("postgresql://kd:pw@db:5432/mlflow", "postgresql://kd:***@db:5432/mlflow"),
+    ("mysql+pymysql://kd:p@ss:w0rd@db/mlflow?charset=utf8mb4", "mysql+pymysql://kd:***@db/mlflow?charset=utf8mb4"),
+    ("https://mlflow.example/?token=T0K", "https://mlflow.example/?token=***"),
+    ("https://h/x?api_key=AK&x-access-key=XK&sig=S&auth=A&Password=P&page=2",
+     "https://h/x?api_key=***&x-access-key=***&sig=***&auth=***&Password=***&page=2"),
+    ("sqlite:////tmp/mlflow.db?password=PW", "sqlite:////tmp/mlflow.db?password=***"),
+    # a URI inside a command line (Ray records the driver's as its job's entrypoint)
+    ("kd run c.yaml --tracking-uri=postgresql://kd:pw@db/m --out s3://b/r?token=T0K --set a=1",
+     "kd run c.yaml --tracking-uri=postgresql://kd:***@db/m --out s3://b/r?token=*** --set a=1"),
+])
+def test_secrets_of_every_scheme_are_redacted(uri, shown):
+    """Database URIs MLflow takes as tracking stores hold their password in the user-info; an
+    unescaped `@` in it must not leave a tail of it visible."""
+    assert redact(uri) == shown
+    assert redact(shown) == shown  # redacting twice changes nothing (a worker compares redacted forms)
+
+
 def _tiny_lm_dir(path, safe: bool):
     """A tiny GPT-2 directory with model.safetensors, or (as older tools saved them) only pytorch_model.bin."""
     from transformers import GPT2Config, GPT2LMHeadModel

@@ -43,17 +43,34 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# The test MLflow server's one user (basic auth; MLflow wants passwords of 12+ characters). Its
+# credentials are in this process's environment before any fixture starts Ray, as a real
+# cluster's pods get them from a Secret: the local raylet, and so every Ray worker, inherits the
+# environment it starts with (the runtime env carries no secret).
+MLFLOW_USER, MLFLOW_PASSWORD = "kd", "s3cr3t-pa55-w0rd"
+os.environ.update(MLFLOW_TRACKING_USERNAME=MLFLOW_USER, MLFLOW_TRACKING_PASSWORD=MLFLOW_PASSWORD)
+
+
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
-    """A real `mlflow server` on 127.0.0.1 with its own sqlite store and artifact root."""
+    """A real `mlflow server` on 127.0.0.1 with its own sqlite store and artifact root, behind
+    MLflow's basic auth (user MLFLOW_USER, password MLFLOW_PASSWORD): a request without them is
+    refused, so a run reaches it only if the credentials really flow."""
     root = tmp_path_factory.mktemp("mlflow-server")
     port = _free_port()
+    (root / "basic_auth.ini").write_text(
+        "[mlflow]\ndefault_permission = NO_PERMISSIONS\n"
+        f"database_uri = sqlite:///{root / 'auth.db'}\n"
+        f"admin_username = {MLFLOW_USER}\nadmin_password = {MLFLOW_PASSWORD}\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+    env = os.environ | {"MLFLOW_AUTH_CONFIG_PATH": str(root / "basic_auth.ini"),
+                        "MLFLOW_FLASK_SERVER_SECRET_KEY": os.urandom(16).hex()}  # the auth app's CSRF key
     log = open(root / "server.log", "w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts"),
-         "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        [sys.executable, "-m", "mlflow", "server", "--app-name", "basic-auth", "--host", "127.0.0.1",
+         "--port", str(port), "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+         "--artifacts-destination", str(root / "artifacts"), "--workers", "1"],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 180  # ~7 s when idle; minutes on a loaded 2-core machine
     while True:
@@ -66,6 +83,14 @@ def mlflow_server(tmp_path_factory):
             proc.kill()
             raise RuntimeError(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
         time.sleep(0.5)
+    try:  # basic auth is really on: an anonymous request is refused
+        urllib.request.urlopen(f"{url}/api/2.0/mlflow/experiments/search?max_results=1", timeout=30).close()
+        anonymous = 200
+    except urllib.request.HTTPError as e:
+        anonymous = e.code
+    if anonymous != 401:
+        os.killpg(proc.pid, 9)
+        raise RuntimeError(f"the test mlflow server answered an anonymous request with {anonymous}, not 401")
     yield url
     os.killpg(proc.pid, 15)
     try:
@@ -126,11 +151,10 @@ def ddp_fits(cfg, out, tmp_path, fit, kwargs, distill: bool = True):
     cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"cache_datasets_mb": 0})})
     lay, task = Layout(out), tasks.for_config(cfg)
     dirs = task.data(lay)
-    sets, rows, cached = stages.datasets(task, dirs, lay, teachers=distill,
-                                         splits={"train": task.train_splits, "val": ("val",)})
-    assert not cached
-    loop = stages.loop(task, cfg.student.factory, kwargs, fit, train_rows=rows["train"], label="ddp",
-                       distill=distill, cached=cached)
+    inputs = stages.datasets(task, dirs, lay, teachers=distill, splits={"train": task.train_splits, "val": ("val",)})
+    assert not inputs.cached
+    sets = inputs.sets
+    loop = stages.loop(task, cfg.student.factory, kwargs, fit, inputs=inputs, label="ddp", distill=distill)
     fits = {}
     for n in (1, 2):
         trace = tmp_path / f"trace-{n}"

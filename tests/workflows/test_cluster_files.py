@@ -202,17 +202,13 @@ def test_kuberay_rayjob_dashboard_is_reachable_by_the_submitter_and_only_inside_
     # nothing in the job's runtime env turns Ray's auth off (a token cluster's driver must keep it)
     env = (yaml.safe_load(job["spec"].get("runtimeEnvYAML") or "{}") or {}).get("env_vars", {})
     assert "RAY_AUTH_MODE" not in env
-    # the NetworkPolicy selects this head and lets in the job's pods, its submitter and the operator
-    policy = yaml.safe_load((CLUSTER / "networkpolicy.yaml").read_text())
-    assert policy["kind"] == "NetworkPolicy" and policy["spec"]["policyTypes"] == ["Ingress"]
+    # a NetworkPolicy selects this head and lets its submitter and the operator in (the job's own
+    # pods: test_every_ray_pod_of_the_job_admits_only_the_jobs_pods)
+    policy = _policies()["kd-ops-ray-head"]
     head_labels = head["template"]["metadata"]["labels"] | {"ray.io/node-type": "head"}  # KubeRay adds node-type
     selected = policy["spec"]["podSelector"]["matchLabels"]
     assert selected.items() <= head_labels.items() and "ray.io/node-type" in selected
-    own, submitter, operator = policy["spec"]["ingress"]
-    (peer,) = own["from"]
-    assert "ports" not in own
-    for group, template in _pod_specs(job).items():  # every Ray pod of the job, all ports
-        assert peer["podSelector"]["matchLabels"].items() <= template["metadata"]["labels"].items(), group
+    submitter, operator = policy["spec"]["ingress"]
     (peer,) = submitter["from"]
     assert peer["podSelector"]["matchLabels"] == {
         "ray.io/originated-from-crd": "RayJob", "ray.io/originated-from-cr-name": job["metadata"]["name"]}
@@ -220,6 +216,34 @@ def test_kuberay_rayjob_dashboard_is_reachable_by_the_submitter_and_only_inside_
     (peer,) = operator["from"]
     assert peer == {"namespaceSelector": {}, "podSelector": {"matchLabels": {"app.kubernetes.io/name": "kuberay-operator"}}}
     assert operator["ports"] == [{"protocol": "TCP", "port": ports["dashboard"]}]
+
+
+def _policies() -> dict[str, dict]:
+    """Name → NetworkPolicy of cluster/networkpolicy.yaml."""
+    docs = list(yaml.safe_load_all((CLUSTER / "networkpolicy.yaml").read_text()))
+    assert all(d["kind"] == "NetworkPolicy" and d["spec"]["policyTypes"] == ["Ingress"] for d in docs)
+    return {d["metadata"]["name"]: d for d in docs}
+
+
+def test_every_ray_pod_of_the_job_admits_only_the_jobs_pods():
+    """Every node's dashboard agent accepts job submissions on its pod IP, not only the head's
+    dashboard: every pod template is selected by an Ingress policy (so what no policy allows is
+    refused), and whatever the policies selecting it let in is a pod of the job, except KubeRay's
+    submitter and operator on the head's dashboard port."""
+    job = _rayjob()
+    policies = _policies().values()
+    own = {"app.kubernetes.io/part-of": "kd-ops"}
+    head_port = [{"protocol": "TCP", "port": 8265}]
+    for group, template in _pod_specs(job).items():
+        labels = template["metadata"]["labels"] | {"ray.io/node-type": "head" if group == "head" else "worker"}
+        assert own.items() <= labels.items(), group
+        selecting = [p for p in policies if p["spec"]["podSelector"]["matchLabels"].items() <= labels.items()]
+        assert selecting, f"no NetworkPolicy selects the {group} pods: anything in the cluster can reach them"
+        for p in selecting:
+            for rule in p["spec"]["ingress"]:
+                for peer in rule.get("from") or [{"anyone": True}]:  # a rule without `from` lets in everything
+                    ours = peer.keys() == {"podSelector"} and own.items() <= peer["podSelector"]["matchLabels"].items()
+                    assert ours or (group == "head" and rule.get("ports") == head_port), (group, p["metadata"]["name"], peer)
 
 
 def test_kuberay_rayjob_pods_run_the_repository_image_with_object_store_credentials():
@@ -241,5 +265,9 @@ def test_kuberay_rayjob_pods_run_the_repository_image_with_object_store_credenti
         for c in template["spec"]["containers"]:
             assert c["workingDir"] == workdir, (group, c["name"])
             assert c["envFrom"] == [{"secretRef": {"name": "kd-ops-s3"}}], (group, c["name"])
+            # MLflow's credentials from their optional Secret, in the pod's env (never the job's runtime env)
+            assert {e["name"]: e["valueFrom"]["secretKeyRef"] for e in c["env"]} == {
+                k: {"name": "kd-ops-mlflow", "key": k, "optional": True}
+                for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_URI")}, (group, c["name"])
             images.add(c["image"])
     assert len(images) == 1, images  # one image: the driver and every worker run the same kd-ops

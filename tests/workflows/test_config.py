@@ -40,6 +40,8 @@ def test_methods_config_searches_the_method_on_the_default_data_and_teachers():
     ("tune.teacher_weighting={choice: [static, votes]}",
      r"tune.teacher_weighting must be a choice among \['static', 'entropy', 'correctness'\]"),
     ("precompute.views=0", r"precompute.views: Input should be greater than or equal to 1"),
+    # a negative seed once reached the view function and failed there as an OverflowError
+    ("precompute.augment_seed=-1", r"precompute.augment_seed: Input should be greater than or equal to 0"),
     ("tune.scheduler=hyperband", r"tune.scheduler: Input should be 'asha' or 'fifo'"),
     ("tune.searcher=bohb", r"tune.searcher: Input should be 'random' or 'optuna'"),
     ("tune.trial_runner=train", r"tune.trial_runner: Input should be 'auto' or 'ray_train'"),

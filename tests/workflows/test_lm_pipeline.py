@@ -91,6 +91,9 @@ def test_the_lm_student_ships_as_onnx_and_int8(lm_run):
     # deploy.qat: always — one epoch of quantization-aware distillation through the GPT-2 student
     assert d["int8"]["qat_epochs"] == 1
     assert d["int8"]["qat_drop"] == pytest.approx(d["int8"]["qat_val_perplexity"] / s["student_val_perplexity"] - 1)
+    # chosen on validation; the test split scores only the INT8 model that ships
+    assert d["int8"]["chosen_by"] == "val_perplexity"
+    assert d["int8"]["test_drop"] == pytest.approx(d["int8"]["test_perplexity"] / s["student"]["test_perplexity"] - 1)
     x = lm.tokenize_and_pack(lm.load_tokenizer(tmp / "out" / "tokenizer"), list(CORPUS.values())[:2], 16)[:4]
     logits = dp.onnx_logits(dp.onnx_session(str(tmp / "out" / "deploy" / "student.onnx")), x.astype(np.int64))
     assert logits.shape == (4, 16, 300)

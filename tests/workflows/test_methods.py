@@ -157,7 +157,7 @@ def test_tune_searches_the_method_and_each_trial_trains_with_its_point(tmp_path)
     assert {"response", "dkd_beta", "schedule", "temperature_end", "feature_weight", "teacher_weighting"} <= set(space)
     assert isinstance(space["response"], ray_tune.search.sample.Categorical)
     base = stages.loop(tasks.for_config(cfg), cfg.student.factory, cfg.student.kwargs, cfg.train.fit,
-                       train_rows=100, label="s", distill=True)
+                       inputs=stages.Inputs({}, {"train": 100}, True, ""), label="s", distill=True)
     assert base.method == method_loss.Method(feature="hint", feature_weight=1.0)
     point = {"response": "dkd", "dkd_beta": 2.5, "schedule": "cosine", "temperature_end": 1.0, "feature_weight": 0.3,
              "temperature": 3.0, "teacher_weighting": "correctness"}

@@ -1,6 +1,8 @@
 """End to end on real Ray, real MLflow (a server on 127.0.0.1) and real Parquet, on a tiny config."""
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import re
 import time
@@ -14,33 +16,45 @@ from mlflow.tracking import MlflowClient
 
 import counting_teacher
 from config_walk import Walk
-from conftest import COUNTER, TINY_DEPLOY, assert_ddp_split, ddp_fits, tiny_config
+from conftest import COUNTER, MLFLOW_PASSWORD, MLFLOW_USER, TINY_DEPLOY, assert_ddp_split, ddp_fits, tiny_config
 from kd_ops import data, evaluate, models, store
-from workflows import commands, pipeline, stages, tasks
+from workflows import commands, console, pipeline, stages, tasks
 from workflows.config import RunConfig, load_config
 from workflows.layout import Layout
+from workflows.tracking import CREDENTIAL_ENV
 
 
 @pytest.fixture(scope="module")
 def tiny_run(ray_session, mlflow_server, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("tiny-run")
-    # credentials in the URI (the test server ignores them): they must not be shown or stored
-    with_secret = mlflow_server.replace("http://", f"http://kd:{SECRET}@")
+    # the server refuses requests without its credentials: here the driver has them only in the URI
+    # (Ray's workers from their node's environment, see conftest); they must not be shown or stored
+    with_secret = mlflow_server.replace("http://", f"http://{MLFLOW_USER}:{SECRET}@")
     # a budget both trials meet: the smaller student is chosen
     cfg = load_config(tiny_config(tmp, tracking={"tracking_uri": with_secret, "experiment": "tiny",
                                                  "registered_model": "tiny-student"},
                                   deploy={**TINY_DEPLOY, "latency_budget_ms": 1000.0, "quality_target": 0.01}))
     out = tmp / "out"
-    with Walk([ROOT / "workflows", ROOT / "kd_ops"], RunConfig) as WALK["tiny"]:
-        summary = pipeline.run(cfg, out)
+    shown = io.StringIO()  # the console, as `kd run` sets it up: kd's lines here, the rest in logs/kd.log
+    with pytest.MonkeyPatch.context() as env, contextlib.redirect_stdout(shown):
+        for k in CREDENTIAL_ENV:
+            env.delenv(k, raising=False)
+        console.setup(out, verbose=False)
+        try:
+            with Walk([ROOT / "workflows", ROOT / "kd_ops"], RunConfig) as WALK["tiny"]:
+                summary = pipeline.run(cfg, out)
+        finally:
+            console.restore()
+    CONSOLE["tiny"] = shown.getvalue()
     return cfg, out, summary, mlflow_server
 
 
 ROOT = Path(__file__).resolve().parents[2]
 WALK: dict[str, Walk] = {}  # how the tiny run's config went through the files
+CONSOLE: dict[str, str] = {}  # what the tiny run printed on the console
 
 
-SECRET = "s3cr3t-pa55"
+SECRET = MLFLOW_PASSWORD
 
 
 def test_summary_has_every_field_and_matches_disk(tiny_run):
@@ -62,6 +76,51 @@ def test_summary_has_every_field_and_matches_disk(tiny_run):
     assert summary["mlflow"]["tracking_uri"] == tiny_run[3]  # without the credentials
     stored = [p for p in out.rglob("*") if p.is_file() and p.suffix in (".json", ".log", ".txt", ".yaml")]
     assert stored and not [p for p in stored if SECRET in p.read_text(errors="replace")]
+
+
+def test_the_tracking_password_reaches_mlflow_and_is_shown_or_stored_nowhere(tiny_run, tmp_path):
+    """The server refuses requests without the password, so the run used it: the driver took it out
+    of the URI, rank 0 of each fit found it in its node's environment (its epochs are logged). It
+    is in no file under --out (summary.json, report.html, logs/kd.log, Tune's tuner.pkl ...), on
+    the console, in any MLflow param, tag or artifact of the run or its registered model, or in
+    the Ray job's runtime env and entrypoint as Ray's job API hands them out."""
+    import ray
+    from ray.util.state import list_jobs
+
+    cfg, out, summary, uri = tiny_run
+    secret = SECRET.encode()
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert {out / "summary.json", out / "report.html", out / "logs" / "kd.log"} <= set(files)
+    assert [p for p in files if secret in p.read_bytes()] == []
+    printed = CONSOLE["tiny"]
+    assert "==> tune" in printed and uri in printed  # the stage lines and the table's footer
+    assert SECRET not in printed
+    # no fit lost MLflow (a rank 0 without the credentials warns and logs no epochs)
+    assert "warning: MLflow at" not in printed + (out / "logs" / "kd.log").read_text(errors="replace")
+
+    client = MlflowClient(uri)  # conftest's MLFLOW_TRACKING_USERNAME / _PASSWORD
+    parent = client.get_run(summary["mlflow"]["parent_run_id"])
+    runs = client.search_runs([parent.info.experiment_id])  # the parent, its children and theirs
+    assert {parent.info.run_name, "student", "deploy", "teacher-t1"} <= {r.info.run_name for r in runs}
+    assert not [(r.info.run_name, k) for r in runs for k, v in (*r.data.params.items(), *r.data.tags.items())
+                if SECRET in v]
+    downloaded = tmp_path / "artifacts"
+    for r in runs:
+        mlflow.artifacts.download_artifacts(run_id=r.info.run_id, dst_path=str(downloaded / r.info.run_id),
+                                            tracking_uri=uri)
+    reg = summary["mlflow"]["registered_model"]
+    mlflow.artifacts.download_artifacts(reg["model_uri"], dst_path=str(downloaded / "model"), tracking_uri=uri,
+                                        registry_uri=uri)
+    assert {"config.json", "summary.json", "report.html", "MLmodel"} <= {p.name for p in downloaded.rglob("*")}
+    assert [p for p in downloaded.rglob("*") if p.is_file() and secret in p.read_bytes()] == []
+
+    job_id = ray.get_runtime_context().get_job_id()
+    (job,) = [j for j in list_jobs(detail=True, limit=10_000) if j.job_id == job_id]
+    assert job.runtime_env["env_vars"]["RAY_ADDRESS"]  # the driver's runtime env, as the dashboard shows it
+    assert not set(job.runtime_env["env_vars"]) & {"MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"}
+    handed_out = json.dumps([job.runtime_env, job.entrypoint, job.metadata, ray.get_runtime_context().runtime_env],
+                            default=str)
+    assert SECRET not in handed_out
 
 
 def test_the_config_goes_down_through_the_files_never_back_up_to_a_caller(tiny_run):
@@ -190,10 +249,22 @@ def test_the_student_ships_as_onnx_and_int8_timed_on_the_target(tiny_run):
     graph = onnx.load(str(out / "deploy" / "student.int8.onnx")).graph
     assert {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in graph.node}
     assert 0 < d["int8"]["weight_bytes"] < d["onnx"]["fp32_weight_bytes"]
-    # deploy.qat: always — QAT ran; its INT8 model ships only when it lost less than PTQ's
+    # deploy.qat: always — QAT ran; its INT8 model ships only when it lost less than PTQ's on the
+    # validation split: the choice reads validation only, the test split scores what ships
     i8 = d["int8"]
-    assert i8["calibration_rows"] == 64 and i8["qat_epochs"] == 1 and 0 <= i8["qat_test_accuracy"] <= 1
+    assert i8["calibration_rows"] == 64 and i8["qat_epochs"] == 1 and 0 <= i8["qat_val_accuracy"] <= 1
+    assert i8["chosen_by"] == "val_accuracy" and not {"ptq_test_accuracy", "qat_test_accuracy"} & set(i8)
+    val = data.read_inputs(out / "data" / "val", ["x"])
+    student = models.load_weights(models.build(cfg.student.factory, summary["student"]["config"]["student_kwargs"]),
+                                  _student_weights(out))
+    fp32_val = evaluate.accuracy(evaluate.predict_logits(student.eval(), val.x), val.y)
+    assert i8["fp32_val_accuracy"] == pytest.approx(fp32_val, abs=1e-9)
+    assert i8["ptq_drop"] == pytest.approx(i8["fp32_val_accuracy"] - i8["ptq_val_accuracy"], abs=1e-12)
+    assert i8["qat_drop"] == pytest.approx(i8["fp32_val_accuracy"] - i8["qat_val_accuracy"], abs=1e-12)
     assert i8["method"] == ("qat" if i8["qat_drop"] < i8["ptq_drop"] else "ptq")
+    shipped = dp.onnx_logits(dp.onnx_session(str(out / "deploy" / "student.int8.onnx")), val.x)
+    assert evaluate.accuracy(shipped, val.y) == pytest.approx(i8[i8["method"] + "_val_accuracy"], abs=1e-9)
+    assert i8["test_drop"] == pytest.approx(summary["student"]["test_accuracy"] - i8["test_accuracy"], abs=1e-12)
     assert (out / "deploy" / "student.qat.onnx").exists() == (i8["method"] == "qat")
     timed = {(r["runtime"], r["batch"]) for r in d["latency"]}
     assert timed == {(rt, b) for rt in ("teacher-pytorch-fp32", "pytorch-fp32", "onnxruntime-fp32", "onnxruntime-int8")
@@ -245,3 +316,12 @@ def test_a_budget_no_trial_meets_exits_2_naming_the_closest(tiny_run, tmp_path, 
     assert named and any(named.group(1) in t for t in trials), (err[0], trials)
     assert not (out / "summary.json").exists()
     (out / "summary.json").write_text(json.dumps(summary, default=str))
+
+
+def _student_weights(out: Path) -> Path:
+    """The final KD student's best weights (what was registered and exported)."""
+    from kd_ops import checkpoint as ckpt
+    from workflows import train
+
+    run = out / "ray" / "student"
+    return run / json.loads((run / train.DONE).read_text())["checkpoint"] / ckpt.BEST

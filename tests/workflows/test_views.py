@@ -54,8 +54,9 @@ def test_views_are_stored_per_view_and_each_row_gets_one_view_with_its_logits(ra
     stored = np.stack([_teacher_logits(w, views[k]) for k in range(K)])              # [K, N, C]
     pos = {int(i): n for n, i in enumerate(ids)}
     drawn = []
-    for epoch in range(2):
-        batch = next(iter(ds.iter_batches(batch_size=n_rows, batch_format="numpy")))
+    for epoch in (1, 2):
+        raw = next(iter(ds.iter_batches(batch_size=n_rows, batch_format="numpy")))
+        batch = ingest.ViewPicker(ingest.Views(K, fn, SEED), epoch).pick(raw)
         assert set(batch) == {"x", "y", "id", "logits"} and batch["logits"].shape == (n_rows, 1, 10)
         n = np.array([pos[int(i)] for i in batch["id"]])
         # each row's x is one of its K views, and its logits are that view's

@@ -53,20 +53,18 @@ def _one(path: str, overrides: list[str], method: list[str] | None, seed: int, l
     task = tasks.for_config(cfg)
     kwargs = task.student_kwargs(teachers)
     if method is None:
-        sets, rows, cached = stages.datasets(task, dirs, lay, teachers=False,
-                                             splits={"train": ("train",), "val": ("val",)})
-        loop = stages.loop(task, cfg.student.factory, kwargs, cfg.train.fit, train_rows=rows["train"],
-                           label=label, cached=cached)
+        inputs = stages.datasets(task, dirs, lay, teachers=False, splits={"train": ("train",), "val": ("val",)})
+        loop = stages.loop(task, cfg.student.factory, kwargs, cfg.train.fit, inputs=inputs, label=label)
     else:
         features = stages.feature_plan(task, dirs, lay)
         stages.precompute_features(task, teachers, dirs, lay, None)
         stages.precompute_views(task, teachers, dirs, lay, None)
         names, weights, _ = chain.run(task, teachers, dirs, lay, None, test_set)
-        sets, rows, cached = stages.datasets(task, dirs, lay, teachers=names, features=features,
-                                             splits={"train": task.train_splits, "val": ("val",)})
-        loop = stages.loop(task, cfg.student.factory, kwargs, cfg.train.fit, train_rows=rows["train"],
-                           label=label, distill=True, cached=cached, teacher_weights=weights, features=features)
-    res = train.fit(loop, sets, name=f"bench-{label}", storage=lay.ray, **stages.workers(cfg.train))
+        inputs = stages.datasets(task, dirs, lay, teachers=names, features=features,
+                                 splits={"train": task.train_splits, "val": ("val",)})
+        loop = stages.loop(task, cfg.student.factory, kwargs, cfg.train.fit, inputs=inputs,
+                           label=label, distill=True, teacher_weights=weights, features=features)
+    res = train.fit(loop, inputs.sets, name=f"bench-{label}", storage=lay.ray, **stages.workers(cfg.train))
     row = task.model_report(loop, res.weights, {"test": test_set})
     return row["test_accuracy"], row["params"], time.perf_counter() - start
 
@@ -83,7 +81,7 @@ def teachers_and_store(task, out: str):
     teachers = stages.teachers(task, dirs, lay, None)
     stages.stage_precompute(task, teachers, dirs, lay, None)
     stages.precompute_views(task, teachers, dirs, lay, None)
-    kd_sets, _, _ = stages.datasets(task, dirs, lay, teachers=True, splits={"test": ("test",)})
+    kd_sets = stages.datasets(task, dirs, lay, teachers=True, splits={"test": ("test",)}).sets
     return lay, dirs, teachers, kd_sets
 
 

@@ -99,10 +99,10 @@ def run(path: str, out: str, overrides: list[str], trials: int, epochs: int, sea
         raise ValueError("kd bench tune searches a classification student; give a classification config")
     lay, dirs, teachers, kd_sets = methods.teachers_and_store(task, out)
     names, weights, _ = chain.run(task, teachers, dirs, lay, None, kd_sets["test"])
-    sets, rows, cached = stages.datasets(task, dirs, lay, teachers=names,
-                                         splits={"train": task.train_splits, "val": ("val",)})
+    inputs = stages.datasets(task, dirs, lay, teachers=names, splits={"train": task.train_splits, "val": ("val",)})
+    sets = inputs.sets
     base = stages.loop(task, cfg.student.factory, task.student_kwargs(teachers), cfg.train.fit,
-                       train_rows=rows["train"], label="bench", distill=True, cached=cached, teacher_weights=weights)
+                       inputs=inputs, label="bench", distill=True, teacher_weights=weights)
     base = base.replace(epochs=epochs)
 
     def search(label: str, extra: list[str]) -> dict[str, Any]:

@@ -1,0 +1,73 @@
+"""Every choice reads the validation split: warnings, the budget's pick (by a trial's best epoch,
+as Tune's pick) and the check of the retrained final student against the quality target. The
+test split only scores what ships. (INT8's PTQ-or-QAT choice on a real run: test_pipeline.py.)"""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pandas as pd
+import pytest
+
+from workflows import advice, deploy
+from workflows.config import TuneConfig
+from workflows.tune import _best_epoch
+
+CFG = SimpleNamespace(tune=TuneConfig())
+
+
+def _summary(kd_val: float, kd_test: float, lo_val: float, lo_test: float, **extra) -> dict:
+    return {"student": {"val_accuracy": kd_val, "test_accuracy": kd_test},
+            "label_only_student": {"val_accuracy": lo_val, "test_accuracy": lo_test},
+            "teachers": [{"name": "t", "val_accuracy": 0.9, "test_accuracy": 0.5}],
+            "val_rows": 5000, "test_rows": 5000, **extra}
+
+
+def test_warnings_follow_the_validation_split_where_it_and_the_test_split_disagree():
+    # test says the label-only student wins by far and the teacher is weak; validation says neither
+    assert advice.warnings(_summary(0.90, 0.60, 0.80, 0.85), CFG, None) == []
+    # validation says the label-only student wins; test says the opposite
+    w = advice.warnings(_summary(0.60, 0.90, 0.85, 0.80), CFG, None)
+    assert len(w) == 1 and w[0].startswith("the label-only student (val accuracy 0.8500) beats the KD student (0.6000)")
+    assert "on 5000 validation rows" in w[0]
+
+
+def test_a_trial_counts_by_its_best_epoch_as_tunes_own_pick():
+    frame = pd.DataFrame({"training_iteration": [1, 2, 3], "val_accuracy": [0.5, 0.8, 0.7],
+                          "val_agreement": [0.4, 0.9, 0.6]})
+    last = {"training_iteration": 3, "val_accuracy": 0.7, "val_agreement": 0.6}
+    best = _best_epoch(SimpleNamespace(metrics_dataframe=frame, metrics=last), "val_accuracy", "max")
+    assert (best["training_iteration"], best["val_accuracy"], best["val_agreement"]) == (2, 0.8, 0.9)
+    frame = pd.DataFrame({"training_iteration": [1, 2], "val_perplexity": [9.0, 12.0]})
+    assert _best_epoch(SimpleNamespace(metrics_dataframe=frame, metrics={}), "val_perplexity", "min")[
+        "val_perplexity"] == 9.0
+    assert _best_epoch(SimpleNamespace(metrics_dataframe=None, metrics=last), "val_accuracy", "max") == last
+
+
+def test_a_quality_target_with_no_trial_scored_is_one_clear_error():
+    trials = [{"trial_id": "a", "quality": None, "latency_ms": 1.0, "params": 10},
+              {"trial_id": "b", "quality": float("nan"), "latency_ms": 2.0, "params": 20}]
+    with pytest.raises(ValueError, match=r"deploy.quality_target=0.9: none of the 2 tune trials reported a "
+                                         r"validation score"):
+        deploy.pick_under_budget(trials, 5.0, 0.9, lm=False)
+    # without a target a trial with no score can still be named by its latency
+    with pytest.raises(ValueError, match=r"the closest, trial a \(10 params\), reached 1.000 ms \(budget 0.5 ms\)"):
+        deploy.pick_under_budget(trials, 0.5, None, lm=False)
+
+
+@pytest.mark.parametrize("lm, student, reference, target, warned", [
+    (False, {"val_accuracy": 0.80}, 0.90, 0.95, True),    # 0.889 × the ensemble < 0.95
+    (False, {"val_accuracy": 0.88}, 0.90, 0.95, False),   # 0.978 ≥ 0.95
+    (True, {"val_perplexity": 12.0}, None, 10.0, True),   # perplexity above its ceiling
+    (True, {"val_perplexity": 9.0}, None, 10.0, False),
+])
+def test_the_retrained_final_student_is_checked_against_the_target_again(lm, student, reference, target, warned):
+    s = {"task": "lm" if lm else "classification", "student": student, "teachers": [],
+         "deploy": {"budget": {"quality_target": target, "reference": reference, "chosen_trial": "t7"}}}
+    if lm:
+        s |= {"label_only_student": {"val_perplexity": 99.0}}
+    else:
+        s |= {"label_only_student": {"val_accuracy": 0.1}, "val_rows": 100}
+    got = [w for w in advice.warnings(s, CFG, None) if w.startswith("the final student's quality")]
+    assert len(got) == warned
+    if warned:
+        assert f"misses deploy.quality_target={target}, which trial t7 met in the search" in got[0]
