@@ -350,6 +350,15 @@ class DeployTarget(Strict):
             raise ValueError(f"batch sizes must be >= 1, got {v}")
         return v
 
+    def ray_options(self) -> dict[str, Any]:
+        """The `.options()` of the Ray task that times models here."""
+        opts: dict[str, Any] = {"num_cpus": self.threads}
+        if self.resources:
+            opts["resources"] = dict(self.resources)
+        if self.accelerator_type:
+            opts |= {"num_gpus": 1, "accelerator_type": self.accelerator_type}
+        return opts
+
 
 class DeployConfig(Strict):
     """What ships: the student exported to ONNX, quantized to INT8, timed on the target, chosen under a budget."""

@@ -23,7 +23,7 @@ import ray
 
 from kd_ops import data, deploy as dp, evaluate, models
 from kd_ops.fsio import Loc
-from workflows import console, evaluation, stages, train, tune
+from workflows import console, evaluation, stages, tune
 from workflows.loop import Loop
 from workflows.layout import Layout
 
@@ -141,9 +141,12 @@ def _int8(task, lay, loop: Loop, weights, kd_sets, train_sets, fp32_row, calib, 
     validation split (`task.choice_key`); the test split scores only the INT8 model that ships."""
     cfg = task.cfg
     d, key = cfg.deploy, task.choice_key
-    fp32_val = task.choice_score(loop, weights, kd_sets)
+    def val_score(onnx: Path) -> float:  # the ONNX files compared: what quantization alone changed
+        return task.choice_score(_onnx_loop(loop, onnx), None, kd_sets)
+
+    fp32_val = val_score(fp32)
     int8 = dp.quantize_int8(fp32, calib, work / "student.int8.onnx")
-    ptq = task.choice_score(_onnx_loop(loop, int8), None, kd_sets)
+    ptq = val_score(int8)
     drop = task.int8_drop(fp32_val, ptq)
     row = {"method": "ptq", "chosen_by": key, "calibration_rows": len(calib), "file_bytes": dp.file_bytes(int8),
            "weight_bytes": dp.weight_bytes(int8), "fp32_" + key: fp32_val, "ptq_" + key: ptq, "ptq_drop": drop,
@@ -163,7 +166,7 @@ def _int8(task, lay, loop: Loop, weights, kd_sets, train_sets, fp32_row, calib, 
             model = models.load_weights(models.build(loop.factory, loop.kwargs), res.weights).eval()
             _export(model, calib[:64], task, work / "student.qat.onnx", d.opset)
             qint8 = dp.quantize_int8(work / "student.qat.onnx", calib, work / "student.qat.int8.onnx")
-            qat = task.choice_score(_onnx_loop(loop, qint8), None, kd_sets)
+            qat = val_score(qint8)
         qdrop = task.int8_drop(fp32_val, qat)
         console.say(f"deploy: INT8 after {d.qat_epochs} epochs of quantization-aware distillation "
                     f"{key} {qat:.4f}: drop {qdrop:.4f} (PTQ alone {drop:.4f})")
@@ -181,37 +184,13 @@ def _gpu_note(d) -> str:
             else "GPU latency: not measured (deploy.target names no accelerator)")
 
 
-def check_target(cfg) -> None:
-    """Some node can hold the deploy stage's timing task (`deploy.target`), checked before any
-    teacher runs: ResourceWaitError naming the resources after train.resource_wait_s otherwise
-    (nodes may still be on their way), instead of a run that hangs after all its training."""
-    if not cfg.deploy.enabled:
-        return
-    opts = _options(cfg.deploy)
-    bundle = {"CPU": opts["num_cpus"], **opts.get("resources", {})}
-    if cfg.deploy.target.accelerator_type:
-        bundle |= {"GPU": 1, f"accelerator_type:{cfg.deploy.target.accelerator_type}": 0.001}
-    train.wait_for_a_node(bundle, "deploy.target", "Fix deploy.target (threads, resources, accelerator_type) to "
-                          "match a node, add such a node, or set deploy.enabled: false", cfg.train.resource_wait_s)
-
-
-def _options(d) -> dict[str, Any]:
-    t = d.target
-    opts: dict[str, Any] = {"num_cpus": t.threads}
-    if t.resources:
-        opts["resources"] = dict(t.resources)
-    if t.accelerator_type:
-        opts |= {"num_gpus": 1, "accelerator_type": t.accelerator_type}
-    return opts
-
-
 def latency_on_target(d, task, student: dict, fp32: bytes, int8: bytes | None, teacher: dict | None,
                       rows: np.ndarray) -> dict[str, Any]:
     """Median and p95 latency of the teacher (PyTorch), the student in PyTorch fp32, ONNX Runtime
     fp32 and INT8, per batch size, measured by one Ray task placed on `deploy.target`."""
     t = d.target
     console.say(f"deploy: timing on the target ({_describe(t)}), {t.runs} runs per runtime and batch size")
-    ref = ray.remote(_measure).options(**_options(d)).remote(
+    ref = ray.remote(_measure).options(**d.target.ray_options()).remote(
         student, fp32, int8, teacher, _example(rows, task), t.batch_sizes, t.threads, t.runs, t.warmup,
         bool(t.accelerator_type))
     res = ray.get(ref)
@@ -298,7 +277,7 @@ def trial_latencies(task, loop: Loop, trials: list[dict], width_kwarg: str,
     deploy.budget_batch_size on the target (latency depends on the architecture, not the weights)."""
     widths = sorted({int(t.get("student_width", loop.kwargs.get(width_kwarg, 0))) for t in trials})
     d = task.cfg.deploy
-    ref = ray.remote(_measure_widths).options(**_options(d)).remote(
+    ref = ray.remote(_measure_widths).options(**d.target.ray_options()).remote(
         loop.factory, loop.kwargs, width_kwarg, widths, _example(rows, task), d.budget_batch_size,
         d.target.threads, d.target.runs, d.target.warmup, d.opset)
     return ray.get(ref)

@@ -49,8 +49,7 @@ def run(cfg: RunConfig, out: Path, *, tracking_uri: str | None = None, ray_addre
         mlflow.log_dict(redacted(cfg.model_dump(mode="json")), "config.json")
         step("data")
         dirs = task.data(lay)
-        features = stages.check_run(task, dirs, lay)  # inputs, views, feature layers: before any teacher runs
-        deploy.check_target(cfg)
+        features = stages.check_run(task, dirs, lay, target=True)  # before any teacher runs
         chain.warn_sizes(cfg, cfg.teachers)
         step("teachers")
         teachers = stages.teachers(task, dirs, lay, tracker)

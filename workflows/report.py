@@ -12,24 +12,23 @@ def print_summary(s: dict[str, Any], console: Console | None = None) -> None:
     if s.get("task") == "lm":
         return _print_lm(s, console)
     t = Table(title=f"kd-ops run: {s['name']}")
-    for col in ("model", "params", "test acc", "vs ensemble", "agreement w/ ensemble"):
+    for col in ("model", "params", "test acc", "95% interval", "vs ensemble", "agreement w/ ensemble"):
         t.add_column(col, justify="left" if col == "model" else "right")
     ens = s["ensemble_test_accuracy"]
     for row in s["teachers"]:
         t.add_row(f"teacher {row['name']}", f"{row['params']:,}", f"{row['test_accuracy']:.4f}",
-                  f"{row['test_accuracy'] / ens:.3f}", "")
-    t.add_row("teacher ensemble (uniform)", "", f"{ens:.4f}", "1.000", "")
-    for r in s.get("chain") or []:  # TAKD assistants / born-again generations, in training order
-        t.add_row(r["name"], f"{r['params']:,}", f"{r['test_accuracy']:.4f}", f"{r['test_accuracy'] / ens:.3f}",
-                  f"{r.get('test_agreement', float('nan')):.4f}")
-    for label, key in (("KD student", "student"), ("label-only student", "label_only_student")):
-        r = s[key]
-        t.add_row(label, f"{r['params']:,}", f"{r['test_accuracy']:.4f}", f"{r['test_accuracy'] / ens:.3f}",
-                  f"{r.get('test_agreement', float('nan')):.4f}")
+                  interval(row.get("test_accuracy_ci95")), f"{row['test_accuracy'] / ens:.3f}", "")
+    t.add_row("teacher ensemble (uniform)", "", f"{ens:.4f}", interval(s.get("ensemble_test_accuracy_ci95")),
+              "1.000", "")
     i8 = (s.get("deploy") or {}).get("int8")
+    students = [(r["name"], r, r["params"]) for r in s.get("chain") or []]  # TAKD / born-again, in training order
+    students += [("KD student", s["student"], s["student"]["params"]),
+                 ("label-only student", s["label_only_student"], s["label_only_student"]["params"])]
     if i8:
-        t.add_row(f"INT8 student ({i8['method'].upper()})", f"{s['student']['params']:,}", f"{i8['test_accuracy']:.4f}",
-                  f"{i8['test_accuracy'] / ens:.3f}", f"{i8.get('test_agreement', float('nan')):.4f}")
+        students.append((f"INT8 student ({i8['method'].upper()})", i8, s["student"]["params"]))
+    for label, r, params in students:
+        t.add_row(label, f"{params:,}", f"{r['test_accuracy']:.4f}", interval(r.get("test_accuracy_ci95")),
+                  f"{r['test_accuracy'] / ens:.3f}", f"{r.get('test_agreement', float('nan')):.4f}")
     console.print(t)
     _print_deploy(s, console)
     c = s["student"]["config"]
@@ -37,6 +36,11 @@ def print_summary(s: dict[str, Any], console: Console | None = None) -> None:
     console.print(f"chosen: T={c['temperature']:.2f} alpha={c['alpha']:.2f} student={c['student_kwargs']} "
                   f"teacher weights=[{weights}]" + (f" method: {_method(c['method'])}" if "method" in c else ""))
     console.print(_footer(s, f"store {s['store_bytes'] / 1e6:.1f} MB"))
+
+
+def interval(ci: Any) -> str:
+    """A 95% interval `[lo, hi]` as `0.912–0.923` ("" where there is none)."""
+    return f"{ci[0]:.3f}–{ci[1]:.3f}" if isinstance(ci, (list, tuple)) and len(ci) == 2 else ""
 
 
 def _method(m: dict[str, Any]) -> str:

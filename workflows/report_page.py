@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from kd_ops.fsio import Loc
+from workflows.report import interval
 
 DASH = "—"
 LATENCY_RUNTIMES = ("teacher-pytorch-fp32", "pytorch-fp32", "onnxruntime-fp32", "onnxruntime-int8")
@@ -252,7 +253,8 @@ def _models(s: dict[str, Any], deploy: dict[str, Any]) -> str:
         rows.append((f"teacher {t.get('name', '?')}", t, t.get("params"), teacher_bytes if i == 0 else None,
                      teacher_ms if i == 0 else None, True, ""))
     if not lm and ens is not None:
-        rows.append(("teacher ensemble (uniform)", {"test_accuracy": ens, "test_ece": s.get("ensemble_test_ece")},
+        rows.append(("teacher ensemble (uniform)", {"test_accuracy": ens, "test_ece": s.get("ensemble_test_ece"),
+                                                    "test_accuracy_ci95": s.get("ensemble_test_accuracy_ci95")},
                      None, None, None, True, "group"))
     for r in _list(s.get("chain")):
         if isinstance(r, dict):
@@ -271,7 +273,7 @@ def _models(s: dict[str, Any], deploy: dict[str, Any]) -> str:
     if lm:
         quality = [("val perplexity", True), ("test perplexity", True), ("top-1 agreement w/ teacher", True)]
     else:
-        quality = [("test accuracy", True), ("vs ensemble", True), ("agreement w/ ensemble", True),
+        quality = [("test accuracy", True), ("95% interval", True), ("vs ensemble", True), ("agreement w/ ensemble", True),
                    ("calibration error (ECE)", True)]
     headers = [("model", False), *quality, ("params", True), ("params ×", True), ("file size", True),
                ("file size ×", True), ("latency batch 1 (ms)", True), ("latency × vs teacher", True)]
@@ -281,7 +283,8 @@ def _models(s: dict[str, Any], deploy: dict[str, Any]) -> str:
             q = [_cell(_f(r.get("val_perplexity"), ".3f")), _cell(_f(r.get("test_perplexity"), ".3f")),
                  _cell(_f(r.get("top1_agreement", r.get("test_agreement"))))]
         else:
-            q = [_cell(_f(r.get("test_accuracy"))), _cell(_f(_ratio(r.get("test_accuracy"), ens), ".3f")),
+            q = [_cell(_f(r.get("test_accuracy"))), _cell(_e(interval(r.get("test_accuracy_ci95")))),
+                 _cell(_f(_ratio(r.get("test_accuracy"), ens), ".3f")),
                  _cell(_f(r.get("test_agreement"))), _cell(_f(r.get("test_ece")))]
         params_x = "" if teacher else _times(_ratio(ref_params, params), "fewer", "more")
         bytes_x = "" if teacher else (_times(_ratio(teacher_bytes, fbytes), "smaller", "larger") if fbytes is not None else DASH)
@@ -292,7 +295,8 @@ def _models(s: dict[str, Any], deploy: dict[str, Any]) -> str:
     caption = (f"Ratios (×) are to teacher <b>{_e(ref)}</b>: its params, its file size and its latency. "
                "Latency is the batch-1 median on the deploy target: teacher and KD student in PyTorch fp32, "
                "the INT8 student in ONNX Runtime. File size: the teacher's and KD student's weights files, "
-               "the INT8 student's ONNX file.")
+               "the INT8 student's ONNX file. 95% interval: the Wilson interval of the test accuracy on the "
+               "test split's rows.")
     title = "Models (LM: perplexity, lower is better)" if lm else "Models"
     return _section(title, _table("models", headers, out, caption))
 

@@ -82,11 +82,28 @@ def train_teachers(task, todo: list[tuple[TeacherConfig, str, dict]], dirs, lay:
     return concurrent_fits.run_all(fit, range(len(todo)), at_once)
 
 
-def check_run(task, dirs: dict[str, Path], lay: Layout) -> FeaturePlan | None:
+def check_run(task, dirs: dict[str, Path], lay: Layout, *, target: bool = False) -> FeaturePlan | None:
     """Everything that can be checked before a teacher trains or runs: the inputs (`check_inputs`),
-    the view function (`check_views`) and feature KD's layers; returns the feature plan (`feature_plan`)."""
+    the view function (`check_views`), with `target` the deploy target (`check_target`) and feature
+    KD's layers; returns the feature plan (`feature_plan`)."""
     check_inputs(task, dirs, lay)
+    if target:
+        check_target(task.cfg)
     return feature_plan(task, dirs, lay)
+
+
+def check_target(cfg) -> None:
+    """Some node can hold the deploy stage's timing task (`deploy.target`): ResourceWaitError naming
+    the resources after train.resource_wait_s otherwise (nodes may still be on their way), instead
+    of a run that hangs after all its training."""
+    if not cfg.deploy.enabled:
+        return
+    opts = cfg.deploy.target.ray_options()
+    bundle = {"CPU": opts["num_cpus"], **opts.get("resources", {})}
+    if opts.get("accelerator_type"):
+        bundle |= {"GPU": 1, f"accelerator_type:{opts['accelerator_type']}": 0.001}
+    train.wait_for_a_node(bundle, "deploy.target", "Fix deploy.target (threads, resources, accelerator_type) to "
+                          "match a node, add such a node, or set deploy.enabled: false", cfg.train.resource_wait_s)
 
 
 def check_inputs(task, dirs: dict[str, Path], lay: Layout) -> None:

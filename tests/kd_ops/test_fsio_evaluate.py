@@ -87,3 +87,16 @@ def test_lm_kl_and_rates_per_position():
     assert out["kl"] == pytest.approx(0.0, abs=1e-5)
     r = evaluate.rates(out, "lm")
     assert r["perplexity"] == pytest.approx(7.0, rel=1e-5) and r["top1_agreement"] == out["agree"] / 10
+
+
+def test_interval95_is_wilsons_and_narrows_with_rows():
+    # Wilson's interval by hand for 90 of 100: centre (p + z²/2n)/(1 + z²/n), half-width z·√(p(1-p)/n + z²/4n²)/(1 + z²/n)
+    lo, hi = evaluate.interval95(0.9, 100)
+    assert (round(lo, 4), round(hi, 4)) == (0.8256, 0.9448)
+    assert lo < 0.9 < hi and hi - 0.9 < 0.9 - lo  # skewed away from the bound at 1
+    # what the demo's splits resolve: ±2.6 points on 500 rows, ±0.6 on 10,000
+    assert evaluate.interval95(0.9, 500)[1] - evaluate.interval95(0.9, 500)[0] == pytest.approx(0.052, abs=0.002)
+    assert evaluate.interval95(0.9, 10_000)[1] - evaluate.interval95(0.9, 10_000)[0] == pytest.approx(0.0118, abs=0.0003)
+    assert evaluate.interval95(1.0, 50) == (pytest.approx(0.9287, abs=1e-4), 1.0)  # inside [0, 1]
+    assert evaluate.interval95(0.0, 50)[0] == pytest.approx(0.0, abs=1e-12)
+    assert evaluate.interval95(0.5, 0) == (0.0, 1.0)

@@ -199,8 +199,12 @@ def test_a_kd_run_killed_during_tune_continues_where_it_stopped(tmp_path):
     from conftest import tiny_config
     from test_data_plane import ROOT, _env, _kd
 
-    cfg = tiny_config(tmp_path, tune={"num_samples": 4, "max_concurrent_trials": 1, "epochs": 2, "grace_period": 2,
-                                      "student_width": {"choice": [4, 6]}},
+    # one teacher, one epoch: the point is the search, killed and resumed
+    teacher = {"name": "t1", "factory": "counting_teacher:make", "kwargs": {"width": 8}, "fit": {"epochs": 1}}
+    cfg = tiny_config(tmp_path, teachers=[teacher], data={"mnist1d": {"labelled": 400, "val": 100, "test": 100,
+                                                                      "transfer": 0}},
+                      tune={"num_samples": 4, "max_concurrent_trials": 1, "epochs": 2, "grace_period": 2,
+                            "student_width": {"choice": [4, 6]}},
                       train={"fit": {"epochs": 1}, "label_only_fit": {"epochs": 1}},
                       student={"factory": "slow_student:make", "kwargs": {"width": 4}})
     out, db = tmp_path / "out", f"sqlite:///{tmp_path / 'mlflow.db'}"

@@ -136,7 +136,7 @@ def test_kd_run_with_a_teacher_assistant_online_features_and_dkd(ray_session, ca
     # quantization-aware distillation (deploy.qat: always) trains with DKD; the feature term is left out
     # (its projection is not shipped), so the fine-tune runs without the online feature teacher
     i8 = s["deploy"]["int8"]
-    assert i8["qat_epochs"] == 1 and 0 <= i8["qat_test_accuracy"] <= 1
+    assert i8["qat_epochs"] == 1 and 0 <= i8["qat_val_accuracy"] <= 1
     assert runs["deploy"].data.tags["mlflow.parentRunId"] == parent
     assert runs["qat-student"].data.tags["mlflow.parentRunId"] == runs["deploy"].info.run_id
     assert runs["qat-student"].data.params["epochs"] == "1"

@@ -1,6 +1,7 @@
 """A `kd run` whose inputs, teacher weights and --out are s3:// URIs on a real S3-compatible server
 (moto in server mode, started here on 127.0.0.1): the store, Train/Tune checkpoints, the summary and
-the MLflow artifacts land in the bucket, and a rerun reuses the store there without running a teacher."""
+the MLflow artifacts land in the bucket, and a rerun (`kd precompute`) reuses the store there without
+running a teacher."""
 from __future__ import annotations
 
 import json
@@ -53,7 +54,7 @@ def test_a_run_on_s3_lands_in_the_bucket_and_a_rerun_reuses_the_store(s3, tmp_pa
            "student": {"kwargs": {"width": 4}},
            "train": {"fit": {"epochs": 2}, "label_only_fit": {"epochs": 1}},
            "precompute": {"batch_size": 100, "num_actors": 1},
-           "tune": {"num_samples": 2, "max_concurrent_trials": 1, "epochs": 1, "grace_period": 1,
+           "tune": {"num_samples": 2, "max_concurrent_trials": 2, "epochs": 1, "grace_period": 1,
                     "student_width": {"choice": [4, 6]}},
            "tracking": {"experiment": "s3", "registered_model": "s3-student"},
            "deploy": {"enabled": False}}  # its latency task would run the counting teacher too
@@ -81,8 +82,9 @@ def test_a_run_on_s3_lands_in_the_bucket_and_a_rerun_reuses_the_store(s3, tmp_pa
     summary = json.loads(Loc.of(f"{out}/summary.json").read_text())
     assert len(summary["tune_trials"]) == 2 and 0.0 <= summary["student"]["test_accuracy"] <= 1.0
 
-    open(counter, "w").close()
-    again = subprocess.run(argv, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    open(counter, "w").close()  # `kd precompute` reads the store as `kd run` does, without the fits after it
+    again = subprocess.run([*argv[:3], "precompute", *argv[4:]], env=env, cwd=ROOT, capture_output=True, text=True,
+                           timeout=600)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert counting_teacher.rows(counter) == []  # no teacher forward pass: the store in the bucket was reused
     assert "precompute t: store is current" in again.stdout + again.stderr

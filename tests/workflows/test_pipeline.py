@@ -129,7 +129,8 @@ def test_the_config_goes_down_through_the_files_never_back_up_to_a_caller(tiny_r
     walk = WALK["tiny"]
     assert {"workflows/pipeline.py", "workflows/tasks.py", "workflows/stages.py", "workflows/deploy.py"} <= set(walk.entered)
     assert walk.climbs == set(), walk.report()
-    assert len(walk.returns) <= 20, walk.report()
+    # 21: deploy returns to the task once more since INT8 is chosen on validation scores (task.choice_score)
+    assert len(walk.returns) <= 21, walk.report()
 
 
 def test_store_holds_the_teachers_raw_logits_keyed_by_id(tiny_run):
@@ -255,9 +256,8 @@ def test_the_student_ships_as_onnx_and_int8_timed_on_the_target(tiny_run):
     assert i8["calibration_rows"] == 64 and i8["qat_epochs"] == 1 and 0 <= i8["qat_val_accuracy"] <= 1
     assert i8["chosen_by"] == "val_accuracy" and not {"ptq_test_accuracy", "qat_test_accuracy"} & set(i8)
     val = data.read_inputs(out / "data" / "val", ["x"])
-    student = models.load_weights(models.build(cfg.student.factory, summary["student"]["config"]["student_kwargs"]),
-                                  _student_weights(out))
-    fp32_val = evaluate.accuracy(evaluate.predict_logits(student.eval(), val.x), val.y)
+    # drops are measured between ONNX files (fp32 and INT8): what quantization alone changed
+    fp32_val = evaluate.accuracy(dp.onnx_logits(dp.onnx_session(str(out / "deploy" / "student.onnx")), val.x), val.y)
     assert i8["fp32_val_accuracy"] == pytest.approx(fp32_val, abs=1e-9)
     assert i8["ptq_drop"] == pytest.approx(i8["fp32_val_accuracy"] - i8["ptq_val_accuracy"], abs=1e-12)
     assert i8["qat_drop"] == pytest.approx(i8["fp32_val_accuracy"] - i8["qat_val_accuracy"], abs=1e-12)
@@ -317,11 +317,3 @@ def test_a_budget_no_trial_meets_exits_2_naming_the_closest(tiny_run, tmp_path, 
     assert not (out / "summary.json").exists()
     (out / "summary.json").write_text(json.dumps(summary, default=str))
 
-
-def _student_weights(out: Path) -> Path:
-    """The final KD student's best weights (what was registered and exported)."""
-    from kd_ops import checkpoint as ckpt
-    from workflows import train
-
-    run = out / "ray" / "student"
-    return run / json.loads((run / train.DONE).read_text())["checkpoint"] / ckpt.BEST

@@ -198,7 +198,7 @@ def test_page_sections_and_self_contained(tmp_path):
     assert [r.split(" | ")[0] for r in models] == [
         "teacher cnn-a", "teacher cnn-b", "teacher mlp-c", "teacher ensemble (uniform)", "TAKD assistant (width 32)",
         "KD student", "label-only student", "INT8 student"]
-    assert page.headers["models"][:5] == ["model", "test accuracy", "vs ensemble", "agreement w/ ensemble",
+    assert page.headers["models"][:6] == ["model", "test accuracy", "95% interval", "vs ensemble", "agreement w/ ensemble",
                                           "calibration error (ECE)"]
     kd = models[5]
     assert "0.9050" in kd and f"{0.905 / 0.9405:.3f}" in kd and "10.6× fewer" in kd  # 126000 / 11900

@@ -53,3 +53,20 @@ def test_the_latency_table_reads_whole_at_80_columns(tmp_path, task):
 def test_a_wide_console_prints_the_same_rows(tmp_path):
     text = _printed(_with_target(_summary(tmp_path)), width=200)
     assert all(text.count(f" {rt} ") == 2 for rt in RUNTIMES)  # batches 1 and 32
+
+
+def test_every_accuracy_is_printed_with_its_interval(tmp_path):
+    from kd_ops import evaluate
+    from workflows.report_page import write_page
+    from workflows.tasks import Classification
+
+    s = _with_target(_summary(tmp_path)) | {"test_rows": 10_000, "val_rows": 5_000}
+    Classification.add_intervals(s)
+    rows = [*s["teachers"], *s["chain"], s["student"], s["label_only_student"], s["deploy"]["int8"]]
+    assert all(r["test_accuracy_ci95"] == evaluate.interval95(r["test_accuracy"], 10_000) for r in rows)
+    want = [f"{lo:.3f}–{hi:.3f}" for lo, hi in [r["test_accuracy_ci95"] for r in rows] + [s["ensemble_test_accuracy_ci95"]]]
+    text = _printed(s, width=120)
+    assert all(w in text for w in want), (want, text)
+    assert "95% interval" in text
+    page = write_page(s, tmp_path / "run").read_text()
+    assert all(w in page for w in want) and "95% interval" in page

@@ -102,7 +102,7 @@ def test_a_dataset_with_views_read_as_the_worker_reads_it(ray_session, tmp_path,
     """Through Ray Data: every epoch's batches of a real dataset with stored views, read with the
     worker's collate_fn, give each row its (seed, epoch, id) view and that view's stored logits."""
     from conftest import one_teacher_split
-    from kd_ops import models, store
+    from kd_ops import models
     from workflows import precompute as pre
 
     split, src, w, t = one_teacher_split(tmp_path, rows=300)
