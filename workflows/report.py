@@ -12,8 +12,9 @@ def print_summary(s: dict[str, Any], console: Console | None = None) -> None:
     if s.get("task") == "lm":
         return _print_lm(s, console)
     t = Table(title=f"kd-ops run: {s['name']}")
-    for col in ("model", "params", "test acc", "95% interval", "vs ensemble", "agreement w/ ensemble"):
-        t.add_column(col, justify="left" if col == "model" else "right")
+    t.add_column("model", min_width=18)
+    for col in ("params", "test acc", "95% interval", "× ens.", "agreement\nw/ ens."):  # rich crops "w/ ens." on one line
+        t.add_column(col, justify="right")
     ens = s["ensemble_test_accuracy"]
     for row in s["teachers"]:
         t.add_row(f"teacher {row['name']}", f"{row['params']:,}", f"{row['test_accuracy']:.4f}",

@@ -65,8 +65,11 @@ def test_every_accuracy_is_printed_with_its_interval(tmp_path):
     rows = [*s["teachers"], *s["chain"], s["student"], s["label_only_student"], s["deploy"]["int8"]]
     assert all(r["test_accuracy_ci95"] == evaluate.interval95(r["test_accuracy"], 10_000) for r in rows)
     want = [f"{lo:.3f}–{hi:.3f}" for lo, hi in [r["test_accuracy_ci95"] for r in rows] + [s["ensemble_test_accuracy_ci95"]]]
-    text = _printed(s, width=120)
+    text = _printed(s)  # 80 columns: every row whole, its name on one line, its agreement at the end
     assert all(w in text for w in want), (want, text)
-    assert "95% interval" in text
+    assert "95% interval" in text and max(len(line) for line in text.splitlines()) <= 80
+    for label, r in (("KD student", s["student"]), ("label-only student", s["label_only_student"])):
+        [line] = [line for line in text.splitlines() if f" {label} " in line]
+        assert line.rstrip().endswith(f"{r['test_agreement']:.4f} │"), line
     page = write_page(s, tmp_path / "run").read_text()
     assert all(w in page for w in want) and "95% interval" in page

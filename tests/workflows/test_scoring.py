@@ -1,4 +1,4 @@
-"""Scoring on the cluster (workflows.evaluation): a model that fails inside the Ray Data actor pool
+"""Scoring on the cluster (workflows.evaluation): a model that fails inside a Ray Data task
 raises one short error, and the pool's CPUs are free again for what the caller runs next (a failed
 INT8 scoring is a warning: the run goes on to fits that need every CPU)."""
 from __future__ import annotations
