@@ -140,10 +140,10 @@ TINY_DEPLOY = {"target": {"runs": 10, "warmup": 2, "batch_sizes": [1, 16]}, "cal
                "qat_epochs": 1}
 
 
-def ddp_fits(cfg, out, tmp_path, fit, kwargs, distill: bool = True):
-    """The same fit on 1 and 2 Train workers over the streamed store (nothing cached in the object
-    store), each worker tracing the ids it trained on and its final weights. Returns ({workers:
-    (Trained, trace dir)}, the training split's ids sorted)."""
+def ddp_fits(cfg, out, tmp_path, fit, kwargs, distill: bool = True, workers=(1, 2)):
+    """The same fit on 1 and 2 Train workers (`workers`) over the streamed store (nothing cached in
+    the object store), each worker tracing the ids it trained on and its final weights. Returns
+    ({workers: (Trained, trace dir)}, the training split's ids sorted)."""
     from kd_ops import data, store
     from workflows import stages, tasks, train
     from workflows.layout import Layout
@@ -156,7 +156,7 @@ def ddp_fits(cfg, out, tmp_path, fit, kwargs, distill: bool = True):
     sets = inputs.sets
     loop = stages.loop(task, cfg.student.factory, kwargs, fit, inputs=inputs, label="ddp", distill=distill)
     fits = {}
-    for n in (1, 2):
+    for n in workers:
         trace = tmp_path / f"trace-{n}"
         trace.mkdir()
         res = train.fit(loop.replace(trace_dir=str(trace)), sets, name=f"ddp-{n}", storage=tmp_path / "ray",
@@ -175,5 +175,6 @@ def assert_ddp_split(fits, expected, epochs):
         assert len(a) and len(b) and not np.intersect1d(a, b).size, epoch  # disjoint
         np.testing.assert_array_equal(np.sort(np.concatenate([a, b])), expected)  # the whole split, once
     assert (trace / "rank0.sha256").read_text() == (trace / "rank1.sha256").read_text()
-    np.testing.assert_array_equal(np.sort(np.load(fits[1][1] / "rank0-epoch1.npy")), expected)
+    if 1 in fits:
+        np.testing.assert_array_equal(np.sort(np.load(fits[1][1] / "rank0-epoch1.npy")), expected)
 

@@ -11,7 +11,7 @@ from test_data_plane import _env
 
 
 def test_kd_bench_ingest_shows_progress_keeps_ray_output_in_its_log_and_ends_with_json(tmp_path):
-    p = subprocess.run([sys.executable, "-m", "workflows.cli", "bench", "ingest", "--store-gb", "0.02",
+    p = subprocess.run([sys.executable, "-m", "workflows.cli", "bench", "ingest", "--store-gb", "0.01",
                         "--rows-per-file", "2048", "--batch-size", "256", "--memory-rows", "4096",
                         "--student-width", "4", "--json"],
                        env=_env(), cwd=tmp_path, capture_output=True, text=True, timeout=600)
@@ -21,7 +21,7 @@ def test_kd_bench_ingest_shows_progress_keeps_ray_output_in_its_log_and_ends_wit
     assert result["store_fed_rows"] == result["rows"] > 0 and result["store_fed_over_in_memory"] > 0
     log = tmp_path / "runs" / "bench-ingest" / "logs" / "kd.log"
     assert lines[0] == f"kd: Ray, Train and Tune output goes to {log} (--verbose streams it)"
-    assert any(line.startswith("==> building a 0.02 GB synthetic store") for line in lines)
+    assert any(line.startswith("==> building a 0.01 GB synthetic store") for line in lines)
     assert any(re.match(r"store: \d+/\d+ input files \+ shards \(100%", line) for line in lines), lines
     assert any(line.startswith("==> store-fed fit:") for line in lines)
     assert "\x1b[" not in p.stdout and "(pid=" not in p.stdout  # Ray's worker lines stay out of stdout

@@ -97,9 +97,11 @@ def test_a_killed_precompute_reruns_only_missing_files_and_ends_with_the_same_st
     assert first + second <= total + in_flight
     assert f"precompute t: {files - len(committed)} of {files} input files to compute" in log
 
-    clean = tmp_path / "clean"
-    assert subprocess.run([sys.executable, "-m", "workflows.cli", "precompute", str(cfg), "--out", str(clean),
-                           "--tracking-uri", uri], env=_env(), cwd=ROOT, capture_output=True).returncode == 0
+    clean = tmp_path / "clean"  # in this session's Ray: the same code as `kd precompute`, no process to start
+    from workflows import commands
+    from workflows.config import load_config
+
+    assert commands.precompute(load_config(cfg), clean, tracking_uri=uri) == 0
     ids_a, cols_a, m_a = store.read_teacher(out / "store", "t")
     ids_b, cols_b, m_b = store.read_teacher(clean / "store", "t")
     a, b = np.argsort(ids_a), np.argsort(ids_b)
@@ -143,11 +145,11 @@ def test_a_fit_that_cannot_get_its_resources_fails_in_bounded_time_naming_them(t
     cfg = _config(tmp_path, {"width": 8})
     start = time.time()
     p = _kd("run", cfg, "--out", tmp_path / "out", "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
-            "--set", "train.cpus_per_worker=64", "--set", "train.resource_wait_s=10", env=_env())
+            "--set", "train.cpus_per_worker=64", "--set", "train.resource_wait_s=3", env=_env())
     log, _ = p.communicate(timeout=300)
     assert p.returncode == 2, log[-3000:]
     err = [line for line in log.splitlines() if line.startswith("kd: error:")]
-    assert len(err) == 1 and "1 Train worker(s) of {CPU: 64}" in err[0] and "after 10.0 s" in err[0], log[-3000:]
+    assert len(err) == 1 and "1 Train worker(s) of {CPU: 64}" in err[0] and "after 3.0 s" in err[0], log[-3000:]
     assert time.time() - start < 240
     assert not (tmp_path / "out" / "summary.json").exists()
 
