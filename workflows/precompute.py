@@ -265,16 +265,23 @@ def _check_finite(teacher: str, arrays: dict[str, np.ndarray], ids, where: str) 
                              "precompute.teacher_dtype")
 
 
+SMALL_SHUFFLE = 8  # partitions (millions of ids)
+
+
 def check_ids(files: dict[str, Loc], rows: int) -> None:
     """The id contract over every input file (`rows` in all), on the cluster (hash-partitioned
     count by id): no nulls, no id twice. The driver receives at most a few duplicate ids, never
     the id column."""
     ds = ray.data.from_items([{"unit": u} for u in files], override_num_blocks=max(1, min(len(files), 64)))
+    # a partition per million ids: Ray's default (200) costs ~12 s of shuffle start-up on 2 cores for 67k ids
+    parts = max(1, min(200, math.ceil(rows / 1_000_000)))
+    if parts <= SMALL_SHUFFLE:
+        # a few partitions: the task-based sort shuffle (~2 s on 2 cores) instead of the default, whose
+        # aggregator actors take ~10 s to start for any input size
+        ds.context.shuffle_strategy = ray.data.context.ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
     nulls = ds.map_batches(_null_count, fn_kwargs={"files": files}, batch_size=1).sum("nulls") or 0
     if nulls:
         raise data.DataError(f"inputs ({_dirs(files)}): {nulls} rows have a null `id`")
-    # a partition per million ids: Ray's default (200) costs ~12 s of shuffle start-up on 2 cores for 67k ids
-    parts = max(1, min(200, math.ceil(rows / 1_000_000)))
     dup = (ds.map_batches(_ids, fn_kwargs={"files": files}, batch_size=1).groupby("id", num_partitions=parts).count()
            .filter(expr=ray.data.expressions.col("count()") > 1))
     examples = [r["id"] for r in dup.take(5)]
