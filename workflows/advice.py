@@ -14,7 +14,7 @@ def teacher_compute(timings: dict[str, dict[str, float]], precompute_rows: int, 
     distillation — against what the store took: the teachers' pass over all splits
     (`precompute_rows`) and the views' passes over the training rows (in `timings`). In
     teacher-seconds at the measured precompute throughput: teacher rows per second of pass wall
-    time, where a pass of M teachers over R rows ran M·R of them (`stages.timings`: each entry
+    time, where a pass of M teachers over R rows ran M·R of them (`stages.store_pass.timings`: each entry
     holds its share of its pass's wall time). None when this --out never timed a full precompute."""
     epochs = sum(int(t.get("epochs") or 0) for t in trials) + final_epochs + qat_epochs
     online = train_rows * teachers * epochs

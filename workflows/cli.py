@@ -171,7 +171,7 @@ def _dispatch(args) -> int:
         return importlib.import_module(f"workflows.bench.{module}").main(args)
     if args.command == "report":
         from workflows import report_page
-        from workflows.report import print_summary
+        from workflows.summary_table import print_summary
 
         path = Loc.of(args.out) / "summary.json"
         if not path.is_file():

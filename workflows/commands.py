@@ -10,12 +10,12 @@ from rich.console import Console
 from rich.table import Table
 
 from kd_ops import store
-from kd_ops.fsio import Loc
-from workflows import console, ray_session, stages, tasks
+from workflows import console, pipeline, ray_session, tasks
 from workflows.config import RunConfig
 from workflows.tracking import Tracker
-from workflows.tune import run_tune
 from workflows.layout import Layout
+from workflows.stages import fit, inputs, training_data
+from workflows.tune import run_tune
 
 
 def _setup(cfg: RunConfig, out: Path, tracking_uri, ray_address):
@@ -30,24 +30,11 @@ def _setup(cfg: RunConfig, out: Path, tracking_uri, ray_address):
     return lay, tracker, task
 
 
-def _teachers_with_weights(cfg: RunConfig, lay: Layout):
-    teachers = [t.model_copy(update={"weights": lay.teacher_weights(t)}) for t in cfg.teachers]
-    teachers = [t.model_copy(update={"weights": Loc.of(t.weights).uri}) for t in teachers]
-    missing = [t.name for t in teachers if not Loc.of(t.weights).is_file()]
-    if missing:
-        raise ValueError(f"teachers {missing} have no weights file (looked in teachers[].weights and {lay.teachers}); "
-                         "give weights in the config or run `kd run` once to train them")
-    return teachers
-
-
 def precompute(cfg: RunConfig, out: Path, *, tracking_uri=None, ray_address=None) -> int:
     lay, tracker, task = _setup(cfg, out, tracking_uri, ray_address)
     with tracker.parent(f"{cfg.name}-precompute", cfg.model_dump(mode="json"), {"kd.out": str(lay.out)}):
-        dirs = task.data(lay)
-        stages.check_run(task, dirs, lay)  # inputs, views, feature layers: before any teacher runs
-        teachers = _teachers_with_weights(cfg, lay)
-        logits, extra = stages.precompute_all(task, teachers, dirs, lay, tracker)
-        results = logits + extra
+        ready = pipeline.store_ready(task, lay, tracker, train_teachers=False, target=False)
+        results = ready.logits + ready.extra
     t = Table(title=f"soft-label store {lay.store}")
     for c in ("teacher", "rows", "shards", "kind", "columns", "status", "seconds"):
         t.add_column(c)
@@ -67,27 +54,25 @@ def _datasets(lay, task):
         raise ValueError("distill.assistants / distill.generations train a chain of students, each stored as a "
                          "teacher: run them with `kd run`")
     dirs = task.data(lay)
-    features = stages.feature_plan(task, dirs, lay)
+    features = inputs.feature_plan(task, dirs, lay)
     entries = [t.name for t in cfg.teachers]
     if features and features.source == "store":
         entries.append(features.store_entry)
     for name in entries:
         if store.read_manifest(lay.store, name) is None:
             raise ValueError(f"no soft labels or features {name!r} in {lay.store}; run `kd precompute` first")
-    inputs = stages.datasets(task, dirs, lay, teachers=True,
-                             splits={"train": task.train_splits, "val": ("val",), "test": ("test",)}, features=features)
-    base = stages.loop(task, cfg.student.factory, task.student_kwargs(cfg.teachers), cfg.train.fit,
-                       inputs=inputs, label="student", distill=True, features=features)
-    return inputs.sets, base
+    found, base = training_data.fit_inputs(task, dirs, lay, cfg.student.factory, task.student_kwargs(cfg.teachers),
+                                           cfg.train.fit, label="student", teachers=True, features=features,
+                                           splits={"train": task.train_splits, "val": ("val",), "test": ("test",)})
+    return found.sets, base
 
 
 def train(cfg: RunConfig, out: Path, *, tracking_uri=None, ray_address=None) -> int:
     lay, tracker, task = _setup(cfg, out, tracking_uri, ray_address)
     with tracker.parent(f"{cfg.name}-train", cfg.model_dump(mode="json"), {"kd.out": str(lay.out)}):
         sets, spec = _datasets(lay, task)
-        params = {"temperature": spec.temperature, "alpha": spec.alpha, "teacher_weights": spec.teacher_weights,
-                  "kwargs": spec.kwargs, "method": dataclasses.asdict(spec.method)}
-        with stages.child_fit(cfg.train, tracker, "student", params, spec, {k: sets[k] for k in ("train", "val")},
+        params = {"kwargs": spec.kwargs, **dataclasses.asdict(spec.distill)}
+        with fit.child_fit(cfg.train, tracker, "student", params, spec, {k: sets[k] for k in ("train", "val")},
                               name="student", lay=lay) as res:
             row = task.model_report(spec, res.weights, sets)
     console.say(json.dumps({"student": row, "weights": str(res.weights)}, indent=2))
@@ -99,7 +84,7 @@ def tune(cfg: RunConfig, out: Path, *, tracking_uri=None, ray_address=None) -> i
     with tracker.parent(f"{cfg.name}-tune", cfg.model_dump(mode="json"), {"kd.out": str(lay.out)}) as parent_id:
         sets, spec = _datasets(lay, task)
         _, best, rows, failed = run_tune(cfg.tune, spec, [t.name for t in cfg.teachers], cfg.student.width_kwarg,
-                                 {k: sets[k] for k in ("train", "val")}, storage=lay.ray, workers=stages.workers(cfg.train),
+                                 {k: sets[k] for k in ("train", "val")}, storage=lay.ray, workers=fit.workers(cfg.train),
                                  tracking_uri=tracker.uri, experiment=tracker.experiment, parent_run_id=parent_id)
     console.say(json.dumps({"best": best, "trials": rows, "failed_trials": failed}, indent=2, default=str))
     return 0

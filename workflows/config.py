@@ -267,7 +267,8 @@ class Dim(Strict):
         return min(vals), max(vals)
 
 
-# the distillation method's own settings (kd_ops.method_loss.Method fields) Tune can search:
+# the distillation method's own settings (fields of kd_ops.method_loss.Distill) Tune can search: the names
+# and words are kd_ops' own (tests/workflows/test_config.py checks they stay so; config.py imports no torch)
 # those in METHOD_WORDS take words (the allowed ones), the others numbers
 METHOD_WORDS = {"response": ("hinton", "dkd"), "schedule": ("constant", "linear", "cosine"),
                 "teacher_weighting": ("static", "entropy", "correctness")}
@@ -409,6 +410,13 @@ class RunConfig(Strict):
         w = self.distill.teacher_weights
         raw = [w.get(n, 0.0) for n in names] if w else [1.0] * len(names)
         return [x / sum(raw) for x in raw]
+
+    def feature_teacher(self, teachers: list["TeacherConfig"] | None = None) -> "TeacherConfig":
+        """The teacher whose layer feature KD reads (`distill.feature.teacher`, or the first), among
+        `teachers` (default: the config's)."""
+        teachers = self.teachers if teachers is None else teachers
+        name = self.distill.feature.teacher or teachers[0].name
+        return next(t for t in teachers if t.name == name)
 
     @model_validator(mode="after")
     def _teachers_consistent(self) -> "RunConfig":

@@ -57,8 +57,7 @@ class Classification:
         if loop.features is not None:
             s_feat = models.unwrap(model).features
             t_feat = batch["features"] if online is None else feature_kd.teacher_features(online, batch["x"])
-        loss, _ = method_loss.student_loss(logits, teacher["logits"].transpose(0, 1), batch["y"], weights,
-                                           temperature=loop.temperature, alpha=loop.alpha, method=loop.method,
+        loss, _ = method_loss.student_loss(logits, teacher["logits"].transpose(0, 1), batch["y"], weights, loop.distill,
                                            progress=progress, student_features=s_feat, teacher_features=t_feat)
         return loss * row_share(len(logits)), len(logits)
 
@@ -83,11 +82,12 @@ class LanguageModel:
         size because DDP averages gradients over workers."""
         logits = model(batch["x"])
         teacher = teacher_columns(batch) if weights is not None else None
-        kd, ce = token_losses.lm_distillation_sums(logits, batch["x"], teacher, weights, kind=loop.divergence,
-                                                   temperature=loop.temperature, tail=loop.tail, beta=loop.beta)
+        d = loop.distill
+        settings = {} if d is None else dict(kind=d.divergence, temperature=d.temperature, tail=d.tail, beta=d.beta)
+        kd, ce = token_losses.lm_distillation_sums(logits, batch["x"], teacher, weights, **settings)
         b, length = batch["x"].shape
         n_kd, n_ce, world = all_reduce([b * length, b * (length - 1), 1])
-        return world * losses.mix(kd / n_kd, ce / n_ce, loop.alpha if teacher is not None else 0.0), b
+        return world * losses.mix(kd / n_kd, ce / n_ce, d.alpha if teacher is not None else 0.0), b
 
     def sums(self, logits, batch, teacher, weights, kl: bool = False) -> dict[str, float]:
         # without teacher weights the model is scored on its own (a teacher's perplexity)

@@ -1,5 +1,5 @@
 """The typed settings of one training run (a teacher, a KD student or a label-only baseline),
-built by `workflows.stages.loop` from the config and handed to every Train worker."""
+built by `workflows.stages.training_data.loop` from the config and handed to every Train worker."""
 from __future__ import annotations
 
 import dataclasses
@@ -8,7 +8,7 @@ from typing import Any
 
 from kd_ops import method_loss
 from workflows import kinds
-from workflows.config import DistillConfig, Fit, TrainConfig
+from workflows.config import Fit, TrainConfig
 from workflows.ingest import Views
 
 
@@ -16,11 +16,11 @@ def _defaults(model) -> dict[str, Any]:
     return {k: f.default for k, f in model.model_fields.items()}
 
 
-_FIT, _TRAIN, _DISTILL = _defaults(Fit), _defaults(TrainConfig), _defaults(DistillConfig)
+_FIT, _TRAIN = _defaults(Fit), _defaults(TrainConfig)
 
 @dataclass(frozen=True)
 class FeaturePlan:
-    """Feature KD for a student's fit (`stages.feature_plan`): which layers, their shapes (checked on
+    """Feature KD for a student's fit (`stages.inputs.feature_plan`): which layers, their shapes (checked on
     real rows before any teacher runs) and where the teacher's features come from."""
     student_layer: str
     teacher_layer: str
@@ -38,7 +38,7 @@ class FeaturePlan:
 @dataclass(frozen=True)
 class Loop:
     """Everything one training run needs: the model, its optimisation and, for a student, the
-    distillation settings (teacher_weights None = labels only)."""
+    distillation settings (`distill` None: labels only)."""
     factory: str
     kwargs: dict[str, Any]
     epochs: int
@@ -47,7 +47,7 @@ class Loop:
     weight_decay: float
     seed: int
     train_rows: int                          # rows per epoch (all workers): sizes the LR schedule
-    inputs: str = ""                         # digest of what its datasets read (stages.Inputs.key): part of the fit's key
+    inputs: str = ""                         # digest of what its datasets read (training_data.Inputs.key): part of the fit's key
     # the config's defaults (config.py holds them; a Loop built by hand gets the same)
     max_grad_norm: float | None = _FIT["max_grad_norm"]
     cpus_per_worker: int = _TRAIN["cpus_per_worker"]
@@ -56,13 +56,7 @@ class Loop:
     checkpoint_interval_s: float = _TRAIN["checkpoint_interval_s"]  # at most this long between checkpoints
     label: str = "model"                     # for log lines
     task: str = "classification"             # or "lm"
-    temperature: float = _DISTILL["temperature"]
-    alpha: float = _DISTILL["alpha"]         # ignored without teachers (teacher_weights None)
-    teacher_weights: list[float] | None = None
-    divergence: str = _DISTILL["divergence"]  # LM token divergence
-    beta: float = _DISTILL["beta"]
-    tail: bool = _DISTILL["tail"]
-    method: method_loss.Method = method_loss.Method()   # classification students: the method's own settings
+    distill: method_loss.Distill | None = None  # a student's: from the config's distill section (or a trial)
     features: FeaturePlan | None = None      # feature KD
     views: Views | None = None               # its train dataset holds K views per row: the worker draws one per epoch
     init_weights: str | None = None          # start from these safetensors (a local path or URI) instead of a fresh init

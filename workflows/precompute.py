@@ -436,7 +436,7 @@ def precompute(teachers, split_dirs: dict[str, Any], store_dir, *, feature_colum
                                                                "augment_seed": s.augment_seed} if s.view else {})})
         results[n] = TeacherResult(n, False, manifest, 0.0, sum(n in ts for ts in need.values()))
     # one pass ran every entry of `todo` at once: each gets the pass's wall time, the same for all
-    # (stages._remember_timings splits it by rows), not the time until its own manifest
+    # (stages.store_pass.remember_timings splits it by rows), not the time until its own manifest
     seconds = time.perf_counter() - start
     for n in todo:
         results[n].seconds = seconds

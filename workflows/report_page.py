@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from kd_ops.fsio import Loc
-from workflows.report import interval
+from workflows.summary_table import interval
 
 DASH = "—"
 LATENCY_RUNTIMES = ("teacher-pytorch-fp32", "pytorch-fp32", "onnxruntime-fp32", "onnxruntime-int8")
@@ -533,7 +533,7 @@ def _per_class(s: dict[str, Any]) -> str:
 
 def _method_text(m: dict[str, Any]) -> str:
     try:
-        from workflows.report import _method
+        from workflows.summary_table import _method
 
         return _method(m)
     except (KeyError, TypeError, ValueError, ImportError):

@@ -3,11 +3,10 @@ interface that workflows.pipeline and workflows.stages drive: where the inputs c
 which teachers to train and how they are kept (`teachers_to_train`, `keep_teachers`), which columns
 are read and stored (`feature_columns`, `label_column`, `train_splits`, `precompute_options`), and
 how models are scored and summarised (`teacher_report`, `model_report`, `summary`, `quality_key`).
-Metrics are computed on the cluster (workflows.evaluation) from streamed datasets; what differs on
+Metrics are computed on the cluster (workflows.scoring) from streamed datasets; what differs on
 the workers is in workflows.kinds. This file calls no stage: stages call it."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -18,7 +17,7 @@ import ray
 
 from kd_ops import data, evaluate, lm, models
 from workflows import precompute as pre
-from workflows import evaluation, fingerprints, ingest
+from workflows import fingerprints, ingest, scoring
 from workflows.config import RunConfig, TeacherConfig
 from workflows.layout import Layout
 from workflows.loop import Loop
@@ -121,8 +120,8 @@ class Classification:
         validation accuracy (what warnings judge it by): (a row per teacher, the ensemble's numbers
         the student is compared with, the metrics to log)."""
         n = len(teachers)
-        acc = evaluate.rates(evaluation.score(kd_sets["test"], task=self.kind, teacher_weights=[1 / n] * n), self.kind)
-        val = evaluate.rates(evaluation.score(kd_sets["val"], task=self.kind, teacher_weights=[1 / n] * n), self.kind)
+        acc = evaluate.rates(scoring.score(kd_sets["test"], task=self.kind, teacher_weights=[1 / n] * n), self.kind)
+        val = evaluate.rates(scoring.score(kd_sets["val"], task=self.kind, teacher_weights=[1 / n] * n), self.kind)
         rows = [{"name": t.name, "params": models.num_params(models.build(t.factory, t.kwargs)),
                  "test_accuracy": acc[f"teacher{i}_accuracy"], "val_accuracy": val[f"teacher{i}_accuracy"]}
                 for i, t in enumerate(teachers)]
@@ -139,20 +138,20 @@ class Classification:
     def choice_score(self, loop: Loop, weights, kd_sets) -> float:
         """A model's `choice_key`: its accuracy on the validation split, computed on the cluster."""
         n = len(self.cfg.teachers)  # the sets hold the teachers' logits: scored too, not used here
-        sums = evaluation.score(kd_sets["val"], task=self.kind, factory=loop.factory, kwargs=loop.kwargs,
+        sums = scoring.score(kd_sets["val"], task=self.kind, factory=loop.factory, kwargs=loop.kwargs,
                                 weights=weights, teacher_weights=[1 / n] * n)
         return evaluate.rates(sums, self.kind)["accuracy"]
 
     def trial_reference(self, kd_sets) -> float:
         """The uniform teacher ensemble's validation accuracy (what tune trials' scores are compared with)."""
         n = len(self.cfg.teachers)
-        sums = evaluation.score(kd_sets["val"], task=self.kind, teacher_weights=[1 / n] * n)
+        sums = scoring.score(kd_sets["val"], task=self.kind, teacher_weights=[1 / n] * n)
         return evaluate.rates(sums, self.kind)["ensemble_accuracy"]
 
     def model_report(self, loop: Loop, weights: Path, kd_sets) -> dict[str, Any]:
         """Test accuracy and agreement with the uniform teacher ensemble, computed on the cluster."""
         n = len(self.cfg.teachers)
-        acc = evaluate.rates(evaluation.score(kd_sets["test"], task=self.kind, factory=loop.factory,
+        acc = evaluate.rates(scoring.score(kd_sets["test"], task=self.kind, factory=loop.factory,
                                                 kwargs=loop.kwargs, weights=weights, teacher_weights=[1 / n] * n),
                                self.kind)
         return {"params": models.num_params(models.build(loop.factory, loop.kwargs)),
@@ -185,22 +184,9 @@ class Classification:
                     row[f"{key}_ci95"] = evaluate.interval95(row[key], rows_n)
         s["ensemble_test_accuracy_ci95"] = evaluate.interval95(s["ensemble_test_accuracy"], s["test_rows"])
 
-    def method_settings(self, features) -> dict[str, Any]:
-        """A student Loop's classification method (DKD, schedules, feature and relation KD)."""
-        from kd_ops.method_loss import Method
-
-        d = self.cfg.distill
-        method = Method(response=d.response, dkd_alpha=d.dkd.alpha, dkd_beta=d.dkd.beta, schedule=d.schedule,
-                        temperature_end=d.temperature_end, standardize=d.standardize,
-                        feature=d.feature.kind if d.feature else None,
-                        feature_loss=d.feature.loss if d.feature else "mse",
-                        feature_weight=d.feature.weight if d.feature else 0.0, rkd_distance=d.rkd.distance,
-                        rkd_angle=d.rkd.angle, teacher_weighting=d.teacher_weighting)
-        return {"method": method, "features": features}
-
     def chosen(self, loop: Loop, teachers: list[str]) -> dict[str, Any]:
         """What the summary records of the student's settings beyond T, α and weights."""
-        return {"teachers": teachers, "method": dataclasses.asdict(loop.method)}
+        return {"teachers": teachers, "method": loop.distill.method()}
 
 
 class LanguageModel:
@@ -321,7 +307,7 @@ class LanguageModel:
         (a row per teacher, the best of them, the metrics to log)."""
         rows = []
         for t in teachers:
-            sums = evaluation.score(kd_sets["val"], task=self.kind, factory="kd_ops.lm:causal_lm",
+            sums = scoring.score(kd_sets["val"], task=self.kind, factory="kd_ops.lm:causal_lm",
                                     kwargs=pre.hf_kwargs(t), teacher_weights=None, batch_size=64)
             rows.append({"name": t.name, "params": models.num_params(lm.load_causal_lm(t.hf_dir, allow_pickle=t.allow_pickle)),
                          "val_perplexity": evaluate.rates(sums, self.kind)["perplexity"]})
@@ -332,8 +318,8 @@ class LanguageModel:
         """Validation and test perplexity, and top-1 agreement with the highest-weighted teacher on val."""
         weights_for = self.cfg.teacher_weight_list()
         common = dict(task=self.kind, factory=loop.factory, kwargs=loop.kwargs, weights=weights, batch_size=64)
-        val = evaluate.rates(evaluation.score(kd_sets["val"], teacher_weights=weights_for, **common), self.kind)
-        test = evaluate.rates(evaluation.score(kd_sets["test"], teacher_weights=weights_for, **common), self.kind)
+        val = evaluate.rates(scoring.score(kd_sets["val"], teacher_weights=weights_for, **common), self.kind)
+        test = evaluate.rates(scoring.score(kd_sets["test"], teacher_weights=weights_for, **common), self.kind)
         return {"params": models.num_params(models.build(loop.factory, loop.kwargs)),
                 "val_perplexity": val["perplexity"], "test_perplexity": test["perplexity"],
                 "top1_agreement": val["top1_agreement"]}
@@ -354,7 +340,7 @@ class LanguageModel:
 
     def choice_score(self, loop: Loop, weights, kd_sets) -> float:
         """A model's `choice_key`: its perplexity on the validation split, computed on the cluster."""
-        sums = evaluation.score(kd_sets["val"], task=self.kind, factory=loop.factory, kwargs=loop.kwargs,
+        sums = scoring.score(kd_sets["val"], task=self.kind, factory=loop.factory, kwargs=loop.kwargs,
                                 weights=weights, teacher_weights=None, batch_size=64)
         return evaluate.rates(sums, self.kind)["perplexity"]
 
@@ -365,8 +351,5 @@ class LanguageModel:
     def add_intervals(s: dict[str, Any]) -> None:
         """Perplexities get no interval here (no per-sequence variance is kept)."""
 
-    def method_settings(self, features) -> dict[str, Any]:
-        return {}  # token-level distillation: distill.divergence, already in the Loop
-
     def chosen(self, loop: Loop, teachers: list[str]) -> dict[str, Any]:
-        return {"divergence": loop.divergence, "tail": loop.tail}
+        return {"divergence": loop.distill.divergence, "tail": loop.distill.tail}

@@ -46,17 +46,15 @@ def search_space(tc: TuneConfig, teachers: list[str]) -> dict[str, Any]:
 
 
 def apply_trial(base: Loop, trial: dict[str, Any], teachers: list[str], width_kwarg: str) -> Loop:
-    """The loop for one point of the search space (unsearched values keep `base`)."""
-    changes: dict[str, Any] = {k: float(trial[k]) for k in ("temperature", "alpha") if k in trial}
-    if "student_width" in trial:
-        changes["kwargs"] = {**base.kwargs, width_kwarg: int(trial["student_width"])}
+    """The loop for one point of the search space: the point's values replace those of `base`'s
+    distillation settings (`Loop.distill`) and its width the student's; unsearched values keep `base`'s."""
+    point: dict[str, Any] = {k: trial[k] if k in METHOD_WORDS else float(trial[k])
+                             for k in ("temperature", "alpha", *METHOD_DIMS) if k in trial}
     if any(f"teacher_weight.{t}" in trial for t in teachers):
         raw = [float(trial.get(f"teacher_weight.{t}", 1.0)) for t in teachers]
-        changes["teacher_weights"] = [w / sum(raw) for w in raw]
-    method = {k: trial[k] if k in METHOD_WORDS else float(trial[k]) for k in METHOD_DIMS if k in trial}
-    if method:
-        changes["method"] = dataclasses.replace(base.method, **method)
-    return base.replace(**changes)
+        point["teacher_weights"] = tuple(w / sum(raw) for w in raw)
+    kwargs = {**base.kwargs, width_kwarg: int(trial["student_width"])} if "student_width" in trial else base.kwargs
+    return base.replace(kwargs=kwargs, distill=dataclasses.replace(base.distill, **point))
 
 
 def _trial(trial: dict[str, Any], *, base, teachers, width_kwarg, datasets, storage, workers, direct):

@@ -141,8 +141,8 @@ def run_loop(cfg: Loop, session: Session) -> None:
         if rank == 0:
             _say(f"[{cfg.label}] resumed from the checkpoint of epoch {progress.epoch}")
     resumed_from = progress.epoch
-    kd = cfg.teacher_weights is not None
-    weights = torch.tensor(cfg.teacher_weights, dtype=torch.float32, device=device) if kd else None
+    kd = cfg.distill is not None
+    weights = torch.tensor(cfg.distill.teacher_weights, dtype=torch.float32, device=device) if kd else None
     train_shard, val_shard = session.shard("train"), session.shard("val")
     if cfg.in_memory and world == 1 and cfg.views is None:  # InMemory takes no collate_fn: no view picking
         train_shard, val_shard = InMemory(train_shard, shuffle=True), InMemory(val_shard, shuffle=False)
@@ -206,7 +206,7 @@ def _with_features(student: torch.nn.Module, cfg: Loop, device):
     if f is None:
         return student, None
     example = torch.zeros(2, *f.input_shape, dtype=getattr(torch, f.input_dtype))
-    net = feature_kd.feature_student(student, f.student_layer, example, f.teacher_shape, cfg.method.feature or "attention")
+    net = feature_kd.feature_student(student, f.student_layer, example, f.teacher_shape, cfg.distill.feature or "attention")
     online = None
     if f.source == "online":
         teacher = models.load_weights(models.build(f.teacher_factory, f.teacher_kwargs), f.teacher_weights)

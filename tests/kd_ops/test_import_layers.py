@@ -58,11 +58,28 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 def test_no_module_imports_one_that_imports_it_back():
     graph = import_graph()
-    assert {"workflows.pipeline", "workflows.stages", "workflows.tasks", "kd_ops.store"} <= set(graph)
-    assert "workflows.stages" in graph["workflows.pipeline"]  # the graph sees imports
+    assert {"workflows.pipeline", "workflows.stages.student", "workflows.tasks", "kd_ops.store"} <= set(graph)
+    assert "workflows.stages.student" in graph["workflows.pipeline"]  # the graph sees imports
     assert cycles(graph) == []
 
 
 def test_a_cycle_is_found():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c", "a"]]
     assert cycles({"a": {"b"}, "b": set()}) == []
+
+
+STAGES = {f"workflows.stages.{s}" for s in ("inputs", "teachers", "soft_labels", "chain", "search", "student", "ship")}
+UNDER_STAGES = {f"workflows.stages.{s}" for s in ("fit", "training_data", "store_pass", "target")}
+
+
+def test_a_stage_imports_only_the_layer_under_it_and_only_the_top_calls_stages():
+    graph = import_graph()
+    package = {m for m in graph if m.startswith("workflows.stages.")}
+    assert package == STAGES | UNDER_STAGES  # a new module in the package says which layer it is in
+    for stage in STAGES:
+        assert not graph[stage] & (STAGES - {stage}), (stage, graph[stage] & STAGES)
+    for low in UNDER_STAGES:
+        assert not graph[low] & STAGES, (low, graph[low] & STAGES)
+    callers = {m for m, deps in graph.items() if deps & STAGES and m not in package}
+    # kd run; kd precompute / train / tune; the benchmarks that run the pipeline's stages
+    assert callers <= {"workflows.pipeline", "workflows.commands", "workflows.bench.methods", "workflows.bench.tune"}, callers

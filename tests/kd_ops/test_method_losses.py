@@ -122,12 +122,13 @@ def test_standardized_logits_have_zero_mean_unit_std_and_ignore_scale():
 def test_student_loss_composes_the_terms():
     s, z, y = _batch()
     w = torch.tensor([1.0])
-    hinton, parts = method_loss.student_loss(s, z[None], y, w, temperature=2.0, alpha=0.7, method=method_loss.Method())
+    hinton, parts = method_loss.student_loss(s, z[None], y, w, method_loss.Distill((1.0,), temperature=2.0, alpha=0.7))
     expect, _ = losses.distillation_loss(s, z[None], y, temperature=2.0, alpha=0.7, weights=w)
     assert hinton.item() == pytest.approx(expect.item(), rel=1e-6) and parts["temperature"] == 2.0
     f = torch.randn(16, 4, 5)
-    m = method_loss.Method(feature="hint", feature_weight=0.5, rkd_distance=2.0, schedule="linear", temperature_end=1.0)
-    total, parts = method_loss.student_loss(s, z[None], y, w, temperature=2.0, alpha=0.7, method=m, progress=1.0,
+    m = method_loss.Distill((1.0,), temperature=2.0, alpha=0.7, feature="hint", feature_weight=0.5, rkd_distance=2.0,
+                            schedule="linear", temperature_end=1.0)
+    total, parts = method_loss.student_loss(s, z[None], y, w, m, progress=1.0,
                                             student_features=f + 1, teacher_features=f)
     at_t1, _ = losses.distillation_loss(s, z[None], y, temperature=1.0, alpha=0.7, weights=w)
     rkd = relation_kd.rkd_distance_loss(f + 1, f)
@@ -138,7 +139,8 @@ def test_student_loss_composes_the_terms():
 @pytest.mark.parametrize("bad, text", [({"response": "fitnet"}, "response must be one of"),
                                        ({"dkd_beta": -1}, "dkd alpha and beta must be >= 0"),
                                        ({"schedule": "step"}, "schedule must be one of"),
-                                       ({"temperature_end": 0}, "temperature_end must be > 0")])
+                                       ({"temperature_end": 0}, "temperature_end must be > 0"),
+                                       ({"alpha": 1.5}, r"alpha in \[0, 1\]")])
 def test_method_settings_out_of_range(bad, text):
     with pytest.raises(ValueError, match=text):
-        method_loss.Method(**bad)
+        method_loss.Distill(**{"teacher_weights": (1.0,), "temperature": 1.0, "alpha": 0.5, **bad})

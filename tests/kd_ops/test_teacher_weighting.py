@@ -81,17 +81,17 @@ def test_the_ensemble_takes_per_row_weights_and_static_rows_give_the_per_teacher
 
 def test_the_students_loss_mixes_the_teachers_per_row_when_the_method_says_so():
     from kd_ops import losses
-    from kd_ops.method_loss import Method, student_loss
+    from kd_ops.method_loss import Distill, student_loss
 
     # row 0 labelled 0: teacher 0 right, teacher 1 wrong; row 1 unlabelled
     t = torch.tensor([[[3.0, 0.0], [1.0, 0.0]], [[0.0, 3.0], [0.0, 0.5]]])
     s, y, static = torch.tensor([[0.5, 0.1], [0.2, 0.3]]), torch.tensor([0, -1]), torch.tensor([0.5, 0.5])
-    plain, _ = student_loss(s, t, y, static, temperature=2.0, alpha=1.0, method=Method())
-    ca, _ = student_loss(s, t, y, static, temperature=2.0, alpha=1.0, method=Method(teacher_weighting="correctness"))
+    plain, _ = student_loss(s, t, y, static, Distill((0.5, 0.5), temperature=2.0, alpha=1.0))
+    ca, _ = student_loss(s, t, y, static, Distill((0.5, 0.5), temperature=2.0, alpha=1.0, teacher_weighting="correctness"))
     w = per_sample_weights(t, static, "correctness", y)
     assert w[0, 0] > 0.5 > w[1, 0]  # the right teacher counts more on the labelled row
     p = torch.stack([w[0, b] * torch.softmax(t[0, b] / 2, -1) + w[1, b] * torch.softmax(t[1, b] / 2, -1) for b in range(2)])
     torch.testing.assert_close(ca, losses.hinton_kd_loss(s, p, 2.0))
     assert not torch.isclose(ca, plain)
     with pytest.raises(ValueError, match="teacher_weighting must be one of"):
-        Method(teacher_weighting="votes")
+        Distill((0.5, 0.5), temperature=2.0, alpha=1.0, teacher_weighting="votes")

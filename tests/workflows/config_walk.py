@@ -7,8 +7,15 @@ object holding it as `.cfg`), seen once per call site (a loop or a second epoch 
 - A **return** is a call into a file the walk had already entered and left, which is not on the
   stack: the reader opens a file they have already read a part of.
 
-Only the driver's threads are followed (Ray workers run in other processes); files outside
-`roots` (Ray, MLflow, the standard library) are looked through, not counted.
+A callback counts too: a function handed down whose closure holds the config (e.g. a fit a stage
+hands to `concurrent_fits.run_all`) is handed it like an argument, and a thread started by a
+project file carries on that file's stack, so the lower file calling back into the stage that
+started it is a climb.
+
+Only the driver's main thread and the threads project code starts are followed (Ray workers run
+in other processes; threads Ray, MLflow or Tune start, e.g. Ray Data's executor, run their own
+code: following them only slows the run); files outside `roots` (Ray, MLflow, the standard
+library) are looked through, not counted.
 """
 from __future__ import annotations
 
@@ -42,7 +49,8 @@ class Walk:
     def _handed_config(self, frame) -> bool:
         code = frame.f_code
         n = code.co_argcount + code.co_kwonlyargcount
-        args = [frame.f_locals.get(a) for a in code.co_varnames[:n]]
+        names = [*code.co_varnames[:n], *code.co_freevars]  # arguments, and what a closure captured
+        args = [frame.f_locals.get(a) for a in names]
         return any(isinstance(a, self.carries) or isinstance(getattr(a, "cfg", None), self.carries)
                    for a in args if a is not None and not isinstance(a, (str, int, float, bool)))
 
@@ -60,11 +68,7 @@ class Walk:
             if caller is None and callee not in self.entered:
                 self.entered.append(callee)
             return
-        stack = set()
-        while up is not None:
-            if (f := self._file(up.f_code)) is not None:
-                stack.add(f)
-            up = up.f_back
+        stack = self._stack(up) | self._started_from.get(threading.current_thread(), set())
         key = (caller, caller_line, callee, frame.f_code.co_name)
         with self._lock:
             self.calls.add(key)
@@ -75,14 +79,41 @@ class Walk:
             if callee not in self.entered:
                 self.entered.append(callee)
 
+    def _stack(self, frame) -> set[str]:
+        files = set()
+        while frame is not None:
+            if (f := self._file(frame.f_code)) is not None:
+                files.add(f)
+            frame = frame.f_back
+        return files
+
     def __enter__(self) -> "Walk":
-        threading.setprofile(self._profile)
+        # a thread a project file starts is followed, and keeps that file's stack
+        self._started_from: dict[threading.Thread, set[str]] = {}
+        self._start, walk = threading.Thread.start, self
+
+        def start(thread, *a, **kw):
+            caller = sys._getframe(1)
+            if walk._file(caller.f_code) is not None:
+                walk._started_from[thread] = walk._stack(caller) | walk._started_from.get(threading.current_thread(), set())
+                run = thread.run
+
+                def followed():
+                    sys.setprofile(walk._profile)
+                    try:
+                        run()
+                    finally:
+                        sys.setprofile(None)
+                thread.run = followed
+            return walk._start(thread, *a, **kw)
+
+        threading.Thread.start = start
         sys.setprofile(self._profile)
         return self
 
     def __exit__(self, *exc) -> None:
         sys.setprofile(None)
-        threading.setprofile(None)
+        threading.Thread.start = self._start
 
     def report(self) -> str:
         def lines(keys):

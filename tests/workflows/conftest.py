@@ -145,16 +145,17 @@ def ddp_fits(cfg, out, tmp_path, fit, kwargs, distill: bool = True, workers=(1, 
     the object store), each worker tracing the ids it trained on and its final weights. Returns
     ({workers: (Trained, trace dir)}, the training split's ids sorted)."""
     from kd_ops import data, store
-    from workflows import stages, tasks, train
+    from workflows import tasks, train
+    from workflows.stages import training_data
     from workflows.layout import Layout
 
     cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"cache_datasets_mb": 0})})
     lay, task = Layout(out), tasks.for_config(cfg)
     dirs = task.data(lay)
-    inputs = stages.datasets(task, dirs, lay, teachers=distill, splits={"train": task.train_splits, "val": ("val",)})
+    inputs = training_data.datasets(task, dirs, lay, teachers=distill, splits={"train": task.train_splits, "val": ("val",)})
     assert not inputs.cached
     sets = inputs.sets
-    loop = stages.loop(task, cfg.student.factory, kwargs, fit, inputs=inputs, label="ddp", distill=distill)
+    loop = training_data.loop(task, cfg.student.factory, kwargs, fit, inputs=inputs, label="ddp", distill=distill)
     fits = {}
     for n in workers:
         trace = tmp_path / f"trace-{n}"

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from workflows import advice, stages
+from workflows import advice
+from workflows.stages import soft_labels, store_pass
 from workflows import precompute as pre
 from workflows.config import TuneConfig
 from workflows.layout import Layout
@@ -26,7 +27,7 @@ def _pass(names: list[str], rows: int, seconds: float, views: int = 1) -> list[p
 
 
 def _compute(lay: Layout, teachers: int, epochs: int = 10) -> dict:
-    return advice.teacher_compute(stages.timings(lay), teachers * ROWS, TRAIN, [], epochs, 0, teachers)
+    return advice.teacher_compute(store_pass.timings(lay), teachers * ROWS, TRAIN, [], epochs, 0, teachers)
 
 
 @pytest.mark.parametrize("teachers", [1, 3])
@@ -34,7 +35,7 @@ def test_one_shared_pass_counts_its_wall_time_once(tmp_path, teachers):
     """M teachers in one 10 s pass over 1,200 rows did M·1,200 teacher rows in 10 s, not M·10 s."""
     lay = Layout(tmp_path)
     names = [f"t{i}" for i in range(teachers)]
-    stages._remember_timings(lay, _pass(names, ROWS, 10.0))
+    store_pass.remember_timings(lay, _pass(names, ROWS, 10.0))
     tc = _compute(lay, teachers)
     assert tc["teacher_rows_per_second"] == pytest.approx(teachers * ROWS / 10.0)
     assert tc["precompute_teacher_seconds"] == pytest.approx(10.0)
@@ -49,8 +50,8 @@ def test_views_passes_are_counted_too(tmp_path):
     """Views 1..2 of the 400 training rows for 3 teachers: 2,400 more teacher rows in a 4 s pass."""
     lay = Layout(tmp_path)
     names = ["a", "b", "c"]
-    stages._remember_timings(lay, _pass(names, ROWS, 10.0))
-    stages._remember_timings(lay, _pass(names, TRAIN, 4.0, views=3))
+    store_pass.remember_timings(lay, _pass(names, ROWS, 10.0))
+    store_pass.remember_timings(lay, _pass(names, TRAIN, 4.0, views=3))
     tc = _compute(lay, 3)
     assert tc["precompute_forward_rows"] == 3 * ROWS + 3 * 2 * TRAIN
     assert tc["precompute_teacher_seconds"] == pytest.approx(14.0)
@@ -61,8 +62,8 @@ def test_a_later_pass_of_one_teacher_replaces_only_its_share(tmp_path):
     """A rerun that recomputes one teacher alone (the others reused) keeps the others' part of
     the first pass: 2 of 3 teachers' 10 s, then 5 s for the third alone."""
     lay = Layout(tmp_path)
-    stages._remember_timings(lay, _pass(["a", "b", "c"], ROWS, 10.0))
-    stages._remember_timings(lay, _pass(["c"], ROWS, 5.0) + [pre.TeacherResult("a", True, _entry("a", ROWS), 0.0),
+    store_pass.remember_timings(lay, _pass(["a", "b", "c"], ROWS, 10.0))
+    store_pass.remember_timings(lay, _pass(["c"], ROWS, 5.0) + [pre.TeacherResult("a", True, _entry("a", ROWS), 0.0),
                                                             pre.TeacherResult("b", True, _entry("b", ROWS), 0.0)])
     assert _compute(lay, 3)["precompute_teacher_seconds"] == pytest.approx(10.0 * 2 / 3 + 5.0)
 
@@ -73,8 +74,8 @@ def test_a_pass_that_resumed_an_entry_is_not_timed(tmp_path):
     lay = Layout(tmp_path)
     results = _pass(["a", "b"], ROWS, 10.0)
     results[1].shards_computed = 1
-    stages._remember_timings(lay, results)
-    assert stages.timings(lay) == {}
+    store_pass.remember_timings(lay, results)
+    assert store_pass.timings(lay) == {}
     assert _compute(lay, 2)["precompute_teacher_seconds"] is None
 
 
@@ -117,20 +118,20 @@ def test_precompute_records_one_pass_of_its_teachers_and_views(ray_session, tmp_
     [one] = pre.precompute(teachers[:1], {"train": src}, solo.store, **opts)
     n = one.manifest["rows"]
     assert n == len(split.ids)
-    stages._remember_timings(solo, [one])
-    tc = advice.teacher_compute(stages.timings(solo), n, n, [], 10, 0, 1)
+    store_pass.remember_timings(solo, [one])
+    tc = advice.teacher_compute(store_pass.timings(solo), n, n, [], 10, 0, 1)
     assert one.seconds > 0 and tc["precompute_teacher_seconds"] == pytest.approx(one.seconds)
     results = pre.precompute(teachers, {"train": src}, lay.store, **opts)
     assert len({r.seconds for r in results}) == 1  # one pass, one wall time
-    stages._remember_timings(lay, results)
-    tc = advice.teacher_compute(stages.timings(lay), 3 * n, n, [], 10, 0, 3)
+    store_pass.remember_timings(lay, results)
+    tc = advice.teacher_compute(store_pass.timings(lay), 3 * n, n, [], 10, 0, 3)
     assert tc["precompute_teacher_seconds"] == pytest.approx(results[0].seconds)
     assert tc["teacher_rows_per_second"] == pytest.approx(3 * n / results[0].seconds)
 
     task = SimpleNamespace(cfg=SimpleNamespace(precompute=PrecomputeConfig(views=3, batch_size=64)),
                            train_splits=("train",), feature_columns=["x"], precompute_options=dict)
-    views = stages.precompute_views(task, teachers, {"train": src}, lay, None)
+    views = soft_labels.precompute_views(task, teachers, {"train": src}, lay, None)
     assert len(views) == 6 and len({r.seconds for r in views}) == 1
-    tc = advice.teacher_compute(stages.timings(lay), 3 * n, n, [], 10, 0, 3)
+    tc = advice.teacher_compute(store_pass.timings(lay), 3 * n, n, [], 10, 0, 3)
     assert tc["precompute_forward_rows"] == 3 * n + 3 * 2 * n
     assert tc["precompute_teacher_seconds"] == pytest.approx(results[0].seconds + views[0].seconds)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from workflows.deploy import pick_under_budget
+from workflows.stages.search import pick_under_budget
 
 TRIALS = [{"trial_id": "a", "params": 3570, "latency_ms": 0.016, "quality": 0.93},
           {"trial_id": "b", "params": 2474, "latency_ms": 0.015, "quality": 0.62},

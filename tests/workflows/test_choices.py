@@ -8,7 +8,8 @@ from types import SimpleNamespace
 import pandas as pd
 import pytest
 
-from workflows import advice, deploy
+from workflows import advice
+from workflows.stages import search
 from workflows.config import TuneConfig
 from workflows.tune import _best_epoch
 
@@ -48,10 +49,10 @@ def test_a_quality_target_with_no_trial_scored_is_one_clear_error():
               {"trial_id": "b", "quality": float("nan"), "latency_ms": 2.0, "params": 20}]
     with pytest.raises(ValueError, match=r"deploy.quality_target=0.9: none of the 2 tune trials reported a "
                                          r"validation score"):
-        deploy.pick_under_budget(trials, 5.0, 0.9, lm=False)
+        search.pick_under_budget(trials, 5.0, 0.9, lm=False)
     # without a target a trial with no score can still be named by its latency
     with pytest.raises(ValueError, match=r"the closest, trial a \(10 params\), reached 1.000 ms \(budget 0.5 ms\)"):
-        deploy.pick_under_budget(trials, 0.5, None, lm=False)
+        search.pick_under_budget(trials, 0.5, None, lm=False)
 
 
 @pytest.mark.parametrize("lm, student, reference, target, warned", [

@@ -118,3 +118,17 @@ def test_views_with_what_cannot_use_them(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(DEFAULT, ["precompute.views=3", *overrides])
     load_config(DEFAULT, overrides)  # valid without views
+
+
+def test_the_searchable_method_settings_are_the_distill_types_own_fields_and_words():
+    """Tune's method dimensions name fields of the one settings type the workers get, and the words
+    a dimension may take are the ones kd_ops accepts."""
+    import dataclasses
+
+    from kd_ops import method_loss, teacher_weighting, temperature
+    from workflows.config import METHOD_DIMS, METHOD_WORDS
+
+    fields = {f.name for f in dataclasses.fields(method_loss.Distill)}
+    assert set(METHOD_DIMS) <= fields and set(METHOD_DIMS) <= set(method_loss.METHOD_FIELDS)
+    assert METHOD_WORDS == {"response": method_loss.RESPONSES, "schedule": temperature.SCHEDULES,
+                            "teacher_weighting": teacher_weighting.KINDS}

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from kd_ops import lm, models
+from kd_ops.method_loss import Distill
 from workflows import worker
 from workflows.loop import Loop
 
@@ -24,15 +25,15 @@ def _case(task: str):
         model = models.cnn(width=4)
         batch = {"x": torch.randn(ROWS, 40), "y": torch.randint(0, 10, (ROWS,)), "logits": torch.randn(ROWS, 2, 10)}
         loop = Loop(factory="kd_ops.models:cnn", kwargs={"width": 4}, epochs=1, batch_size=ROWS, lr=1e-3,
-                    weight_decay=0.0, seed=0, train_rows=ROWS, temperature=2.0, alpha=0.5,
-                    teacher_weights=[0.5, 0.5])
+                    weight_decay=0.0, seed=0, train_rows=ROWS,
+                    distill=Distill((0.5, 0.5), temperature=2.0, alpha=0.5))
     else:
         model = lm.new_causal_lm(32, 8, 1, 16, 2).eval()  # no dropout: the same function on every process
         batch = {"x": torch.randint(0, 32, (ROWS, 8)), "logits": torch.randn(ROWS, 1, 8, 32)}
         loop = Loop(factory="kd_ops.lm:new_causal_lm", kwargs={}, epochs=1, batch_size=ROWS, lr=1e-3,
-                    weight_decay=0.0, seed=0, train_rows=ROWS, task="lm", temperature=2.0, alpha=0.5,
-                    teacher_weights=[1.0])
-    return model, batch, loop, torch.tensor(loop.teacher_weights)
+                    weight_decay=0.0, seed=0, train_rows=ROWS, task="lm",
+                    distill=Distill((1.0,), temperature=2.0, alpha=0.5))
+    return model, batch, loop, torch.tensor(loop.distill.teacher_weights)
 
 
 def _gradients(model) -> dict[str, torch.Tensor]:

@@ -2,6 +2,7 @@
 and a `kd run` with a teacher-assistant chain, online feature KD and DKD."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -13,7 +14,8 @@ from mlflow.tracking import MlflowClient
 from kd_ops import feature_kd, method_loss, models, store
 from conftest import TINY_DEPLOY, one_teacher_split
 from test_errors import _nothing_complete, _parquet_source, _run, _teacher
-from workflows import chain, ingest
+from workflows import ingest
+from workflows.stages import chain
 from workflows import precompute as pre
 from workflows.config import load_config
 
@@ -35,12 +37,12 @@ def test_stored_and_online_teacher_features_give_the_same_loss(ray_session, tmp_
     student = feature_kd.feature_student(models.cnn(width=4), "features.3", batch["x"][:2], [8, 10], "hint")
     online = feature_kd.LayerOutput(models.load_weights(models.cnn(width=8), w), "features.3").eval()
     logits = student(batch["x"])
-    m = method_loss.Method(feature="hint", feature_weight=1.0)
-    args = (logits, batch["logits"].transpose(0, 1), batch["y"], torch.ones(1))
-    stored_loss, stored = method_loss.student_loss(*args, temperature=2.0, alpha=0.5, method=m,
+    m = method_loss.Distill((1.0,), temperature=2.0, alpha=0.5, feature="hint", feature_weight=1.0)
+    args = (logits, batch["logits"].transpose(0, 1), batch["y"], torch.ones(1), m)
+    stored_loss, stored = method_loss.student_loss(*args,
                                                    student_features=student.features, teacher_features=batch["features"])
     online_f = feature_kd.teacher_features(online, batch["x"])
-    online_loss, live = method_loss.student_loss(*args, temperature=2.0, alpha=0.5, method=m,
+    online_loss, live = method_loss.student_loss(*args,
                                                  student_features=student.features, teacher_features=online_f)
     assert torch.equal(online_f, batch["features"])
     assert stored_loss.item() == online_loss.item() and stored["feature"] == live["feature"] > 0
@@ -145,7 +147,8 @@ def test_kd_run_with_a_teacher_assistant_online_features_and_dkd(ray_session, ca
 def test_tune_searches_the_method_and_each_trial_trains_with_its_point(tmp_path):
     from ray import tune as ray_tune
 
-    from workflows import stages, tasks
+    from workflows import tasks
+    from workflows.stages import training_data
     from workflows.tune import apply_trial, search_space
 
     cfg = load_config(_method_config(tmp_path, feature={"student_layer": "features.5", "teacher_layer": "features.5"}),
@@ -156,12 +159,14 @@ def test_tune_searches_the_method_and_each_trial_trains_with_its_point(tmp_path)
     space = search_space(cfg.tune, ["t"])
     assert {"response", "dkd_beta", "schedule", "temperature_end", "feature_weight", "teacher_weighting"} <= set(space)
     assert isinstance(space["response"], ray_tune.search.sample.Categorical)
-    base = stages.loop(tasks.for_config(cfg), cfg.student.factory, cfg.student.kwargs, cfg.train.fit,
-                       inputs=stages.Inputs({}, {"train": 100}, True, ""), label="s", distill=True)
-    assert base.method == method_loss.Method(feature="hint", feature_weight=1.0)
+    base = training_data.loop(tasks.for_config(cfg), cfg.student.factory, cfg.student.kwargs, cfg.train.fit,
+                       inputs=training_data.Inputs({}, {"train": 100}, True, ""), label="s", distill=True)
+    assert base.distill == method_loss.Distill((1.0,), temperature=cfg.distill.temperature, alpha=cfg.distill.alpha,
+                                               feature="hint", feature_weight=1.0)
     point = {"response": "dkd", "dkd_beta": 2.5, "schedule": "cosine", "temperature_end": 1.0, "feature_weight": 0.3,
              "temperature": 3.0, "teacher_weighting": "correctness"}
     loop = apply_trial(base, point, ["t"], "width")
-    assert loop.method == method_loss.Method(response="dkd", dkd_beta=2.5, schedule="cosine", temperature_end=1.0,
-                                             feature="hint", feature_weight=0.3, teacher_weighting="correctness")
-    assert loop.temperature == 3.0 and loop.features == base.features
+    assert loop.distill == dataclasses.replace(base.distill, response="dkd", dkd_beta=2.5, schedule="cosine",
+                                               temperature_end=1.0, feature_weight=0.3, teacher_weighting="correctness",
+                                               temperature=3.0)
+    assert loop.distill.feature == "hint" and loop.features == base.features

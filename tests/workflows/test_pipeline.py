@@ -18,7 +18,8 @@ import counting_teacher
 from config_walk import Walk
 from conftest import COUNTER, MLFLOW_PASSWORD, MLFLOW_USER, TINY_DEPLOY, assert_ddp_split, ddp_fits, tiny_config
 from kd_ops import data, evaluate, models, store
-from workflows import commands, console, pipeline, stages, tasks
+from workflows import commands, console, pipeline, tasks
+from workflows.stages import store_pass
 from workflows.config import RunConfig, load_config
 from workflows.layout import Layout
 from workflows.tracking import CREDENTIAL_ENV
@@ -125,10 +126,15 @@ def test_the_tracking_password_reaches_mlflow_and_is_shown_or_stored_nowhere(tin
 
 def test_the_config_goes_down_through_the_files_never_back_up_to_a_caller(tiny_run):
     """Followed from `pipeline.run` (tune and deploy on): no call hands the config back up to a
-    file on the call stack, and few re-enter a file already left (see config_walk)."""
+    file on the call stack but the fits a stage hands down to run side by side, and few re-enter
+    a file already left (see config_walk)."""
     walk = WALK["tiny"]
-    assert {"workflows/pipeline.py", "workflows/tasks.py", "workflows/stages.py", "workflows/deploy.py"} <= set(walk.entered)
-    assert walk.climbs == set(), walk.report()
+    assert {"workflows/pipeline.py", "workflows/tasks.py", "workflows/stages/student.py",
+            "workflows/stages/ship.py"} <= set(walk.entered)
+    # the only calls back up: the fits a stage hands down to be run side by side (concurrent_fits)
+    assert {(a, b, fn) for a, _, b, fn in walk.climbs} == {
+        ("workflows/concurrent_fits.py", "workflows/stages/teachers.py", "fit"),
+        ("workflows/concurrent_fits.py", "workflows/stages/student.py", "fit_and_score")}, walk.report()
     # 21: deploy returns to the task once more since INT8 is chosen on validation scores (task.choice_score)
     assert len(walk.returns) <= 21, walk.report()
 
@@ -193,7 +199,7 @@ def test_tuning_and_reused_precompute_never_run_a_teacher(tiny_run, tmp_path):
     before = counting_teacher.count(COUNTER)
     assert before > 0  # the counter sees teachers: they were trained and run by precompute
     layout, task = Layout(out), tasks.for_config(cfg)
-    results = stages.stage_precompute(task, [t.model_copy(update={"weights": layout.teacher_weights(t)})
+    results = store_pass.precompute_logits(task, [t.model_copy(update={"weights": layout.teacher_weights(t)})
                                                   for t in cfg.teachers], task.data(layout), layout, None)
     assert [r.reused for r in results] == [True, True]
     assert commands.tune(cfg, out, tracking_uri=uri) == 0

@@ -8,7 +8,7 @@ import pytest
 from rich.console import Console
 
 from test_report_page import _summary
-from workflows.report import print_summary
+from workflows.summary_table import print_summary
 
 RUNTIMES = ("teacher-pytorch-fp32", "pytorch-fp32", "onnxruntime-fp32", "onnxruntime-int8")
 
@@ -20,7 +20,7 @@ def _printed(s: dict, width: int = 80) -> str:
 
 
 def _with_target(s: dict) -> dict:
-    # as workflows.deploy.latency_on_target writes it
+    # as workflows.stages.target.latency_on_target writes it
     s["deploy"]["target"] = {"description": "any node, 2 thread(s), batch sizes [1, 32]", "node": "n1",
                              "cpu": "AMD EPYC 7B13 64-Core Processor", "threads": 2}
     return s

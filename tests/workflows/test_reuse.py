@@ -7,7 +7,8 @@ import torch
 import yaml
 
 from kd_ops import data, models
-from workflows import stages, tasks, train
+from workflows import tasks, train
+from workflows.stages import soft_labels, store_pass, training_data
 from workflows.config import load_config
 from workflows.layout import Layout
 
@@ -72,21 +73,21 @@ def test_a_fit_is_keyed_by_the_store_entries_and_views_its_datasets_read(ray_ses
 
     def keys(task) -> tuple[str, str]:
         """(a KD student's fit key, the label-only student's), as `kd run` builds them."""
-        kd = stages.datasets(task, dirs, lay, teachers=True, splits=splits)
-        lo = stages.datasets(task, dirs, lay, teachers=False, splits=splits)
+        kd = training_data.datasets(task, dirs, lay, teachers=True, splits=splits)
+        lo = training_data.datasets(task, dirs, lay, teachers=False, splits=splits)
         fit = task.cfg.train.fit
-        return tuple(train._loop_key(stages.loop(task, "kd_ops.models:cnn", {"width": 4}, fit, inputs=i, label="s",
+        return tuple(train._loop_key(training_data.loop(task, "kd_ops.models:cnn", {"width": 4}, fit, inputs=i, label="s",
                                                  distill=d)) for i, d in ((kd, True), (lo, False)))
 
-    stages.stage_precompute(task, cfg.teachers, dirs, lay, None)
+    store_pass.precompute_logits(task, cfg.teachers, dirs, lay, None)
     kd1, lo1 = keys(task)
     assert keys(task) == (kd1, lo1)  # nothing changed: the fits are reused
-    assert stages.stage_precompute(task, cfg.teachers, dirs, lay, None)[0].reused
+    assert store_pass.precompute_logits(task, cfg.teachers, dirs, lay, None)[0].reused
     assert keys(task) == (kd1, lo1)
 
     torch.manual_seed(3)
     models.save_weights(models.cnn(width=8), w)  # other teacher weights: the store is recomputed
-    assert not stages.stage_precompute(task, cfg.teachers, dirs, lay, None)[0].reused
+    assert not store_pass.precompute_logits(task, cfg.teachers, dirs, lay, None)[0].reused
     kd2, lo2 = keys(task)
     assert kd2 != kd1 and lo2 == lo1  # the label-only student reads no store entry
 
@@ -94,7 +95,7 @@ def test_a_fit_is_keyed_by_the_store_entries_and_views_its_datasets_read(ray_ses
         c = _config(tmp_path, dirs, teacher, precompute={"batch_size": 128, "num_actors": 1, "views": 2,
                                                          "augment": "kd_ops.augment:signal_views", "augment_seed": seed})
         t = tasks.for_config(c)
-        stages.precompute_views(t, c.teachers, dirs, lay, None)
+        soft_labels.precompute_views(t, c.teachers, dirs, lay, None)
         return keys(t)
 
     kv7, lo7 = viewed(7)
@@ -105,6 +106,6 @@ def test_a_fit_is_keyed_by_the_store_entries_and_views_its_datasets_read(ray_ses
 
     new = data.mnist1d_splits(300, 60, 60, 0, seed=9, transfer_seed=1)["val"]
     data.write_split(new, dirs["val"], rows_per_file=100)  # other validation rows: every fit is recomputed
-    stages.stage_precompute(task, cfg.teachers, dirs, lay, None)
+    store_pass.precompute_logits(task, cfg.teachers, dirs, lay, None)
     kd3, lo3 = keys(task)
     assert kd3 != kd2 and lo3 != lo1

@@ -27,6 +27,7 @@ import torch
 from kd_ops import data, models, store
 from kd_ops.fsio import Loc
 from workflows import console
+from kd_ops.method_loss import Distill
 from workflows.loop import Loop
 
 CLASSES, FEATURES = 1000, 40
@@ -91,7 +92,7 @@ def _in_memory(loop, rows: int, seed: int = 0) -> dict[str, float]:
     loop = loop.replace(train_rows=rows)
     model = models.build(loop.factory, loop.kwargs)
     opt = torch.optim.AdamW(model.parameters(), lr=loop.lr, weight_decay=loop.weight_decay)
-    sched, w = worker.schedule(opt, loop, 1), torch.tensor(loop.teacher_weights)
+    sched, w = worker.schedule(opt, loop, 1), torch.tensor(loop.distill.teacher_weights)
     b = loop.batch_size
     start = time.perf_counter()
     for i in range(0, rows, b):
@@ -126,8 +127,8 @@ def bench_ingest(target_gb: float, rows_per_file: int, batch: int, memory_rows: 
                                    store_dir=root / "store", teachers=["t"], shuffle=False)
         kwargs = {"num_classes": CLASSES, "width": width}
         loop = Loop(factory=STUDENT, kwargs=kwargs, epochs=1, batch_size=batch, lr=1e-3,
-                    weight_decay=0.0, seed=0, train_rows=n, label="bench ingest", temperature=2.0, alpha=0.9,
-                    teacher_weights=[1.0])
+                    weight_decay=0.0, seed=0, train_rows=n, label="bench ingest",
+                    distill=Distill((1.0,), temperature=2.0, alpha=0.9))
         shutil.rmtree(root / "ray", ignore_errors=True)  # a fit of a kept store's last run would be reused, not timed
         console.say(f"==> store-fed fit: {n:,} rows streamed from {store_bytes / 1e9:.2f} GB, 1 epoch "
                     f"(at ~20k rows/s on a 2-core CPU machine: ~{n / 20000:.0f} s)")

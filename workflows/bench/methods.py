@@ -18,7 +18,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from workflows import chain, console, ray_session, stages, tasks, train
+from workflows import console, pipeline, ray_session, tasks, train
+from workflows.stages import chain, fit, inputs, soft_labels, training_data
 from workflows.config import load_config
 from workflows.layout import Layout
 
@@ -53,18 +54,15 @@ def _one(path: str, overrides: list[str], method: list[str] | None, seed: int, l
     task = tasks.for_config(cfg)
     kwargs = task.student_kwargs(teachers)
     if method is None:
-        inputs = stages.datasets(task, dirs, lay, teachers=False, splits={"train": ("train",), "val": ("val",)})
-        loop = stages.loop(task, cfg.student.factory, kwargs, cfg.train.fit, inputs=inputs, label=label)
+        found, loop = training_data.fit_inputs(task, dirs, lay, cfg.student.factory, kwargs, cfg.train.fit, label=label)
     else:
-        features = stages.feature_plan(task, dirs, lay)
-        stages.precompute_features(task, teachers, dirs, lay, None)
-        stages.precompute_views(task, teachers, dirs, lay, None)
+        features = inputs.feature_plan(task, dirs, lay)
+        soft_labels.precompute_features(task, teachers, dirs, lay, None)
+        soft_labels.precompute_views(task, teachers, dirs, lay, None)
         names, weights, _ = chain.run(task, teachers, dirs, lay, None, test_set)
-        inputs = stages.datasets(task, dirs, lay, teachers=names, features=features,
-                                 splits={"train": task.train_splits, "val": ("val",)})
-        loop = stages.loop(task, cfg.student.factory, kwargs, cfg.train.fit, inputs=inputs,
-                           label=label, distill=True, teacher_weights=weights, features=features)
-    res = train.fit(loop, inputs.sets, name=f"bench-{label}", storage=lay.ray, **stages.workers(cfg.train))
+        found, loop = training_data.fit_inputs(task, dirs, lay, cfg.student.factory, kwargs, cfg.train.fit, label=label,
+                                               teachers=names, teacher_weights=weights, features=features)
+    res = train.fit(loop, found.sets, name=f"bench-{label}", storage=lay.ray, **fit.workers(cfg.train))
     row = task.model_report(loop, res.weights, {"test": test_set})
     return row["test_accuracy"], row["params"], time.perf_counter() - start
 
@@ -76,13 +74,9 @@ def teachers_and_store(task, out: str):
     lay.make()
     ray_session.init_ray(None, cfg.code, cfg.train.resource_wait_s)
     console.say("==> teachers and store (once for every comparison)")
-    dirs = task.data(lay)
-    stages.check_inputs(task, dirs, lay)
-    teachers = stages.teachers(task, dirs, lay, None)
-    stages.stage_precompute(task, teachers, dirs, lay, None)
-    stages.precompute_views(task, teachers, dirs, lay, None)
-    kd_sets = stages.datasets(task, dirs, lay, teachers=True, splits={"test": ("test",)}).sets
-    return lay, dirs, teachers, kd_sets
+    ready = pipeline.store_ready(task, lay, None, target=False)
+    kd_sets = training_data.datasets(task, ready.dirs, lay, teachers=True, splits={"test": ("test",)}).sets
+    return lay, ready.dirs, ready.teachers, kd_sets
 
 
 def run(path: str, out: str, overrides: list[str], seeds: int, only: list[str] | None) -> dict[str, Any]:

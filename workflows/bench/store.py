@@ -21,7 +21,8 @@ import numpy as np
 from kd_ops import data, evaluate, lm, models, store
 from workflows import console, fingerprints
 from workflows import precompute as pre
-from workflows import evaluation, ingest, ray_session, stages, tasks, train
+from workflows import ingest, ray_session, scoring, tasks, train
+from workflows.stages import training_data
 from workflows.config import RunConfig
 
 log = logging.getLogger("kd")
@@ -70,14 +71,14 @@ def bench_store(cfg: RunConfig, run_dir: Path, out: Path, *, train_rows: int, ep
                                   store_dir=out / f"store-{key}", teachers=[teacher.name], shuffle=s == "train", cache_bytes=int(cfg.train.cache_datasets_mb * 1e6))[0]
                 for s, d in dirs.items()}
         # the config's own distillation settings, identical for every store
-        inputs = stages.Inputs(sets, {"train": len(x_train)}, True,
+        inputs = training_data.Inputs(sets, {"train": len(x_train)}, True,
                                fingerprints.digest(store.read_manifest(out / f"store-{key}", teacher.name)))
-        loop = stages.loop(task, cfg.student.factory, student_kwargs,
+        loop = training_data.loop(task, cfg.student.factory, student_kwargs,
                            cfg.train.fit.model_copy(update={"epochs": epochs}), inputs=inputs,
                            label=f"bench {key}", distill=True)
         res = train.fit(loop, sets, name=f"bench-{key}", storage=out / "ray", num_workers=cfg.train.num_workers,
                         use_gpu=cfg.train.use_gpu)
-        sums = evaluation.score(sets["val"], task="lm", factory=loop.factory, kwargs=loop.kwargs, weights=res.weights,
+        sums = scoring.score(sets["val"], task="lm", factory=loop.factory, kwargs=loop.kwargs, weights=res.weights,
                                 batch_size=64)
         row["student_val_perplexity"] = evaluate.rates(sums, "lm")["perplexity"]
         results[key] = row
@@ -105,8 +106,8 @@ def _big_vocab_sizes(cfg: RunConfig, run: Path, out: Path, vocab: int, rows: int
     split = data.write_split(data.Inputs(np.arange(len(x), dtype=np.int64), x, None), out / "data" / "big-train")
     sets = {s: ingest.dataset({"train": split}, feature_columns=["x"], label_column=None, input_dtype="int32",
                               shuffle=s == "train", cache_bytes=int(cfg.train.cache_datasets_mb * 1e6))[0] for s in ("train", "val")}
-    inputs = stages.Inputs(sets, {"train": len(x)}, True, fingerprints.digest(fingerprints.data_key(["x"], {"train": split})))
-    loop = stages.loop(task, "kd_ops.lm:new_causal_lm", kwargs,
+    inputs = training_data.Inputs(sets, {"train": len(x)}, True, fingerprints.digest(fingerprints.data_key(["x"], {"train": split})))
+    loop = training_data.loop(task, "kd_ops.lm:new_causal_lm", kwargs,
                        cfg.teachers[0].fit.model_copy(update={"epochs": 1}), inputs=inputs,
                        label=f"bench teacher {len(tok)}")
     res = train.fit(loop, sets, name=f"bench-teacher-{len(tok)}", storage=out / "ray", num_workers=1,

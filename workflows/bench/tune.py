@@ -22,7 +22,8 @@ from rich.console import Console
 from rich.table import Table
 
 from kd_ops.fsio import Loc
-from workflows import chain, console, stages, tasks, worker
+from workflows import console, tasks, worker
+from workflows.stages import chain, fit, training_data
 from workflows.bench import methods
 from workflows.config import load_config
 from workflows.tune import apply_trial, run_tune
@@ -47,7 +48,7 @@ def _search(cfg, base, names, sets, lay, label: str) -> dict[str, Any]:
     Loc.of(storage).delete()  # a bench measures a fresh search, never a resumed one
     start = time.perf_counter()
     _, best, rows, failed = run_tune(cfg.tune, base, names, cfg.student.width_kwarg, sets, storage=storage,
-                                     workers=stages.workers(cfg.train), tracking_uri=None, experiment=None,
+                                     workers=fit.workers(cfg.train), tracking_uri=None, experiment=None,
                                      parent_run_id=None)
     wall = time.perf_counter() - start
     trials = _trial_results(storage)
@@ -99,10 +100,9 @@ def run(path: str, out: str, overrides: list[str], trials: int, epochs: int, sea
         raise ValueError("kd bench tune searches a classification student; give a classification config")
     lay, dirs, teachers, kd_sets = methods.teachers_and_store(task, out)
     names, weights, _ = chain.run(task, teachers, dirs, lay, None, kd_sets["test"])
-    inputs = stages.datasets(task, dirs, lay, teachers=names, splits={"train": task.train_splits, "val": ("val",)})
-    sets = inputs.sets
-    base = stages.loop(task, cfg.student.factory, task.student_kwargs(teachers), cfg.train.fit,
-                       inputs=inputs, label="bench", distill=True, teacher_weights=weights)
+    found, base = training_data.fit_inputs(task, dirs, lay, cfg.student.factory, task.student_kwargs(teachers),
+                                           cfg.train.fit, label="bench", teachers=names, teacher_weights=weights)
+    sets = found.sets
     base = base.replace(epochs=epochs)
 
     def search(label: str, extra: list[str]) -> dict[str, Any]:

@@ -1,6 +1,6 @@
-"""Distillation chains on the one store: teacher-assistant chains (TAKD; Mirzadeh et al., AAAI 2020,
-"Improved Knowledge Distillation via Teacher Assistant") and born-again students (Furlanello et
-al., ICML 2018, "Born-Again Neural Networks").
+"""Stage 4, the chain: teacher-assistant chains (TAKD; Mirzadeh et al., AAAI 2020, "Improved
+Knowledge Distillation via Teacher Assistant") and born-again students (Furlanello et al., ICML
+2018, "Born-Again Neural Networks") on the one store.
 
 Each stage is a student distilled (Ray Train) from the stage before, registered nowhere, whose
 raw logits are then precomputed into the store as a new teacher; the final student (and Tune)
@@ -13,9 +13,12 @@ import dataclasses
 import logging
 
 from kd_ops import models
-from workflows import console, stages
+from workflows import console
 from workflows.config import RunConfig, TeacherConfig
 from workflows.layout import Layout
+from workflows.stages.fit import child_fit
+from workflows.stages.store_pass import precompute_logits
+from workflows.stages.training_data import fit_inputs
 from workflows.tracking import Tracker
 
 log = logging.getLogger("kd")
@@ -62,17 +65,16 @@ def run(task, teachers: list[TeacherConfig], dirs, lay: Layout, tracker: Tracker
         console.say(f"==> {name}")
         use = names + ([previous] if previous else [])
         weights = weights_for(cfg, 1 if previous else 0)
-        inputs = stages.datasets(task, dirs, lay, teachers=use, splits={"train": task.train_splits, "val": ("val",)})
-        loop = stages.loop(task, cfg.student.factory, kwargs, cfg.train.fit, inputs=inputs,
-                           label=name, distill=True, teacher_weights=weights)
-        loop = loop.replace(method=dataclasses.replace(loop.method, feature=None, feature_weight=0.0))
-        with stages.child_fit(cfg.train, tracker, name, {"student_kwargs": kwargs, "teachers": use, "teacher_weights": weights},
-                              loop, inputs.sets, name=f"chain-{name}", lay=lay) as res:
+        inputs, loop = fit_inputs(task, dirs, lay, cfg.student.factory, kwargs, cfg.train.fit, label=name,
+                                  teachers=use, teacher_weights=weights)
+        loop = loop.replace(distill=dataclasses.replace(loop.distill, feature=None, feature_weight=0.0))
+        with child_fit(cfg.train, tracker, name, {"student_kwargs": kwargs, "teachers": use, "teacher_weights": weights},
+                       loop, inputs.sets, name=f"chain-{name}", lay=lay) as res:
             row = {"name": name, **task.model_report(loop, res.weights, {"test": test_set})}
             path = lay.teachers / f"{name}.safetensors"
             models.save_weights(models.load_weights(models.build(loop.factory, loop.kwargs), res.weights), path)
             stage_teacher = TeacherConfig(name=name, factory=loop.factory, kwargs=kwargs, weights=path.uri)
-            stages.stage_precompute(task, [stage_teacher], dirs, lay, tracker)
+            precompute_logits(task, [stage_teacher], dirs, lay, tracker)
             if tracker:
                 import mlflow
 

@@ -1,0 +1,152 @@
+"""Stage 7, ship: the registered student exported to ONNX and checked against PyTorch on real test
+rows, quantized to INT8 (ONNX Runtime, calibrated on real training rows), fine-tuned with
+quantization-aware distillation through the same Train loop when INT8 loses more than
+`deploy.int8_max_drop`, and timed on `deploy.target`. Every INT8 choice is made on validation.
+The maths (export, quantization, timing) is kd_ops.deploy's; this file places and records it."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kd_ops import deploy as dp, evaluate, models
+from kd_ops.fsio import Loc
+from workflows import console, scoring
+from workflows.layout import Layout
+from workflows.loop import Loop
+from workflows.stages.fit import child_fit
+from workflows.stages.target import example, gpu_note, latency_on_target, sample_rows
+
+log = logging.getLogger("kd")
+
+
+def _export(model, rows: np.ndarray, task, path: Path, opset: int) -> float:
+    """Export to `path`; returns max |Δlogit| between ONNX Runtime and PyTorch on `rows`."""
+    import torch
+
+    dp.export_onnx(model, torch.from_numpy(example(rows[:2], task)), path, opset=opset)
+    return dp.max_abs_diff(model, path, example(rows, task))
+
+
+def run(task, lay: Layout, loop: Loop, weights, kd_sets, dirs, train_sets, fp32_row: dict,
+          teachers, tracker) -> dict[str, Any]:
+    """Export, INT8 (PTQ, then QAT when PTQ loses too much), latency on the target. Returns the
+    summary's `deploy` section; files under --out/deploy and in the MLflow run's `deploy/`."""
+    work = Path(tempfile.mkdtemp(prefix="kd-deploy-"))
+    try:
+        return _ship(task, lay, loop, weights, kd_sets, dirs, train_sets, fp32_row, teachers, tracker, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _ship(task, lay, loop, weights, kd_sets, dirs, train_sets, fp32_row, teachers, tracker, work: Path):
+    d = task.cfg.deploy
+    out: dict[str, Any] = {}
+    student = models.load_weights(models.build(loop.factory, loop.kwargs), weights).eval()
+    test_rows = sample_rows(dirs[task.eval_split], task, 256, seed=1)
+    fp32 = work / "student.onnx"
+    try:
+        diff = _export(student, test_rows, task, fp32, d.opset)
+    except ValueError as e:  # e.g. an LM whose graph the exporter cannot take: the run still finishes
+        console.say(f"deploy: ONNX export skipped: {e}")
+        return {"onnx_error": str(e), "gpu": gpu_note(d)}
+    scale = max(1.0, float(np.abs(evaluate.predict_logits(student, example(test_rows, task))).max()))
+    if not diff <= 1e-3 * scale:
+        raise ValueError(f"deploy: the ONNX export differs from PyTorch by {diff:.2e} on real test rows "
+                         f"(bound {1e-3 * scale:.1e}); set deploy.enabled: false to skip it, and report it")
+    out["onnx"] = {"opset": d.opset, "max_abs_logit_diff": diff, "fp32_file_bytes": dp.file_bytes(fp32),
+                   "fp32_weight_bytes": dp.weight_bytes(fp32), "rows_checked": len(test_rows)}
+    console.say(f"deploy: ONNX opset {d.opset}, max |Δlogit| vs PyTorch {diff:.1e} on {len(test_rows)} test rows")
+    files = {"student.onnx": fp32}
+    int8 = None
+    if d.int8:
+        calib = sample_rows(dirs["train"], task, d.calibration_rows, seed=2)
+        try:
+            int8, out["int8"], qat_weights = _int8(task, lay, loop, weights, kd_sets, train_sets, fp32_row, calib,
+                                                    fp32, work, tracker)
+        except Exception as e:  # noqa: BLE001 - like a failed export: the run finishes and ships fp32
+            log.exception("deploy: INT8 quantization failed")
+            out["int8_error"] = scoring.one_line(e)
+        else:
+            files["student.int8.onnx"] = int8
+            if qat_weights is not None:
+                files["student.qat.onnx"] = work / "student.qat.onnx"
+    teacher = teachers[0]
+    teacher_spec = ({"factory": teacher.factory, "kwargs": teacher.kwargs,
+                     "weights": Loc.of(teacher.weights).read_bytes()} if teacher.factory else None)
+    if teacher_spec:
+        out["teacher_file_bytes"] = len(teacher_spec["weights"])
+    out["student_file_bytes"] = Loc.of(weights).size()
+    out |= latency_on_target(d, task, {"factory": loop.factory, "kwargs": loop.kwargs,
+                                       "weights": Loc.of(weights).read_bytes()},
+                             fp32.read_bytes(), int8.read_bytes() if int8 else None, teacher_spec, test_rows)
+    for name, f in files.items():
+        (lay.out / "deploy" / name).write_bytes(f.read_bytes())
+        if tracker:
+            tracker.log_file(lay.out / "deploy" / name, "deploy")
+    out["files"] = sorted(files)
+    return out
+
+
+def _quality(task, row: dict) -> float:
+    return row[task.quality_key]
+
+
+def _onnx_loop(loop: Loop, path: Path) -> Loop:
+    """The loop of an ONNX file, scored on the cluster like any model."""
+    return loop.replace(factory="kd_ops.deploy:onnx_module", kwargs={"data": path.read_bytes()})
+
+
+def _score_onnx(task, loop: Loop, path: Path, kd_sets) -> dict[str, Any]:
+    """The task's test report for the ONNX file that ships."""
+    row = task.model_report(_onnx_loop(loop, path), None, kd_sets)
+    row.pop("params", None)
+    return row
+
+
+def _int8(task, lay, loop: Loop, weights, kd_sets, train_sets, fp32_row, calib, fp32: Path, work: Path, tracker):
+    """PTQ, then QAT when PTQ loses more than deploy.int8_max_drop: every choice is made on the
+    validation split (`task.choice_key`); the test split scores only the INT8 model that ships."""
+    cfg = task.cfg
+    d, key = cfg.deploy, task.choice_key
+    def val_score(onnx: Path) -> float:  # the ONNX files compared: what quantization alone changed
+        return task.choice_score(_onnx_loop(loop, onnx), None, kd_sets)
+
+    fp32_val = val_score(fp32)
+    int8 = dp.quantize_int8(fp32, calib, work / "student.int8.onnx")
+    ptq = val_score(int8)
+    drop = task.int8_drop(fp32_val, ptq)
+    row = {"method": "ptq", "chosen_by": key, "calibration_rows": len(calib), "file_bytes": dp.file_bytes(int8),
+           "weight_bytes": dp.weight_bytes(int8), "fp32_" + key: fp32_val, "ptq_" + key: ptq, "ptq_drop": drop,
+           "qat_epochs": None, "qat_" + key: None, "max_drop": d.int8_max_drop}
+    console.say(f"deploy: INT8 (PTQ, {len(calib)} calibration rows) {key} {ptq:.4f}, fp32 {fp32_val:.4f}: "
+                f"drop {drop:.4f} (tolerance {d.int8_max_drop})")
+    shipped, qat_weights = int8, None
+    if d.qat == "always" or (d.qat == "auto" and drop > d.int8_max_drop):
+        # quantization-aware distillation: the fp32 student fine-tuned through INT8 fake quantization
+        # with the same stored soft labels and loss, then exported and quantized again. A feature term
+        # is left out: its projection was trained beside the student but is not saved or shipped.
+        qloop = loop.replace(init_weights=Loc.of(weights).uri, fake_quant=True, epochs=d.qat_epochs,
+                             lr=loop.lr * d.qat_lr_scale, label="qat student", features=None,
+                             distill=dataclasses.replace(loop.distill, feature=None, feature_weight=0.0))
+        with child_fit(cfg.train, tracker, "qat-student", {"epochs": d.qat_epochs, "lr": qloop.lr}, qloop,
+                              train_sets, name="qat-student", lay=lay) as res:
+            model = models.load_weights(models.build(loop.factory, loop.kwargs), res.weights).eval()
+            _export(model, calib[:64], task, work / "student.qat.onnx", d.opset)
+            qint8 = dp.quantize_int8(work / "student.qat.onnx", calib, work / "student.qat.int8.onnx")
+            qat = val_score(qint8)
+        qdrop = task.int8_drop(fp32_val, qat)
+        console.say(f"deploy: INT8 after {d.qat_epochs} epochs of quantization-aware distillation "
+                    f"{key} {qat:.4f}: drop {qdrop:.4f} (PTQ alone {drop:.4f})")
+        row |= {"qat_epochs": d.qat_epochs, "qat_" + key: qat, "qat_drop": qdrop}
+        if qdrop < drop:  # keep whichever INT8 model loses less on validation
+            shipped, qat_weights = qint8, res.weights
+            row |= {"method": "qat", "file_bytes": dp.file_bytes(qint8), "weight_bytes": dp.weight_bytes(qint8)}
+    test = _score_onnx(task, loop, shipped, kd_sets)
+    row |= test | {"test_drop": task.int8_drop(_quality(task, fp32_row), _quality(task, test))}
+    return shipped, row, qat_weights
