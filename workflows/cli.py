@@ -167,8 +167,8 @@ def _dispatch(args) -> int:
 
         # Ray's output into the bench's log file; kd-ops' progress lines and the result on the terminal
         console.setup(getattr(args, "out", None) or f"runs/bench-{args.bench}", args.verbose)
-        module = {"store": "store", "scale": "scale", "methods": "methods", "ingest": "ingest", "tune": "tune"}.get(args.bench, "speed")
-        return importlib.import_module(f"workflows.bench.{module}").main(args)
+        module = args.bench if args.bench in ("store", "scale", "methods", "ingest", "tune") else "speed"
+        return importlib.import_module(f"workflows.bench.{module}_bench").main(args)
     if args.command == "report":
         from workflows import report_page
         from workflows.summary_table import print_summary

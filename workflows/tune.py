@@ -54,7 +54,7 @@ def apply_trial(base: Loop, trial: dict[str, Any], teachers: list[str], width_kw
         raw = [float(trial.get(f"teacher_weight.{t}", 1.0)) for t in teachers]
         point["teacher_weights"] = tuple(w / sum(raw) for w in raw)
     kwargs = {**base.kwargs, width_kwarg: int(trial["student_width"])} if "student_width" in trial else base.kwargs
-    return base.replace(kwargs=kwargs, distill=dataclasses.replace(base.distill, **point))
+    return base.replace(kwargs=kwargs, distill=dataclasses.replace(base.distill, **point) if point else base.distill)
 
 
 def _trial(trial: dict[str, Any], *, base, teachers, width_kwarg, datasets, storage, workers, direct):

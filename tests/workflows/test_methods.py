@@ -170,3 +170,15 @@ def test_tune_searches_the_method_and_each_trial_trains_with_its_point(tmp_path)
                                                temperature_end=1.0, feature_weight=0.3, teacher_weighting="correctness",
                                                temperature=3.0)
     assert loop.distill.feature == "hint" and loop.features == base.features
+
+
+def test_a_width_only_point_keeps_a_labels_only_loop_labels_only():
+    """A search of widths alone (temperature, α and weights unsearched) also runs loops without
+    teachers: the point changes the student's width and leaves `distill` unset."""
+    from workflows.loop import Loop
+    from workflows.tune import apply_trial
+
+    base = Loop(factory="kd_ops.models:cnn", kwargs={"width": 8}, epochs=1, batch_size=8, lr=0.01, weight_decay=0.0,
+                seed=0, train_rows=10)
+    loop = apply_trial(base, {"student_width": 5}, [], "width")
+    assert loop.kwargs == {"width": 5} and loop.distill is None

@@ -20,7 +20,7 @@ from workflows import console, scoring
 from workflows.layout import Layout
 from workflows.loop import Loop
 from workflows.stages.fit import child_fit
-from workflows.stages.target import example, gpu_note, latency_on_target, sample_rows
+from workflows.stages.target import gpu_note, latency_on_target, sample_rows
 
 log = logging.getLogger("kd")
 
@@ -29,8 +29,9 @@ def _export(model, rows: np.ndarray, task, path: Path, opset: int) -> float:
     """Export to `path`; returns max |Δlogit| between ONNX Runtime and PyTorch on `rows`."""
     import torch
 
-    dp.export_onnx(model, torch.from_numpy(example(rows[:2], task)), path, opset=opset)
-    return dp.max_abs_diff(model, path, example(rows, task))
+    x = rows.astype(task.example_dtype)  # what the exported graph takes (token ids: int64)
+    dp.export_onnx(model, torch.from_numpy(x[:2]), path, opset=opset)
+    return dp.max_abs_diff(model, path, x)
 
 
 def run(task, lay: Layout, loop: Loop, weights, kd_sets, dirs, train_sets, fp32_row: dict,
@@ -55,7 +56,7 @@ def _ship(task, lay, loop, weights, kd_sets, dirs, train_sets, fp32_row, teacher
     except ValueError as e:  # e.g. an LM whose graph the exporter cannot take: the run still finishes
         console.say(f"deploy: ONNX export skipped: {e}")
         return {"onnx_error": str(e), "gpu": gpu_note(d)}
-    scale = max(1.0, float(np.abs(evaluate.predict_logits(student, example(test_rows, task))).max()))
+    scale = max(1.0, float(np.abs(evaluate.predict_logits(student, test_rows.astype(task.example_dtype))).max()))
     if not diff <= 1e-3 * scale:
         raise ValueError(f"deploy: the ONNX export differs from PyTorch by {diff:.2e} on real test rows "
                          f"(bound {1e-3 * scale:.1e}); set deploy.enabled: false to skip it, and report it")

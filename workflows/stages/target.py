@@ -32,7 +32,7 @@ def sample_rows(split_dir, task, n: int, seed: int = 0) -> np.ndarray:
     return rows[np.sort(rng.choice(len(rows), size=min(n, len(rows)), replace=False))]
 
 
-def example(x: np.ndarray, task) -> np.ndarray:
+def _example(x: np.ndarray, task) -> np.ndarray:
     return x.astype(task.example_dtype)
 
 
@@ -48,7 +48,7 @@ def latency_on_target(d, task, student: dict, fp32: bytes, int8: bytes | None, t
     t = d.target
     console.say(f"deploy: timing on the target ({_describe(t)}), {t.runs} runs per runtime and batch size")
     ref = ray.remote(_measure).options(**d.target.ray_options()).remote(
-        student, fp32, int8, teacher, example(rows, task), t.batch_sizes, t.threads, t.runs, t.warmup,
+        student, fp32, int8, teacher, _example(rows, task), t.batch_sizes, t.threads, t.runs, t.warmup,
         bool(t.accelerator_type))
     res = ray.get(ref)
     return {"latency": res["rows"], "target": {"description": _describe(t), "node": res["node"], "cpu": res["cpu"],
@@ -108,7 +108,7 @@ def trial_latencies(task, loop: Loop, trials: list[dict], width_kwarg: str,
     widths = sorted({int(t.get("student_width", loop.kwargs.get(width_kwarg, 0))) for t in trials})
     d = task.cfg.deploy
     ref = ray.remote(_measure_widths).options(**d.target.ray_options()).remote(
-        loop.factory, loop.kwargs, width_kwarg, widths, example(rows, task), d.budget_batch_size,
+        loop.factory, loop.kwargs, width_kwarg, widths, _example(rows, task), d.budget_batch_size,
         d.target.threads, d.target.runs, d.target.warmup, d.opset)
     return ray.get(ref)
 

@@ -24,7 +24,7 @@ from rich.table import Table
 from kd_ops.fsio import Loc
 from workflows import console, tasks, worker
 from workflows.stages import chain, fit, training_data
-from workflows.bench import methods
+from workflows.bench import methods_bench
 from workflows.config import load_config
 from workflows.tune import apply_trial, run_tune
 from workflows.layout import Layout
@@ -98,7 +98,7 @@ def run(path: str, out: str, overrides: list[str], trials: int, epochs: int, sea
     task = tasks.for_config(cfg)
     if task.kind != "classification":
         raise ValueError("kd bench tune searches a classification student; give a classification config")
-    lay, dirs, teachers, kd_sets = methods.teachers_and_store(task, out)
+    lay, dirs, teachers, kd_sets = methods_bench.teachers_and_store(task, out)
     names, weights, _ = chain.run(task, teachers, dirs, lay, None, kd_sets["test"])
     found, base = training_data.fit_inputs(task, dirs, lay, cfg.student.factory, task.student_kwargs(teachers),
                                            cfg.train.fit, label="bench", teachers=names, teacher_weights=weights)
