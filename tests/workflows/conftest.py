@@ -2,8 +2,10 @@
 127.0.0.1, and a tiny MNIST-1D config (hundreds of samples, 2 teachers, 2 trials, 1-2 epochs)."""
 from __future__ import annotations
 
+import base64
 import os
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -13,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from werkzeug.security import generate_password_hash
 
 HERE = Path(__file__).parent
 COUNTER = Path(os.environ.setdefault("KD_TEST_COUNTER", f"/tmp/kd-test-counter-{os.getpid()}.txt"))
@@ -83,14 +86,27 @@ def mlflow_server(tmp_path_factory):
             proc.kill()
             raise RuntimeError(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
         time.sleep(0.5)
-    try:  # basic auth is really on: an anonymous request is refused
-        urllib.request.urlopen(f"{url}/api/2.0/mlflow/experiments/search?max_results=1", timeout=30).close()
+    # The server checks the password on every request against its stored hash, by default scrypt
+    # (~0.1 s of CPU a request, one request at a time): a run's few hundred requests then cost it
+    # tens of seconds. The same password under a cheap PBKDF2 hash: the same check, at test speed.
+    with sqlite3.connect(root / "auth.db") as db:
+        db.execute("UPDATE users SET password_hash = ? WHERE username = ?",
+                   (generate_password_hash(MLFLOW_PASSWORD, method="pbkdf2:sha256:1000"), MLFLOW_USER))
+    search = f"{url}/api/2.0/mlflow/experiments/search?max_results=1"
+    try:  # basic auth is really on: an anonymous request is refused...
+        urllib.request.urlopen(search, timeout=30).close()
         anonymous = 200
     except urllib.request.HTTPError as e:
         anonymous = e.code
-    if anonymous != 401:
+    # ...and one with the credentials is answered
+    token = base64.b64encode(f"{MLFLOW_USER}:{MLFLOW_PASSWORD}".encode()).decode()
+    with urllib.request.urlopen(urllib.request.Request(search, headers={"Authorization": f"Basic {token}"}),
+                                timeout=30) as r:
+        signed_in = r.status
+    if (anonymous, signed_in) != (401, 200):
         os.killpg(proc.pid, 9)
-        raise RuntimeError(f"the test mlflow server answered an anonymous request with {anonymous}, not 401")
+        raise RuntimeError(f"the test mlflow server answered an anonymous request with {anonymous} (not 401) "
+                           f"and one with its credentials with {signed_in} (not 200)")
     yield url
     os.killpg(proc.pid, 15)
     try:
