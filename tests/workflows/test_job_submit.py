@@ -15,8 +15,10 @@ from pathlib import Path
 
 import yaml
 
+import counting_teacher
 from conftest import HERE, _free_port, tiny_config
 from test_data_plane import _env
+from kd_ops import models
 
 RAY = str(Path(sys.executable).parent / "ray")
 
@@ -88,7 +90,9 @@ def test_ray_job_submit_runs_a_kd_run_with_working_dir_and_user_code(tmp_path):
         work.mkdir()
         shutil.copy(HERE / "counting_teacher.py", work / "user_teachers.py")
         cfg = yaml.safe_load(tiny_config(tmp_path).read_text())
-        cfg["teachers"] = [cfg["teachers"][0] | {"factory": "user_teachers:make", "fit": {"epochs": 1}}]
+        # its weights beside the config in the working dir (a relative path): the job trains no teacher
+        models.save_weights(counting_teacher.make(**cfg["teachers"][0]["kwargs"]), work / "teacher.safetensors")
+        cfg["teachers"] = [cfg["teachers"][0] | {"factory": "user_teachers:make", "weights": "teacher.safetensors"}]
         cfg |= {"code": ["user_teachers.py"], "tune": {"enabled": False},
                 "train": {"fit": {"epochs": 1}, "label_only_fit": {"epochs": 1}}}
         (work / "job.yaml").write_text(yaml.safe_dump(cfg))
