@@ -2,7 +2,6 @@
 left under --out (data, teacher weights, store) and records itself as an MLflow parent run."""
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -71,7 +70,9 @@ def train(cfg: RunConfig, out: Path, *, tracking_uri=None, ray_address=None) -> 
     lay, tracker, task = _setup(cfg, out, tracking_uri, ray_address)
     with tracker.parent(f"{cfg.name}-train", cfg.model_dump(mode="json"), {"kd.out": str(lay.out)}):
         sets, spec = _datasets(lay, task)
-        params = {"kwargs": spec.kwargs, **dataclasses.asdict(spec.distill)}
+        d = spec.distill
+        params = {"temperature": d.temperature, "alpha": d.alpha, "teacher_weights": list(d.teacher_weights),
+                  "kwargs": spec.kwargs, "method": d.method()}
         with fit.child_fit(cfg.train, tracker, "student", params, spec, {k: sets[k] for k in ("train", "val")},
                               name="student", lay=lay) as res:
             row = task.model_report(spec, res.weights, sets)

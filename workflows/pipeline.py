@@ -88,9 +88,13 @@ def run(cfg: RunConfig, out: Path, *, tracking_uri: str | None = None, ray_addre
         mlflow.log_metrics(teacher_metrics)
         # TAKD / born-again stages, each stored as a new teacher; the student distils from the last
         names, teacher_weights, chain_rows = chain.run(task, ready.teachers, dirs, lay, tracker, kd_sets["test"])
-        student_inputs, base = training_data.fit_inputs(
-            task, dirs, lay, cfg.student.factory, task.student_kwargs(ready.teachers), cfg.train.fit, label="student",
-            teachers=names, teacher_weights=teacher_weights, features=ready.features)
+        student_inputs = kd  # the student reads what the teachers' report did, unless a chain or features add to it
+        if chain_rows or ready.features:
+            student_inputs = training_data.datasets(task, dirs, lay, teachers=names, features=ready.features,
+                                                    splits={"train": task.train_splits, "val": ("val",)})
+        base = training_data.loop(task, cfg.student.factory, task.student_kwargs(ready.teachers), cfg.train.fit,
+                                  inputs=student_inputs, label="student", distill=True,
+                                  teacher_weights=teacher_weights, features=ready.features)
         train_sets = {k: student_inputs.sets[k] for k in ("train", "val")}
         found = search.run(task, base, names, train_sets, kd_sets, dirs, lay, tracker, parent_id,
                            after_chain=bool(chain_rows))

@@ -22,8 +22,8 @@ log = logging.getLogger("kd")
 
 
 def run(task, teachers: list[TeacherConfig], dirs: dict[str, Path], lay: Layout,
-                   tracker: Tracker | None) -> tuple[list[pre.TeacherResult], list[pre.TeacherResult]]:
-    """The store of a run: every teacher's logits (`stage_precompute`), then the feature KD entry
+        tracker: Tracker | None) -> tuple[list[pre.TeacherResult], list[pre.TeacherResult]]:
+    """The store of a run: every teacher's logits (`store_pass.precompute_logits`), then the feature KD entry
     (`precompute_features`) and the augmented views (`precompute_views`) where configured.
     Returns (the teachers' results, the features' and views' results)."""
     results = precompute_logits(task, teachers, dirs, lay, tracker)

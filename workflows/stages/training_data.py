@@ -40,15 +40,15 @@ def loop(task, factory: str, kwargs: dict, fit, *, inputs: "Inputs", label: str,
     train_rows, cached = inputs.rows["train"], inputs.cached
     cfg = task.cfg
     settings = distill_settings(cfg, teacher_weights or cfg.teacher_weight_list()) if distill else None
-    fit = fit.model_dump()
-    if fit["shuffle_buffer"] is None:  # auto
-        fit["shuffle_buffer"] = CACHED_SHUFFLE_BUFFER if cached else 0
+    opt = fit.model_dump()
+    if opt["shuffle_buffer"] is None:  # auto
+        opt["shuffle_buffer"] = CACHED_SHUFFLE_BUFFER if cached else 0
     # augmented views: the worker draws each row's view per epoch as it reads (ingest.ViewPicker): those fits stream
     views = _views(cfg) if distill else None
     return Loop(factory=factory, kwargs=kwargs, train_rows=train_rows, label=label, task=task.kind,
                 cpus_per_worker=cfg.train.cpus_per_worker, in_memory=cfg.train.in_memory and cached and not views,
                 checkpoint_interval_s=cfg.train.checkpoint_interval_s, inputs=inputs.key, views=views, distill=settings,
-                features=features if distill else None, **fit)
+                features=features if distill else None, **opt)
 
 
 # Rows in a Train worker's local shuffle buffer for a dataset cached in the object store (its rows
