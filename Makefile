@@ -42,7 +42,7 @@ INSTALL_CHROMIUM = if [ "$$(id -u)" = 0 ]; then as=""; \
 
 test: venv
 	@if ! { $(HAVE_CHROMIUM); }; then $(INSTALL_CHROMIUM); fi
-	$(BIN)/python -m pytest -q --durations=15 -n 2 --dist loadgroup
+	$(BIN)/python -m pytest -q --durations=15
 
 clean:
 	rm -rf $(VENV) runs mlruns mlflow.db

@@ -12,10 +12,6 @@ from onnx import numpy_helper
 
 from kd_ops import data, deploy, lm, models, qat
 
-# `make test` runs tests on 2 pytest-xdist workers: this module's tests share a module fixture
-# (one run), so they stay on one worker
-pytestmark = pytest.mark.xdist_group("test_deploy")
-
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():

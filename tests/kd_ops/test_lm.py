@@ -9,10 +9,6 @@ import torch
 from kd_ops import lm, store
 from kd_ops import token_losses as tl
 
-# `make test` runs tests on 2 pytest-xdist workers: this module's tests share a module fixture
-# (one run), so they stay on one worker
-pytestmark = pytest.mark.xdist_group("test_lm")
-
 TEXT = ["def add(a, b):\n    return a + b\n", "class Point:\n    x: int = 0\n    y: int = 0\n",
         "for i in range(10):\n    print(i * i)\n", "import os\nprint(os.path.join('a', 'b'))\n"] * 20
 

@@ -18,11 +18,8 @@ import yaml
 from werkzeug.security import generate_password_hash
 
 HERE = Path(__file__).parent
-# Files of this test process (one per pytest-xdist worker): set here, not inherited from a parent
-# pytest, so two workers never count into one file. Ray workers inherit them from the raylet.
-COUNTER = Path(f"/tmp/kd-test-counter-{os.getpid()}.txt")
-FLAKY = Path(f"/tmp/kd-test-flaky-{os.getpid()}.txt")  # flaky_student
-os.environ.update(KD_TEST_COUNTER=str(COUNTER), KD_TEST_FLAKY=str(FLAKY))
+COUNTER = Path(os.environ.setdefault("KD_TEST_COUNTER", f"/tmp/kd-test-counter-{os.getpid()}.txt"))
+FLAKY = Path(os.environ.setdefault("KD_TEST_FLAKY", f"/tmp/kd-test-flaky-{os.getpid()}.txt"))  # flaky_student
 
 
 @pytest.fixture(scope="session")

@@ -7,10 +7,6 @@ import pytest
 from conftest import TINY_DEPLOY, tiny_config
 from workflows import cli
 
-# `make test` runs tests on 2 pytest-xdist workers: this module's tests share a module fixture
-# (one run), so they stay on one worker
-pytestmark = pytest.mark.xdist_group("test_deploy_target")
-
 
 @pytest.fixture(scope="module")
 def shared(tmp_path_factory):

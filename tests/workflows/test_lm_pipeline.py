@@ -14,10 +14,6 @@ from kd_ops import lm, store
 from workflows import cli, pipeline
 from workflows.config import load_config
 
-# `make test` runs tests on 2 pytest-xdist workers: this module's tests share a module fixture
-# (one run), so they stay on one worker
-pytestmark = pytest.mark.xdist_group("test_lm_pipeline")
-
 CORPUS = {f"mod{i}.py": "".join(f"def f{i}_{j}(x):\n    return x * {j} + {i}\n\n" for j in range(60)) for i in range(12)}
 
 

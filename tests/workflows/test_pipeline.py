@@ -24,10 +24,6 @@ from workflows.config import RunConfig, load_config
 from workflows.layout import Layout
 from workflows.tracking import CREDENTIAL_ENV
 
-# `make test` runs tests on 2 pytest-xdist workers: this module's tests share a module fixture
-# (one run), so they stay on one worker
-pytestmark = pytest.mark.xdist_group("test_pipeline")
-
 
 @pytest.fixture(scope="module")
 def tiny_run(ray_session, mlflow_server, tmp_path_factory):

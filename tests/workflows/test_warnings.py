@@ -17,10 +17,6 @@ from kd_ops import models
 from test_report_page import _need_chromium
 from workflows import cli
 
-# `make test` runs tests on 2 pytest-xdist workers: this module's tests share a module fixture
-# (one run), so they stay on one worker
-pytestmark = pytest.mark.xdist_group("test_warnings")
-
 
 @pytest.fixture(scope="module")
 def random_teachers_run(ray_session, tmp_path_factory):
