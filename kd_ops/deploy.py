@@ -249,7 +249,6 @@ def quantize_int8(fp32_path: str | Path, calibration: np.ndarray, out_path: str 
         raise ValueError(f"quantize_int8: batch_size must be >= 1, got {batch_size}")
     name, calibration = _feed(onnx_session(fp32_path), calibration)  # also checks the file loads
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_beside(out_path)
     with tempfile.TemporaryDirectory(prefix=".quant-", dir=out_path.parent) as work:
         source = Path(work) / "pre.onnx"
         try:
@@ -272,13 +271,140 @@ def quantize_int8(fp32_path: str | Path, calibration: np.ndarray, out_path: str 
             raise ValueError(f"ONNX Runtime cannot quantize {fp32_path}: {_first_line(e)}") from e
         model = onnx.load(str(Path(work) / "int8.onnx"))
     _drop_zero_points(model)
+    return _save_checked(model, out_path)
+
+
+def _save_checked(model: onnx.ModelProto, out_path: Path) -> Path:
+    """Check the model and write it to a temporary name beside `out_path`, renamed into place."""
     onnx.checker.check_model(model)
+    tmp = _tmp_beside(out_path)
     try:
         onnx.save(model, str(tmp))
         os.replace(tmp, out_path)
     finally:
         tmp.unlink(missing_ok=True)
     return out_path
+
+
+def _gemm_as_matmul(model: onnx.ModelProto) -> int:
+    """Rewrite each Gemm whose B is a weight (an initializer) as MatMul (+ Add of its bias): ONNX
+    Runtime's dynamic quantization covers MatMul only, and torch exports a Linear on 2-D input as
+    Gemm. alpha, beta ≠ 1 and transA are left as Gemm. Returns how many were rewritten."""
+    inits = {t.name: t for t in model.graph.initializer}
+    nodes, done = [], 0
+    for node in model.graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if (node.op_type != "Gemm" or node.input[1] not in inits or attrs.get("transA", 0)
+                or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0):
+            nodes.append(node)
+            continue
+        b = node.input[1]
+        if attrs.get("transB", 0):
+            w = numpy_helper.to_array(inits[b]).T
+            b = f"{b}_t_{done}"
+            model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(w), b))
+        bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+        mm_out = f"{node.output[0]}_matmul" if bias else node.output[0]
+        nodes.append(helper.make_node("MatMul", [node.input[0], b], [mm_out], name=f"{node.name or 'gemm'}_matmul"))
+        if bias:
+            nodes.append(helper.make_node("Add", [mm_out, bias], [node.output[0]], name=f"{node.name or 'gemm'}_bias"))
+        done += 1
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    used = {i for n in model.graph.node for i in n.input}
+    keep = [t for t in model.graph.initializer if t.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)
+    return done
+
+
+def _int8_embeddings(model: onnx.ModelProto) -> int:
+    """Store every embedding table (a 2-D float initializer that a Gather reads rows of) as int8,
+    symmetric per row (scale = max|row| / 127), behind a DequantizeLinear that gives every reader
+    the dequantized table: weight-only INT8, as ORT's dynamic recipe leaves Gather in float and
+    the table is most of a small LM's weights. Returns how many tables were converted."""
+    inits = {t.name: t for t in model.graph.initializer}
+    # a position table read at fixed positions is exported as a Slice of it, not a Gather
+    tables = {n.input[0] for n in model.graph.node if n.op_type in ("Gather", "Slice") and n.input[0] in inits
+              and inits[n.input[0]].data_type == onnx.TensorProto.FLOAT and len(inits[n.input[0]].dims) == 2}
+    dq = []
+    for name in sorted(tables):
+        w = numpy_helper.to_array(inits[name]).astype(np.float32)
+        if not np.isfinite(w).all():  # e.g. an additive mask with -inf: not a table of values
+            continue
+        scale = (np.abs(w).max(axis=1) / 127).astype(np.float32)
+        scale[scale == 0] = 1.0
+        q = np.clip(np.rint(w / scale[:, None]), -127, 127).astype(np.int8)
+        model.graph.initializer.remove(inits[name])
+        model.graph.initializer.extend([numpy_helper.from_array(q, f"{name}_int8"),
+                                        numpy_helper.from_array(scale, f"{name}_scale")])
+        dq.append(helper.make_node("DequantizeLinear", [f"{name}_int8", f"{name}_scale"], [name],
+                                   name=f"{name}_dequantize", axis=0))
+    if not dq:
+        return 0
+    nodes = [*dq, *model.graph.node]
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    return len(dq)
+
+
+def quantize_dynamic_int8(fp32_path: str | Path, out_path: str | Path, *, per_channel: bool = True) -> Path:
+    """ONNX Runtime dynamic quantization of an exported float model → INT8 ONNX file.
+
+    Only MatMul (and Gemm, rewritten as MatMul + Add) with a weight as second input is quantized:
+    weights symmetric int8 per output channel,
+    activations uint8 per tensor with the range of each call's own input (DynamicQuantizeLinear),
+    nothing calibrated ahead of time. Embedding tables are stored int8 per row and dequantized at
+    run time (`_int8_embeddings`: weight-only). Attention scores, softmax, LayerNorm and the
+    residual stream stay float: what static activation quantization breaks in transformers, and
+    ORT's and Optimum's recipe for them. Biases and LayerNorm weights stay fp32 (a few hundred
+    bytes a layer). Returns `out_path`.
+    """
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    fp32_path, out_path = Path(fp32_path), Path(out_path)
+    onnx_session(fp32_path)  # checks the file loads
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".quant-", dir=out_path.parent) as work:
+        model = onnx.load(str(fp32_path))
+        _gemm_as_matmul(model)
+        source = Path(work) / "matmul.onnx"
+        onnx.save(model, str(source))
+        try:
+            quantize_dynamic(str(source), str(Path(work) / "int8.onnx"), op_types_to_quantize=["MatMul"],
+                             per_channel=per_channel, weight_type=QuantType.QInt8)
+        except Exception as e:
+            raise ValueError(f"ONNX Runtime cannot quantize {fp32_path} dynamically: {_first_line(e)}") from e
+        model = onnx.load(str(Path(work) / "int8.onnx"))
+    _int8_embeddings(model)
+    return _save_checked(model, out_path)
+
+
+def int8_recipes(fp32_path: str | Path) -> dict[str, str | None]:
+    """Which INT8 recipes fit an exported float model: recipe → None where it fits, else why not.
+
+    static (`quantize_int8`, QDQ with calibrated activation ranges): convolutional and MLP models.
+    Not for a graph that multiplies two activations (attention's Q·Kᵀ and scores·V): calibrated
+    per-tensor ranges of attention scores, softmax and the residual stream are what break
+    transformers. dynamic (`quantize_dynamic_int8`): any graph with a MatMul/Gemm by a weight.
+    """
+    model = onnx.load(str(fp32_path), load_external_data=False)
+    inits = {t.name for t in model.graph.initializer}
+    consts = inits | {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+    mm = [n for n in model.graph.node if n.op_type in ("MatMul", "Gemm")]
+    by_weight = [n for n in mm if n.input[1] in consts]
+    two_activations = [n for n in mm if n.input[0] not in consts and n.input[1] not in consts]
+    return {"static": ("the graph multiplies two activations (attention): calibrated activation ranges break it"
+                       if two_activations else None),
+            "dynamic": None if by_weight else "no MatMul/Gemm by a weight to quantize"}
+
+
+def pick_int8(rows: list[dict], max_drop: float) -> dict | None:
+    """The INT8 model to ship among `rows` (each {"drop", "weight_bytes", ...}; drop measured on
+    validation, larger is worse): within `max_drop` the one with the fewest weight bytes (what INT8
+    is for), ties to the smaller drop; None when none is within it (ship fp32)."""
+    ok = [r for r in rows if r["drop"] <= max_drop]
+    return min(ok, key=lambda r: (r["weight_bytes"], r["drop"])) if ok else None
 
 
 def weight_bytes(path: str | Path) -> int:
@@ -333,20 +459,30 @@ def onnx_module(path: str | None = None, data: bytes | None = None) -> OnnxModul
     return OnnxModule(path, data)
 
 
-def time_runs(fn: Callable[[], object], runs: int = 200, warmup: int = 20) -> dict:
-    """Call fn `warmup` times untimed, then `runs` times timed one by one with perf_counter_ns →
-    {"median_ms", "p95_ms", "runs"}."""
-    if runs < 1 or warmup < 0:
-        raise ValueError(f"time_runs: need runs >= 1 and warmup >= 0, got runs={runs}, warmup={warmup}")
+def time_runs(fn: Callable[[], object], runs: int = 200, warmup: int = 20, seconds: float = 1.0,
+              min_runs: int = 3) -> dict:
+    """Time fn by time, not count (as timeit's autorange does): up to `warmup` untimed calls, stopped
+    once they took seconds/4; then calls timed one by one with perf_counter_ns until `runs` calls or
+    about `seconds` of timed work, whichever comes first, but at least `min_runs` (and at least one
+    warm-up call when warmup > 0). A run of 0.3 s with runs=200 takes ~1.5 s, not a minute.
+    → {"median_ms", "p95_ms", "runs"} with the number of timed runs that ran."""
+    if runs < 1 or warmup < 0 or seconds <= 0 or min_runs < 1:
+        raise ValueError(f"time_runs: need runs >= 1, warmup >= 0, seconds > 0 and min_runs >= 1, got runs={runs}, "
+                         f"warmup={warmup}, seconds={seconds}, min_runs={min_runs}")
+    start = time.perf_counter()
     for _ in range(warmup):
         fn()
-    times = np.empty(runs, dtype=np.float64)
-    for i in range(runs):
-        start = time.perf_counter_ns()
+        if time.perf_counter() - start >= seconds / 4:
+            break
+    times = []
+    total = 0.0
+    while len(times) < runs and (total < seconds * 1e9 or len(times) < min(min_runs, runs)):
+        t0 = time.perf_counter_ns()
         fn()
-        times[i] = time.perf_counter_ns() - start
-    times /= 1e6
-    return {"median_ms": float(np.median(times)), "p95_ms": float(np.percentile(times, 95)), "runs": runs}
+        times.append(time.perf_counter_ns() - t0)
+        total += times[-1]
+    ms = np.asarray(times, dtype=np.float64) / 1e6
+    return {"median_ms": float(np.median(ms)), "p95_ms": float(np.percentile(ms, 95)), "runs": len(ms)}
 
 
 def _rss_mb() -> float:
@@ -356,12 +492,14 @@ def _rss_mb() -> float:
 
 
 def measure_latency(models: dict[str, Callable[[np.ndarray], object]], rows: np.ndarray, batch_sizes: list[int],
-                    runs: int = 200, warmup: int = 20) -> list[dict]:
+                    runs: int = 200, warmup: int = 20, seconds: float = 1.0) -> list[dict]:
     """Latency of each named runtime at each batch size, on real rows.
 
     models: name → fn(x) (see torch_runner, onnx_runner); rows: real inputs [N, ...] (float32
     signals [N, 40], token ids [N, T]), repeated cyclically to fill each batch.
-    Returns one dict per (runtime, batch): runtime, batch, median_ms, p95_ms, runs, rss_added_mb.
+    Each (runtime, batch) is timed by `time_runs`: about `seconds` of timed work or `runs` runs,
+    whichever comes first. Returns one dict per (runtime, batch): runtime, batch, median_ms, p95_ms,
+    runs (how many ran), rss_added_mb.
     rss_added_mb is this process's resident set size after the runs minus before building that
     batch's input and first call: an approximation (allocator caches, other threads and lazily
     built sessions — counted at a runtime's first batch size — all move it), for orders of
@@ -380,7 +518,7 @@ def measure_latency(models: dict[str, Callable[[np.ndarray], object]], rows: np.
         for b in batch_sizes:
             before = _rss_mb()
             x = np.ascontiguousarray(rows[np.arange(b) % len(rows)])
-            stats = time_runs(lambda: fn(x), runs=runs, warmup=warmup)
+            stats = time_runs(lambda: fn(x), runs=runs, warmup=warmup, seconds=seconds)
             out.append({"runtime": name, "batch": int(b), **stats, "rss_added_mb": _rss_mb() - before})
     return out
 

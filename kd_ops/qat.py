@@ -22,13 +22,14 @@ W_QMIN, W_QMAX = -127, 127  # ORT's symmetric int8 weights: scale = max|w| / 127
 A_QMIN, A_QMAX = 0, 255     # ORT's uint8 activations (QUInt8, asymmetric, the range extended to include 0)
 
 
-def fake_quant_weight(w: torch.Tensor) -> torch.Tensor:
-    """Symmetric int8 fake quantization per output channel (dim 0 of a Conv/Linear weight
-    [out, in, ...]); gradients pass straight through."""
-    amax = w.detach().abs().flatten(1).amax(dim=1)
+def fake_quant_weight(w: torch.Tensor, axis: int = 0) -> torch.Tensor:
+    """Symmetric int8 fake quantization per output channel (`axis`: 0 for a Conv/Linear weight
+    [out, in, ...] or an embedding table [rows, dim], 1 for a transformers Conv1D weight [in, out]);
+    gradients pass straight through."""
+    amax = w.detach().abs().movedim(axis, 0).flatten(1).amax(dim=1)
     scale = (amax / W_QMAX).clamp_min(torch.finfo(torch.float32).tiny).float()
     zero = torch.zeros_like(scale, dtype=torch.int32)
-    return torch.fake_quantize_per_channel_affine(w, scale, zero, 0, W_QMIN, W_QMAX)
+    return torch.fake_quantize_per_channel_affine(w, scale, zero, axis, W_QMIN, W_QMAX)
 
 
 def fake_quant_activation(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
@@ -41,35 +42,68 @@ def fake_quant_activation(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -
     return torch.fake_quantize_per_tensor_affine(x, scale.reshape(()), zero.reshape(()), A_QMIN, A_QMAX)
 
 
-class FakeQuant(nn.Module):
-    """Wraps a model so its forward sees INT8 rounding as ONNX Runtime will apply it.
+def _matmul_layers(model: nn.Module) -> dict[str, int]:
+    """Layers that ONNX Runtime's dynamic recipe quantizes (exported as MatMul/Gemm by a weight) →
+    the output-channel axis of their weight: nn.Linear [out, in] → 0; transformers' Conv1D (GPT-2)
+    [in, out] → 1. (torch's exporter gives a head tied to an embedding its own initializer, so ORT
+    quantizes it like any MatMul; its int8 rows are the table's.)"""
+    return {name: (0 if isinstance(m, nn.Linear) else 1) for name, m in model.named_modules()
+            if isinstance(m, nn.Linear)
+            or (type(m).__name__ == "Conv1D" and getattr(m, "weight", None) is not None and m.weight.dim() == 2)}
 
-    Every Conv1d/Conv2d/Linear in the wrapped model runs with its weight fake-quantized per output
-    channel (symmetric int8) and its input fake-quantized per tensor (asymmetric uint8) over a
-    running range. With `quantize_output` the model's output is fake-quantized the same way, as
-    ORT quantizes the logits its last quantized layer produces (on a trained MNIST-1D CNN this
-    takes the largest |fake-quant − ORT INT8| logit gap from ~1.1 to ~0.2, logits up to ~30).
-    Training mode: each batch's min/max updates the ranges by an exponential moving average with
+
+def _token_tables(model: nn.Module) -> list[str]:
+    """The embedding tables the exported graph reads with a Gather (and so stores int8): a Hugging
+    Face model's input embeddings (its position table is read at fixed positions, which the
+    exporter folds into a constant); for other models every nn.Embedding."""
+    hf = next((m for m in model.modules() if callable(getattr(m, "get_input_embeddings", None))), None)
+    token = hf.get_input_embeddings() if hf is not None else None
+    return [name for name, m in model.named_modules()
+            if isinstance(m, nn.Embedding) and (token is None or m is token)]
+
+
+class FakeQuant(nn.Module):
+    """Wraps a model so its forward sees INT8 rounding as ONNX Runtime will apply it, in the
+    recipe that will ship (`mode`, see kd_ops.deploy.int8_recipes).
+
+    static: every Conv1d/Conv2d/Linear runs with its weight fake-quantized per output channel
+    (symmetric int8) and its input fake-quantized per tensor (asymmetric uint8) over a running
+    range. With `quantize_output` the model's output is fake-quantized the same way, as ORT
+    quantizes the logits its last quantized layer produces (on a trained MNIST-1D CNN this takes
+    the largest |fake-quant − ORT INT8| logit gap from ~1.1 to ~0.2, logits up to ~30). Training
+    mode: each batch's min/max updates the ranges by an exponential moving average with
     `momentum` (the first batch sets them). Eval mode: the stored ranges are used; a range never
     seen in training mode falls back to its batch's own min/max.
+    dynamic: only the layers exported as MatMul by a weight (nn.Linear, transformers' Conv1D): the
+    weight per output channel (symmetric int8), the input per tensor over its own min/max at every
+    call (DynamicQuantizeLinear); the token embedding table per row (weight only, as
+    kd_ops.deploy stores it); nothing else, the output neither.
 
     The wrapped model is `self.module` and keeps its float parameters (the fake-quantized weights
     are passed through torch.func.functional_call), so `strip(wrapper).state_dict()` is the plain
     model's. The activation ranges are buffers of the wrapper: act_min, act_max and act_seen (bool),
     each [n_layers + 1]: slot i is the input of `self.layers[i]`, the last slot the model's output.
-    Only torch.nn Conv1d/Conv2d/Linear are covered (e.g. transformers' GPT-2 `Conv1D` is not).
     """
 
-    def __init__(self, model: nn.Module, momentum: float = 0.01, *, quantize_output: bool = True):
+    def __init__(self, model: nn.Module, momentum: float = 0.01, *, quantize_output: bool = True,
+                 mode: str = "static"):
         super().__init__()
         if not 0.0 < momentum <= 1.0:
             raise ValueError(f"FakeQuant: momentum must be in (0, 1], got {momentum}")
+        if mode not in ("static", "dynamic"):
+            raise ValueError(f"FakeQuant: mode must be 'static' or 'dynamic', got {mode!r}")
         self.module = model
         self.momentum = momentum
-        self.quantize_output = quantize_output
-        self.layers = [name for name, m in model.named_modules() if isinstance(m, QUANTIZED)]
+        self.mode = mode
+        self.quantize_output = quantize_output and mode == "static"
+        if mode == "static":
+            self.axes = {name: 0 for name, m in model.named_modules() if isinstance(m, QUANTIZED)}
+        else:
+            self.axes = _matmul_layers(model)
+        self.layers = list(self.axes)
+        self.tables = _token_tables(model) if mode == "dynamic" else []
         if not self.layers:
-            raise ValueError(f"FakeQuant: {type(model).__name__} has no Conv1d/Conv2d/Linear layer to quantize")
+            raise ValueError(f"FakeQuant: {type(model).__name__} has no layer the {mode} INT8 recipe quantizes")
         n = len(self.layers) + 1
         self.register_buffer("act_min", torch.zeros(n))
         self.register_buffer("act_max", torch.zeros(n))
@@ -77,6 +111,9 @@ class FakeQuant(nn.Module):
 
     def _quantize(self, i: int, x: torch.Tensor) -> torch.Tensor:
         """Fake-quantize x over range slot i, updating the slot in training mode."""
+        if self.mode == "dynamic":  # each call's own range, as DynamicQuantizeLinear computes it
+            lo, hi = x.detach().min().float(), x.detach().max().float()
+            return fake_quant_activation(x, lo, hi)
         if self.training:
             with torch.no_grad():
                 lo, hi = x.detach().min().float(), x.detach().max().float()
@@ -93,7 +130,8 @@ class FakeQuant(nn.Module):
 
     def forward(self, *args, **kwargs):
         modules = dict(self.module.named_modules())
-        params = {f"{name}.weight": fake_quant_weight(modules[name].weight) for name in self.layers}
+        params = {f"{name}.weight": fake_quant_weight(modules[name].weight, axis) for name, axis in self.axes.items()}
+        params |= {f"{name}.weight": fake_quant_weight(modules[name].weight) for name in self.tables}
         handles = []
 
         # hooks live only for this call, so the inner module stays a plain module
@@ -106,7 +144,8 @@ class FakeQuant(nn.Module):
         try:
             for i, name in enumerate(self.layers):
                 handles.append(modules[name].register_forward_pre_hook(make_hook(i)))
-            out = functional_call(self.module, params, args, kwargs)
+            # untied: a head tied to an embedding gets its own (equal) int8 rows and its input quantized
+            out = functional_call(self.module, params, args, kwargs, tie_weights=False)
         finally:
             for h in handles:
                 h.remove()
@@ -115,8 +154,8 @@ class FakeQuant(nn.Module):
         return out
 
 
-def wrap(model: nn.Module, momentum: float = 0.01, *, quantize_output: bool = True) -> FakeQuant:
-    return FakeQuant(model, momentum=momentum, quantize_output=quantize_output)
+def wrap(model: nn.Module, momentum: float = 0.01, *, quantize_output: bool = True, mode: str = "static") -> FakeQuant:
+    return FakeQuant(model, momentum=momentum, quantize_output=quantize_output, mode=mode)
 
 
 def strip(model: nn.Module) -> nn.Module:

@@ -341,8 +341,11 @@ class DeployTarget(Strict):
                                          "of that type and PyTorch runs on it")
     threads: int = Field(1, ge=1, description="CPU threads for inference (torch and ONNX Runtime) and CPUs the task takes")
     batch_sizes: list[int] = Field([1, 256], min_length=1, description="batch sizes to time")
-    runs: int = Field(200, ge=10, description="timed runs per runtime and batch size (median and p95)")
-    warmup: int = Field(20, ge=0, description="untimed runs first")
+    runs: int = Field(200, ge=10, description="at most this many timed runs per runtime and batch size (median "
+                      "and p95); fewer when `seconds` of timed work come first")
+    warmup: int = Field(20, ge=0, description="at most this many untimed runs first (stopped after seconds/4)")
+    seconds: float = Field(1.0, gt=0, le=60, description="about this much timed work per runtime and batch size "
+                           "(at least 3 runs): the step ends in bounded time however slow one run is")
 
     @field_validator("batch_sizes")
     @classmethod
@@ -365,13 +368,15 @@ class DeployConfig(Strict):
     """What ships: the student exported to ONNX, quantized to INT8, timed on the target, chosen under a budget."""
     enabled: bool = Field(True, description="export, quantize and time the student after the run")
     opset: int = Field(18, ge=18, description="ONNX opset of the exported graphs")
-    int8: bool = Field(True, description="post-training static INT8 quantization (ONNX Runtime QDQ, per-channel)")
+    int8: bool = Field(True, description="INT8 quantization (ONNX Runtime): every recipe that fits the model (static "
+                       "QDQ for convolutional and MLP students, dynamic MatMul-only for transformers) tried, the smallest "
+                       "within int8_max_drop on validation shipped; none within it: fp32 ships")
     calibration_rows: int = Field(512, ge=1, description="real input rows from the training split that calibrate INT8")
-    int8_max_drop: float = Field(0.01, ge=0, description="largest loss of INT8 against fp32 before quantization-aware "
-                                 "distillation runs: test accuracy points/100 (classification), relative perplexity "
-                                 "rise (LM)")
-    qat: Literal["auto", "always", "never"] = Field("auto", description="quantization-aware distillation: auto (when "
-                                                    "INT8 loses more than int8_max_drop), always or never")
+    int8_max_drop: float = Field(0.01, ge=0, description="largest loss of an INT8 model against fp32 on validation for "
+                                 "it to ship: accuracy points/100 (classification), relative perplexity rise (LM)")
+    qat: Literal["auto", "always", "never"] = Field("auto", description="quantization-aware distillation, simulating "
+                                                    "the recipe that lost least: auto (when no recipe is within "
+                                                    "int8_max_drop), always or never")
     qat_epochs: int = Field(5, ge=1, description="epochs of quantization-aware distillation")
     qat_lr_scale: float = Field(0.1, gt=0, description="its learning rate, as a fraction of train.fit.lr")
     target: DeployTarget = DeployTarget()

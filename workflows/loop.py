@@ -60,7 +60,8 @@ class Loop:
     features: FeaturePlan | None = None      # feature KD
     views: Views | None = None               # its train dataset holds K views per row: the worker draws one per epoch
     init_weights: str | None = None          # start from these safetensors (a local path or URI) instead of a fresh init
-    fake_quant: bool = False                 # quantization-aware: train through INT8 fake quantization (kd_ops.qat)
+    fake_quant: str = ""                     # quantization-aware: train through INT8 fake quantization in this
+                                             # recipe (kd_ops.qat: "static" or "dynamic"); "" off
     mlflow: dict[str, str] | None = field(default=None, compare=False)  # {tracking_uri, run_id}: rank 0 logs there
     trace_dir: str | None = None             # each worker writes the ids it trained on per epoch and its final
                                              # weights' digest here (rank<r>-epoch<e>.npy, rank<r>.sha256)

@@ -130,7 +130,7 @@ def run(cfg: RunConfig, out: Path, *, tracking_uri: str | None = None, ray_addre
             "deploy": dep,
             "teacher_compute": advice.teacher_compute(
                 store_pass.timings(lay), sum(r.manifest["rows"] for r in ready.logits), student_inputs.rows["train"],
-                found.trials, final.loop.epochs, ((dep or {}).get("int8") or {}).get("qat_epochs") or 0, len(names)),
+                found.trials, final.loop.epochs, _qat_epochs(dep), len(names)),
             "wall_seconds": time.perf_counter() - start,
             "mlflow": tracker.summary(fitted.registered),  # the tracking URI with its secrets masked
         }
@@ -182,3 +182,9 @@ def write_summary(summary: dict[str, Any], lay: Layout) -> Loc:
 
 def step(name: str) -> None:
     console.say(f"==> {name}")
+
+
+def _qat_epochs(dep: dict | None) -> int:
+    """Epochs of quantization-aware distillation the deploy stage ran (whether or not it shipped INT8)."""
+    i8 = (dep or {}).get("int8") or (dep or {}).get("int8_not_shipped") or {}
+    return i8.get("qat_epochs") or 0

@@ -314,7 +314,9 @@ def _deployment(deploy: dict[str, Any]) -> str:
                      f"<b>{_f(onnx.get('max_abs_logit_diff'), '.2e')}</b>.</p>")
     if int8:
         method = str(int8.get("method") or "ptq")
-        how = "quantization-aware distillation" if method == "qat" else "post-training static quantization"
+        recipe = str(int8.get("recipe") or "static")
+        how = (f"quantization-aware distillation, {recipe}" if method == "qat"
+               else f"post-training {recipe} quantization")
         # chosen on validation (`chosen_by`); the test split scores only the model that ships
         key = str(int8.get("chosen_by") or "val_accuracy")
         shipped = key.replace("val_", "test_")
@@ -330,6 +332,21 @@ def _deployment(deploy: dict[str, Any]) -> str:
         parts.append(f"<p>{text}</p>")
     elif deploy.get("int8_error"):
         parts.append(f'<p class="error">INT8 quantization failed: {_e(deploy["int8_error"])}</p>')
+    tried = int8 or (deploy.get("int8_not_shipped") if isinstance(deploy.get("int8_not_shipped"), dict) else None)
+    recipes = [r for r in _list((tried or {}).get("recipes")) if isinstance(r, dict)]
+    if recipes:
+        key = str(tried.get("chosen_by") or "val_accuracy")
+        spec = ".3f" if "perplexity" in key else ".4f"
+        if not int8:
+            parts.append(f'<p class="error">No INT8 recipe within the tolerance {_f(tried.get("max_drop"))} on '
+                         f"validation: the student ships in fp32 and no INT8 file is written.</p>")
+        rows = [_tr([_cell(_e(f"{r.get('recipe')} {'+ QAT' if r.get('qat') else 'PTQ'}"), numeric=False),
+                     _cell(_f(r.get(key), spec)), _cell(_f(r.get("drop"))), _cell(_int(r.get("weight_bytes"))),
+                     _cell("shipped" if r.get("shipped") else "", numeric=False)], "chosen" if r.get("shipped") else "")
+                for r in recipes]
+        parts.append(_table("int8-recipes", [("INT8 recipe", False), (key.replace("_", " "), True), ("drop", True),
+                                             ("weight bytes", True), ("", False)], rows,
+                            "every INT8 recipe tried, scored on the validation split"))
     if onnx or int8:
         size_rows = []
         for label, fp, q in (("weights", (onnx or {}).get("fp32_weight_bytes"), (int8 or {}).get("weight_bytes")),

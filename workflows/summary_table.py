@@ -80,6 +80,23 @@ def _print_lm(s: dict[str, Any], console: Console) -> None:
     console.print(_footer(s, f"store {s['store_bytes_per_token']:.1f} bytes/token"))
 
 
+def int8_recipe_lines(d: dict[str, Any]) -> list[str]:
+    """One line per INT8 recipe tried (its validation score, drop and weight bytes; the one shipped
+    marked), and when none was within the tolerance the line saying fp32 ships."""
+    i8 = d.get("int8") or d.get("int8_not_shipped")
+    if not i8 or not i8.get("recipes"):
+        return []
+    key = i8["chosen_by"]
+    out = [f"INT8 recipes tried (chosen on {key.replace('_', ' ')}, tolerance {i8['max_drop']}):"]
+    for r in i8["recipes"]:
+        out.append(f"  {r['recipe']}{' + QAT' if r['qat'] else ' PTQ'}: {key} {r[key]:.4f}, drop {r['drop']:.4f}, "
+                   f"{r['weight_bytes']:,} B weights" + ("  <- shipped" if r.get("shipped") else ""))
+    if d.get("int8_not_shipped"):
+        out.append(f"no INT8 model within the tolerance {i8['max_drop']}: the student ships in fp32 "
+                   f"({key} {i8['fp32_' + key]:.4f}), no INT8 file written")
+    return out
+
+
 def _print_deploy(s: dict[str, Any], console: Console) -> None:
     """Sizes and latencies of what ships (the deploy stage), and the teacher compute the store saved."""
     d = s.get("deploy") or {}
@@ -92,6 +109,8 @@ def _print_deploy(s: dict[str, Any], console: Console) -> None:
             sizes += (f"; INT8 {i8['file_bytes']:,} B file ({i8['file_bytes'] / o['fp32_file_bytes']:.2f}×), "
                       f"{i8['weight_bytes']:,} B weights ({i8['weight_bytes'] / o['fp32_weight_bytes']:.2f}×)")
         console.print(sizes + f"; max |Δlogit| ONNX vs PyTorch {o['max_abs_logit_diff']:.1e}")
+        for line in int8_recipe_lines(d):
+            console.print(line)
         console.print(_latency_table(d))
         for note in _int8_notes(d["latency"]):
             console.print(note)

@@ -127,7 +127,7 @@ def run_loop(cfg: Loop, session: Session) -> None:
     if cfg.init_weights is not None:
         models.load_weights(student, cfg.init_weights)
     if cfg.fake_quant:  # the saved weights stay the plain module's (models.unwrap looks through the wrapper)
-        student = qat.wrap(student)
+        student = qat.wrap(student, mode=cfg.fake_quant)
     net, online = _with_features(student, cfg, device)
     model = session.prepare(net)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)

@@ -226,3 +226,21 @@ def test_lm_exports_or_says_why_in_one_line(tmp_path):
         assert diff < 1e-3, diff
     assert deploy.onnx_logits(deploy.onnx_session(path), rows).shape == (5, 16, 64)
     print(f"LM exported; max |torch − ORT| {diff:.2e}")
+
+
+def test_a_convolutional_student_is_still_quantized_statically(cnn32, splits, tmp_path):
+    """Both recipes fit a CNN with a Linear head; static makes the convolutions int8 too (fewer
+    weight bytes) within the tolerance, so it is the one that ships."""
+    _, fp32, static = cnn32
+    assert deploy.int8_recipes(fp32) == {"static": None, "dynamic": None}
+    vx, vy = splits["val"].x, splits["val"].y
+
+    def acc(path):
+        return float((deploy.onnx_logits(deploy.onnx_session(path), vx).argmax(1) == vy).mean())
+
+    rows = [{"recipe": r, "drop": acc(fp32) - acc(path), "weight_bytes": deploy.weight_bytes(path)}
+            for r, path in (("static", static), ("dynamic", deploy.quantize_dynamic_int8(fp32, tmp_path / "d.onnx")))]
+    print(f"fp32 val accuracy {acc(fp32):.4f}; {rows}")
+    assert acc(fp32) > 0.5
+    assert rows[0]["drop"] <= 0.01 and rows[0]["weight_bytes"] < rows[1]["weight_bytes"]
+    assert deploy.pick_int8(rows, 0.01)["recipe"] == "static"

@@ -67,7 +67,9 @@ def mlflow_server(tmp_path_factory):
         f"admin_username = {MLFLOW_USER}\nadmin_password = {MLFLOW_PASSWORD}\n"
         "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
     env = os.environ | {"MLFLOW_AUTH_CONFIG_PATH": str(root / "basic_auth.ini"),
-                        "MLFLOW_FLASK_SERVER_SECRET_KEY": os.urandom(16).hex()}  # the auth app's CSRF key
+                        "MLFLOW_FLASK_SERVER_SECRET_KEY": os.urandom(16).hex(),  # the auth app's CSRF key
+                        # no job runner (five huey consumer processes for GenAI jobs that kd-ops never submits)
+                        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     log = open(root / "server.log", "w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--app-name", "basic-auth", "--host", "127.0.0.1",
@@ -151,9 +153,10 @@ def one_teacher_split(tmp_path: Path, rows: int = 300):
     return split, src, w, TeacherConfig(name="t", factory="kd_ops.models:cnn", kwargs={"width": 8}, weights=str(w))
 
 
-# the deploy stage, quick: few timed runs, small batches, one QAT epoch
+# the deploy stage, quick: few timed runs, small batches, one QAT epoch; INT8 ships whatever the
+# tiny students lose (the choice itself: test_choices.py, tests/kd_ops/test_int8_recipes.py)
 TINY_DEPLOY = {"target": {"runs": 10, "warmup": 2, "batch_sizes": [1, 16]}, "calibration_rows": 64, "qat": "always",
-               "qat_epochs": 1}
+               "qat_epochs": 1, "int8_max_drop": 1.0}
 
 
 def ddp_fits(cfg, out, tmp_path, fit, kwargs, distill: bool = True, workers=(1, 2)):

@@ -72,3 +72,47 @@ def test_the_retrained_final_student_is_checked_against_the_target_again(lm, stu
     assert len(got) == warned
     if warned:
         assert f"misses deploy.quality_target={target}, which trial t7 met in the search" in got[0]
+
+
+def _int8_stage(tmp_path, val: dict, test: dict):
+    """The ship stage's INT8 step on a real CNN export, its scores per file kind ('fp32', 'static',
+    'dynamic', read from the graph's ops) given as `val` and `test`: (shipped file, row)."""
+    import onnx
+    import torch
+
+    from kd_ops import deploy, models
+    from workflows.config import DeployConfig
+    from workflows.loop import Loop
+    from workflows.stages import ship
+
+    def kind(loop) -> str:
+        ops = {n.op_type for n in onnx.load_from_string(loop.kwargs["data"]).graph.node}
+        return "dynamic" if "DynamicQuantizeLinear" in ops else "static" if "QuantizeLinear" in ops else "fp32"
+
+    task = SimpleNamespace(cfg=SimpleNamespace(deploy=DeployConfig(qat="never", int8_max_drop=0.01)),
+                           choice_key="val_accuracy", quality_key="test_accuracy",
+                           choice_score=lambda loop, w, sets: val[kind(loop)], int8_drop=lambda f, i: f - i,
+                           model_report=lambda loop, w, sets: {"test_accuracy": test[kind(loop)]})
+    torch.manual_seed(0)
+    x = torch.randn(64, 40)
+    fp32 = deploy.export_onnx(models.cnn(width=8).eval(), x[:2], tmp_path / "student.onnx")
+    loop = Loop(factory="kd_ops.models:cnn", kwargs={"width": 8}, epochs=1, batch_size=8, lr=0.01, weight_decay=0.0,
+                seed=0, train_rows=64)
+    return ship._int8(task, None, loop, None, None, None, {"test_accuracy": test["fp32"]}, x.numpy(), fp32,
+                      tmp_path, None)[:2]
+
+
+def test_the_int8_recipe_follows_validation_where_it_and_the_test_split_disagree(tmp_path):
+    # validation: static loses 0.05, dynamic 0.005 (within 0.01); test says the opposite
+    shipped, row = _int8_stage(tmp_path, {"fp32": 0.90, "static": 0.85, "dynamic": 0.895},
+                               {"fp32": 0.90, "static": 0.90, "dynamic": 0.80})
+    assert row["recipe"] == "dynamic" and row["method"] == "ptq" and "int8-dynamic" in shipped.name
+    assert row["test_accuracy"] == 0.80 and row["test_drop"] == pytest.approx(0.10)  # scored, not chosen, on test
+    assert [(r["recipe"], r["shipped"]) for r in row["recipes"]] == [("static", False), ("dynamic", True)]
+    assert [r["drop"] for r in row["recipes"]] == pytest.approx([0.05, 0.005])
+
+
+def test_no_int8_recipe_within_the_tolerance_on_validation_ships_fp32(tmp_path):
+    shipped, row = _int8_stage(tmp_path, {"fp32": 0.90, "static": 0.85, "dynamic": 0.87},
+                               {"fp32": 0.90, "static": 0.90, "dynamic": 0.90})
+    assert shipped is None and not any(r["shipped"] for r in row["recipes"]) and "test_accuracy" not in row

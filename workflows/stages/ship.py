@@ -1,8 +1,10 @@
 """Stage 7, ship: the registered student exported to ONNX and checked against PyTorch on real test
-rows, quantized to INT8 (ONNX Runtime, calibrated on real training rows), fine-tuned with
-quantization-aware distillation through the same Train loop when INT8 loses more than
-`deploy.int8_max_drop`, and timed on `deploy.target`. Every INT8 choice is made on validation.
-The maths (export, quantization, timing) is kd_ops.deploy's; this file places and records it."""
+rows; quantized to INT8 by every ONNX Runtime recipe that fits it (static QDQ calibrated on real
+training rows, dynamic MatMul-only for transformers), fine-tuned with quantization-aware
+distillation through the same Train loop, simulating the recipe that lost least, when none is
+within `deploy.int8_max_drop`; the INT8 model shipped (or fp32, when none is within it) chosen on
+validation; timed on `deploy.target`. The maths (export, quantization, the pick, timing) is
+kd_ops.deploy's; this file places and records it."""
 from __future__ import annotations
 
 import dataclasses
@@ -68,13 +70,17 @@ def _ship(task, lay, loop, weights, kd_sets, dirs, train_sets, fp32_row, teacher
     if d.int8:
         calib = sample_rows(dirs["train"], task, d.calibration_rows, seed=2)
         try:
-            int8, out["int8"], qat_weights = _int8(task, lay, loop, weights, kd_sets, train_sets, fp32_row, calib,
-                                                    fp32, work, tracker)
+            int8, row, qat_weights = _int8(task, lay, loop, weights, kd_sets, train_sets, fp32_row, calib,
+                                           fp32, work, tracker)
         except Exception as e:  # noqa: BLE001 - like a failed export: the run finishes and ships fp32
             log.exception("deploy: INT8 quantization failed")
             out["int8_error"] = scoring.one_line(e)
         else:
-            files["student.int8.onnx"] = int8
+            if int8 is None:  # none within the tolerance: fp32 ships, the recipes tried are reported
+                out["int8_not_shipped"] = row
+            else:
+                out["int8"] = row
+                files["student.int8.onnx"] = int8
             if qat_weights is not None:
                 files["student.qat.onnx"] = work / "student.qat.onnx"
     teacher = teachers[0]
@@ -110,44 +116,81 @@ def _score_onnx(task, loop: Loop, path: Path, kd_sets) -> dict[str, Any]:
     return row
 
 
+def _quantize(recipe: str, fp32: Path, calib: np.ndarray, out: Path) -> Path:
+    return dp.quantize_int8(fp32, calib, out) if recipe == "static" else dp.quantize_dynamic_int8(fp32, out)
+
+
 def _int8(task, lay, loop: Loop, weights, kd_sets, train_sets, fp32_row, calib, fp32: Path, work: Path, tracker):
-    """PTQ, then QAT when PTQ loses more than deploy.int8_max_drop: every choice is made on the
-    validation split (`task.choice_key`); the test split scores only the INT8 model that ships."""
+    """Every INT8 recipe that fits the model (kd_ops.deploy.int8_recipes) quantized and scored on
+    validation; QAT, simulating the recipe that lost least, when none is within
+    deploy.int8_max_drop (or qat: always); the one shipped is kd_ops.deploy.pick_int8's, or none
+    (fp32 ships). Every choice is made on the validation split (`task.choice_key`); the test split
+    scores only the INT8 model that ships. Returns (INT8 file or None, the summary's row with every
+    recipe tried, the shipped QAT model's weights or None)."""
     cfg = task.cfg
     d, key = cfg.deploy, task.choice_key
     def val_score(onnx: Path) -> float:  # the ONNX files compared: what quantization alone changed
         return task.choice_score(_onnx_loop(loop, onnx), None, kd_sets)
 
     fp32_val = val_score(fp32)
-    int8 = dp.quantize_int8(fp32, calib, work / "student.int8.onnx")
-    ptq = val_score(int8)
-    drop = task.int8_drop(fp32_val, ptq)
-    row = {"method": "ptq", "chosen_by": key, "calibration_rows": len(calib), "file_bytes": dp.file_bytes(int8),
-           "weight_bytes": dp.weight_bytes(int8), "fp32_" + key: fp32_val, "ptq_" + key: ptq, "ptq_drop": drop,
-           "qat_epochs": None, "qat_" + key: None, "max_drop": d.int8_max_drop}
-    console.say(f"deploy: INT8 (PTQ, {len(calib)} calibration rows) {key} {ptq:.4f}, fp32 {fp32_val:.4f}: "
-                f"drop {drop:.4f} (tolerance {d.int8_max_drop})")
-    shipped, qat_weights = int8, None
-    if d.qat == "always" or (d.qat == "auto" and drop > d.int8_max_drop):
-        # quantization-aware distillation: the fp32 student fine-tuned through INT8 fake quantization
-        # with the same stored soft labels and loss, then exported and quantized again. A feature term
-        # is left out: its projection was trained beside the student but is not saved or shipped.
-        qloop = loop.replace(init_weights=Loc.of(weights).uri, fake_quant=True, epochs=d.qat_epochs,
+    fits = dp.int8_recipes(fp32)
+    tried: list[dict[str, Any]] = []
+    for recipe, why_not in fits.items():
+        if why_not:
+            console.say(f"deploy: INT8 {recipe}: not tried ({why_not})")
+            continue
+        path = _quantize(recipe, fp32, calib, work / f"student.int8-{recipe}.onnx")
+        score = val_score(path)
+        tried.append({"recipe": recipe, "qat": False, key: score, "drop": task.int8_drop(fp32_val, score),
+                      "weight_bytes": dp.weight_bytes(path), "file_bytes": dp.file_bytes(path), "path": path})
+        console.say(f"deploy: INT8 {recipe} (PTQ{f', {len(calib)} calibration rows' if recipe == 'static' else ''}) "
+                    f"{key} {score:.4f}, fp32 {fp32_val:.4f}: drop {tried[-1]['drop']:.4f} (tolerance {d.int8_max_drop}), "
+                    f"weights {tried[-1]['weight_bytes']:,} B")
+    if not tried:
+        raise ValueError("no INT8 recipe fits this model: " + "; ".join(f"{r}: {w}" for r, w in fits.items()))
+    # QAT's recipe: the one PTQ would ship, else the one that lost least
+    best_ptq = dp.pick_int8(tried, d.int8_max_drop) or min(tried, key=lambda r: (r["drop"], r["weight_bytes"]))
+    qat_weights = None
+    if d.qat == "always" or (d.qat == "auto" and dp.pick_int8(tried, d.int8_max_drop) is None):
+        # quantization-aware distillation: the fp32 student fine-tuned through fake quantization in that
+        # recipe (what ships is what it simulates), with the same stored soft labels and loss, then
+        # exported and quantized again. A feature term is left out: its projection was trained beside
+        # the student but is not saved or shipped.
+        recipe = best_ptq["recipe"]
+        qloop = loop.replace(init_weights=Loc.of(weights).uri, fake_quant=recipe, epochs=d.qat_epochs,
                              lr=loop.lr * d.qat_lr_scale, label="qat student", features=None,
                              distill=dataclasses.replace(loop.distill, feature=None, feature_weight=0.0))
-        with child_fit(cfg.train, tracker, "qat-student", {"epochs": d.qat_epochs, "lr": qloop.lr}, qloop,
-                              train_sets, name="qat-student", lay=lay) as res:
+        with child_fit(cfg.train, tracker, "qat-student", {"epochs": d.qat_epochs, "lr": qloop.lr, "recipe": recipe},
+                       qloop, train_sets, name="qat-student", lay=lay) as res:
             model = models.load_weights(models.build(loop.factory, loop.kwargs), res.weights).eval()
             _export(model, calib[:64], task, work / "student.qat.onnx", d.opset)
-            qint8 = dp.quantize_int8(work / "student.qat.onnx", calib, work / "student.qat.int8.onnx")
-            qat = val_score(qint8)
-        qdrop = task.int8_drop(fp32_val, qat)
-        console.say(f"deploy: INT8 after {d.qat_epochs} epochs of quantization-aware distillation "
-                    f"{key} {qat:.4f}: drop {qdrop:.4f} (PTQ alone {drop:.4f})")
-        row |= {"qat_epochs": d.qat_epochs, "qat_" + key: qat, "qat_drop": qdrop}
-        if qdrop < drop:  # keep whichever INT8 model loses less on validation
-            shipped, qat_weights = qint8, res.weights
-            row |= {"method": "qat", "file_bytes": dp.file_bytes(qint8), "weight_bytes": dp.weight_bytes(qint8)}
+            path = _quantize(recipe, work / "student.qat.onnx", calib, work / f"student.qat.int8-{recipe}.onnx")
+            score = val_score(path)
+        tried.append({"recipe": recipe, "qat": True, key: score, "drop": task.int8_drop(fp32_val, score),
+                      "weight_bytes": dp.weight_bytes(path), "file_bytes": dp.file_bytes(path), "path": path})
+        qat_weights = res.weights
+        console.say(f"deploy: INT8 {recipe} after {d.qat_epochs} epochs of quantization-aware distillation "
+                    f"{key} {score:.4f}: drop {tried[-1]['drop']:.4f} (PTQ alone {best_ptq['drop']:.4f})")
+    elif d.qat == "auto":
+        console.say(f"deploy: QAT skipped: INT8 {dp.pick_int8(tried, d.int8_max_drop)['recipe']} PTQ is already within "
+                    f"the tolerance {d.int8_max_drop}")
+    pick = dp.pick_int8(tried, d.int8_max_drop)
+    chosen = (pick or best_ptq)["recipe"]  # the PTQ and QAT numbers reported are of this recipe
+    ptq = next(r for r in tried if r["recipe"] == chosen and not r["qat"])
+    qat = next((r for r in tried if r["qat"]), None)
+    row = {"method": "qat" if pick is not None and pick["qat"] else "ptq", "recipe": chosen,
+           "chosen_by": key, "calibration_rows": len(calib), "fp32_" + key: fp32_val, "ptq_" + key: ptq[key],
+           "ptq_drop": ptq["drop"], "qat_epochs": d.qat_epochs if qat else None, "qat_" + key: qat[key] if qat else None,
+           "max_drop": d.int8_max_drop,
+           "recipes": [{k: v for k, v in r.items() if k != "path"} | {"shipped": r is pick} for r in tried]}
+    if qat:
+        row["qat_drop"] = qat["drop"]
+    if pick is None:
+        console.say(f"deploy: no INT8 model within the tolerance {d.int8_max_drop} on validation (best drop "
+                    f"{min(r['drop'] for r in tried):.4f}, {len(tried)} tried): the student ships in fp32, no INT8 file")
+        return None, row, None
+    row |= {"file_bytes": pick["file_bytes"], "weight_bytes": pick["weight_bytes"]}
+    shipped = pick["path"]
     test = _score_onnx(task, loop, shipped, kd_sets)
     row |= test | {"test_drop": task.int8_drop(_quality(task, fp32_row), _quality(task, test))}
-    return shipped, row, qat_weights
+    return shipped, row, (qat_weights if pick["qat"] else None)

@@ -46,10 +46,13 @@ def latency_on_target(d, task, student: dict, fp32: bytes, int8: bytes | None, t
     """Median and p95 latency of the teacher (PyTorch), the student in PyTorch fp32, ONNX Runtime
     fp32 and INT8, per batch size, measured by one Ray task placed on `deploy.target`."""
     t = d.target
-    console.say(f"deploy: timing on the target ({_describe(t)}), {t.runs} runs per runtime and batch size")
+    timed = (3 + (teacher is not None) + (int8 is not None)) * len(t.batch_sizes)
+    console.say(f"deploy: timing on the target ({_describe(t)}): {timed} runtime × batch size pairs, each about "
+                f"{t.seconds:g} s of timed runs (at most {t.runs}): ~{timed * t.seconds * 1.25:.0f} s, longer only "
+                "where 3 runs take more")
     ref = ray.remote(_measure).options(**d.target.ray_options()).remote(
         student, fp32, int8, teacher, _example(rows, task), t.batch_sizes, t.threads, t.runs, t.warmup,
-        bool(t.accelerator_type))
+        t.seconds, bool(t.accelerator_type))
     res = ray.get(ref)
     return {"latency": res["rows"], "target": {"description": _describe(t), "node": res["node"], "cpu": res["cpu"],
                                                "threads": t.threads}, "gpu": res.get("gpu") or gpu_note(d)}
@@ -70,7 +73,8 @@ def _torch_model(spec: dict, device: str):
 
 
 def _measure(student: dict, fp32: bytes, int8: bytes | None, teacher: dict | None, rows: np.ndarray,
-             batch_sizes: list[int], threads: int, runs: int, warmup: int, gpu: bool) -> dict[str, Any]:
+             batch_sizes: list[int], threads: int, runs: int, warmup: int, seconds: float,
+             gpu: bool) -> dict[str, Any]:
     """Runs on the target: the timings of kd_ops.deploy.measure_latency for each runtime."""
     import torch
 
@@ -87,7 +91,7 @@ def _measure(student: dict, fp32: bytes, int8: bytes | None, teacher: dict | Non
     if gpu:
         note = (f"GPU latency: PyTorch on {torch.cuda.get_device_name() if device == 'cuda' else 'no GPU visible'}; "
                 "ONNX Runtime rows ran on the CPU (this onnxruntime build has no CUDA provider)")
-    return {"rows": dp.measure_latency(runners, rows, batch_sizes, runs=runs, warmup=warmup),
+    return {"rows": dp.measure_latency(runners, rows, batch_sizes, runs=runs, warmup=warmup, seconds=seconds),
             "node": platform.node(), "cpu": _cpu_name(), "gpu": note}
 
 
@@ -109,11 +113,11 @@ def trial_latencies(task, loop: Loop, trials: list[dict], width_kwarg: str,
     d = task.cfg.deploy
     ref = ray.remote(_measure_widths).options(**d.target.ray_options()).remote(
         loop.factory, loop.kwargs, width_kwarg, widths, _example(rows, task), d.budget_batch_size,
-        d.target.threads, d.target.runs, d.target.warmup, d.opset)
+        d.target.threads, d.target.runs, d.target.warmup, d.target.seconds, d.opset)
     return ray.get(ref)
 
 
-def _measure_widths(factory, kwargs, width_kwarg, widths, rows, batch, threads, runs, warmup, opset):
+def _measure_widths(factory, kwargs, width_kwarg, widths, rows, batch, threads, runs, warmup, seconds, opset):
     import torch
 
     torch.set_num_threads(threads)
@@ -124,6 +128,6 @@ def _measure_widths(factory, kwargs, width_kwarg, widths, rows, batch, threads, 
             path = Path(tmp) / f"w{w}.onnx"
             dp.export_onnx(model, torch.from_numpy(rows[:2]), path, opset=opset)
             r = dp.measure_latency({"onnxruntime-fp32": dp.onnx_runner(path.read_bytes(), threads)}, rows, [batch],
-                                   runs=runs, warmup=warmup)[0]
+                                   runs=runs, warmup=warmup, seconds=seconds)[0]
             out[w] = {"latency_ms": r["median_ms"], "params": models.num_params(model)}
     return out
